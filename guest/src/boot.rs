@@ -1,0 +1,74 @@
+//! The boot-info block the VMM leaves at 0x7000 (docs/guest-abi.md).
+
+const MAGIC: u64 = 0x544f_4f42_4d56_5446; // "FTVMBOOT"
+const VERSION: u32 = 1;
+pub const BLOCK_SIZE: usize = 72;
+
+pub struct BootInfo {
+    pub mem_size: u64,
+    pub net_mmio_base: u64,
+    pub net_irq: u8,
+    pub guest_mac: [u8; 6],
+    pub guest_ip: [u8; 4],
+    pub service_port: u16,
+    pub tick_hz: u32,
+}
+
+/// The smallest register window that holds every virtio-mmio register and
+/// the 6-byte MAC in the config space at 0x100.
+const MIN_MMIO_SIZE: u64 = 0x108;
+/// The MMIO window must lie below 4 GiB, which is all the boot page tables map.
+const MAPPED_LIMIT: u64 = 1 << 32;
+
+impl BootInfo {
+    pub fn parse(block: &[u8; BLOCK_SIZE]) -> Result<BootInfo, &'static str> {
+        if u64_at(block, 0) != MAGIC {
+            return Err("bad magic");
+        }
+        if u32_at(block, 8) != VERSION {
+            return Err("unsupported version");
+        }
+        if (u32_at(block, 12) as usize) < BLOCK_SIZE {
+            return Err("block too small");
+        }
+        let net_mmio_base = u64_at(block, 24);
+        let net_mmio_size = u64_at(block, 32);
+        if net_mmio_size < MIN_MMIO_SIZE
+            || net_mmio_base % 0x1000 != 0
+            || net_mmio_base.saturating_add(net_mmio_size) > MAPPED_LIMIT
+        {
+            return Err("bad virtio-mmio window");
+        }
+        // The net IRQ must be a master-PIC line other than the timer and the
+        // cascade, since only those are routed to the guest's IRQ gates.
+        let net_irq = u32_at(block, 40);
+        if net_irq == 0 || net_irq == 2 || net_irq > 7 {
+            return Err("unsupported net irq");
+        }
+        let tick_hz = u32_at(block, 64);
+        if crate::pit::divisor(tick_hz).is_none() {
+            return Err("unsupported tick_hz");
+        }
+        let mut guest_mac = [0; 6];
+        guest_mac.copy_from_slice(&block[48..54]);
+        let mut guest_ip = [0; 4];
+        guest_ip.copy_from_slice(&block[56..60]);
+        Ok(BootInfo {
+            mem_size: u64_at(block, 16),
+            net_mmio_base,
+            net_irq: net_irq as u8,
+            guest_mac,
+            guest_ip,
+            service_port: u16::from_le_bytes([block[60], block[61]]),
+            tick_hz,
+        })
+    }
+}
+
+fn u32_at(block: &[u8; BLOCK_SIZE], at: usize) -> u32 {
+    u32::from_le_bytes([block[at], block[at + 1], block[at + 2], block[at + 3]])
+}
+
+fn u64_at(block: &[u8; BLOCK_SIZE], at: usize) -> u64 {
+    u32_at(block, at) as u64 | (u32_at(block, at + 4) as u64) << 32
+}

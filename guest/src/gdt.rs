@@ -1,0 +1,136 @@
+//! The guest's own GDT with a 64-bit TSS whose IST stacks every IDT gate
+//! uses: the host target's code keeps data in the 128-byte red zone below
+//! RSP, which an interrupt pushing its frame on the same stack would destroy.
+
+use crate::shared::Shared;
+use core::arch::{asm, global_asm};
+
+pub const CODE_SELECTOR: u16 = 0x08;
+const DATA_SELECTOR: u16 = 0x10;
+const TSS_SELECTOR: u16 = 0x18;
+
+/// IST slots (1-based, as in the gate descriptor).
+pub const IST_IRQ: u8 = 1;
+pub const IST_EXCEPTION: u8 = 2;
+/// For NMI, #DF and #MC, which may strike while another exception is using
+/// its stack.
+pub const IST_FATAL: u8 = 3;
+
+const IRQ_STACK_SIZE: usize = 4096;
+const EXCEPTION_STACK_SIZE: usize = 16384;
+const FATAL_STACK_SIZE: usize = 8192;
+
+#[repr(C, align(16))]
+struct Stacks {
+    irq: [u8; IRQ_STACK_SIZE],
+    exception: [u8; EXCEPTION_STACK_SIZE],
+    fatal: [u8; FATAL_STACK_SIZE],
+}
+
+static STACKS: Shared<Stacks> = Shared::new(Stacks {
+    irq: [0; IRQ_STACK_SIZE],
+    exception: [0; EXCEPTION_STACK_SIZE],
+    fatal: [0; FATAL_STACK_SIZE],
+});
+
+/// The 64-bit TSS is 104 bytes with 8-byte fields at 4-byte offsets, so it is
+/// kept as raw bytes and filled at the architectural offsets.
+const TSS_SIZE: usize = 104;
+const TSS_IST1: usize = 0x24;
+const TSS_IOMAP_BASE: usize = 0x66;
+
+#[repr(C, align(16))]
+struct Tss([u8; TSS_SIZE]);
+
+static TSS: Shared<Tss> = Shared::new(Tss([0; TSS_SIZE]));
+
+/// null, 64-bit code (0x08), flat data (0x10), TSS (0x18, two slots). The
+/// accessed bits are preset so that the CPU never writes the table.
+#[repr(C, align(16))]
+struct Gdt([u64; 5]);
+
+static GDT: Shared<Gdt> = Shared::new(Gdt([0; 5]));
+
+const CODE64_DESCRIPTOR: u64 = 0x00af_9b00_0000_ffff;
+const DATA_DESCRIPTOR: u64 = 0x00cf_9300_0000_ffff;
+/// Present, DPL 0, type 9 (available 64-bit TSS).
+const TSS_ACCESS: u64 = 0x89;
+
+/// The operand of `lgdt`/`lidt`.
+#[repr(C, packed)]
+pub struct DescriptorTablePointer {
+    pub limit: u16,
+    pub base: u64,
+}
+
+global_asm!(
+    ".section .text.ftvm_load_gdt, \"ax\"",
+    ".global ftvm_load_gdt",
+    // rdi: the GDT pointer. Reloads the data segments, then CS by a far
+    // return to the caller.
+    "ftvm_load_gdt:",
+    "lgdt [rdi]",
+    "mov ax, {data}",
+    "mov ds, ax",
+    "mov es, ax",
+    "mov fs, ax",
+    "mov gs, ax",
+    "mov ss, ax",
+    "pop rax",
+    "push {code}",
+    "push rax",
+    "retfq",
+    data = const DATA_SELECTOR,
+    code = const CODE_SELECTOR,
+);
+
+extern "C" {
+    fn ftvm_load_gdt(pointer: *const DescriptorTablePointer);
+}
+
+/// Builds and loads the GDT and TSS. Called once at boot, interrupts off.
+pub fn init() {
+    let stacks = STACKS.get();
+    // SAFETY: the pointers come from statics; only the stack tops are
+    // computed here, no reference to the stacks is created.
+    let ist_tops = unsafe {
+        [
+            core::ptr::addr_of_mut!((*stacks).irq) as u64 + IRQ_STACK_SIZE as u64,
+            core::ptr::addr_of_mut!((*stacks).exception) as u64 + EXCEPTION_STACK_SIZE as u64,
+            core::ptr::addr_of_mut!((*stacks).fatal) as u64 + FATAL_STACK_SIZE as u64,
+        ]
+    };
+    // SAFETY: boot runs once on the only CPU before the TSS is loaded, so
+    // nothing else reads the TSS while it is written.
+    let tss = unsafe { &mut (*TSS.get()).0 };
+    for (slot, top) in ist_tops.iter().enumerate() {
+        let at = TSS_IST1 + 8 * slot;
+        tss[at..at + 8].copy_from_slice(&top.to_le_bytes());
+    }
+    tss[TSS_IOMAP_BASE..TSS_IOMAP_BASE + 2].copy_from_slice(&(TSS_SIZE as u16).to_le_bytes());
+
+    let base = TSS.get() as u64;
+    let limit = TSS_SIZE as u64 - 1;
+    let tss_low = (limit & 0xffff)
+        | (base & 0xff_ffff) << 16
+        | TSS_ACCESS << 40
+        | (limit >> 16 & 0xf) << 48
+        | (base >> 24 & 0xff) << 56;
+    let tss_high = base >> 32;
+    // SAFETY: as above, the GDT is not loaded yet.
+    unsafe {
+        (*GDT.get()).0 = [0, CODE64_DESCRIPTOR, DATA_DESCRIPTOR, tss_low, tss_high];
+    }
+
+    let pointer = DescriptorTablePointer {
+        limit: (core::mem::size_of::<Gdt>() - 1) as u16,
+        base: GDT.get() as u64,
+    };
+    // SAFETY: the new GDT has the same code and data selectors as the boot
+    // GDT, so the running code and stack stay valid across the reload; the
+    // TSS descriptor is valid and not busy, as `ltr` requires.
+    unsafe {
+        ftvm_load_gdt(&pointer);
+        asm!("ltr {0:x}", in(reg) TSS_SELECTOR, options(nostack, preserves_flags));
+    }
+}

@@ -1,0 +1,71 @@
+//! Errors a user can act on: one clear line and a non-zero exit, no panic.
+
+use std::time::Duration;
+
+use ftvm_tests::{free_udp_addr, ftvm, kvm_available, vm_lock, Vmm};
+
+fn stderr_of(args: &[&str]) -> (Option<i32>, String) {
+    let out = ftvm(args, Duration::from_secs(30));
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!err.contains("panicked"), "ftvm panicked: {err}");
+    (out.status.code(), err)
+}
+
+#[test]
+fn a_missing_guest_image_is_named() {
+    let (code, err) = stderr_of(&["run", "--kernel", "/nonexistent/guest.elf", "--timeout", "5"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("cannot read guest image /nonexistent/guest.elf"), "{err}");
+}
+
+#[test]
+fn a_truncated_guest_image_is_refused_with_the_offset() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("cut.elf");
+    std::fs::write(&path, &ftvm::guest_image::GUEST_ELF[..4000]).expect("write");
+    let p = path.to_string_lossy();
+    let (code, err) = stderr_of(&["run", "--kernel", &p, "--timeout", "5"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("truncated"), "{err}");
+    assert_eq!(err.lines().count(), 1, "one clear line: {err}");
+}
+
+#[test]
+fn an_image_that_does_not_fit_in_memory_is_refused() {
+    let (code, err) = stderr_of(&["run", "--mem", "2M", "--timeout", "5"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("does not fit"), "{err}");
+}
+
+#[test]
+fn a_missing_kvm_device_is_explained() {
+    let (code, err) = stderr_of(&["run", "--kvm-device", "/nonexistent/kvm", "--timeout", "5"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("cannot open /nonexistent/kvm"), "{err}");
+    let (code, err) = stderr_of(&["run", "--kvm-device", "/dev/null", "--timeout", "5"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("/dev/null"), "{err}");
+}
+
+#[test]
+fn a_service_port_in_use_is_refused() {
+    if !kvm_available() {
+        return;
+    }
+    let _g = vm_lock();
+    let vmm = Vmm::start(&[]);
+    let addr = vmm.service.to_string();
+    let (code, err) = stderr_of(&["run", "--service", &addr, "--timeout", "5"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("cannot bind the service address"), "{err}");
+    let _ = free_udp_addr();
+}
+
+#[test]
+fn the_kv_client_times_out_with_a_clear_message() {
+    let addr = free_udp_addr().to_string();
+    let out = ftvm(&["kv", "--server", &addr, "--timeout", "1s", "get", "k"], Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("ftvm kv: "), "{err}");
+}

@@ -1,0 +1,241 @@
+//! `ftvm bench`: measurements against real `ftvm` processes, reported so that
+//! BENCHMARKS.md can quote them as ratios against a baseline from the same
+//! run.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::kv::{ClientConfig, KvClient};
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub what: BenchWhat,
+}
+
+#[derive(clap::Subcommand)]
+pub enum BenchWhat {
+    /// Closed-loop KV load against `ftvm run`: ops/s, latency, exit rates.
+    Kv(KvBenchArgs),
+}
+
+#[derive(clap::Args)]
+pub struct KvBenchArgs {
+    /// Client counts to measure, one run of the VMM each.
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    pub clients: Vec<usize>,
+    /// Seconds of load per client count.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Guest memory size passed to `ftvm run`.
+    #[arg(long, default_value = "64M")]
+    pub mem: String,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct KvPoint {
+    pub clients: usize,
+    pub seconds: f64,
+    pub ops: u64,
+    pub ops_per_sec: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub retries: u64,
+    /// All synchronous exits of the VMM's run (boot and idle ticks included)
+    /// per request it served.
+    pub exits_per_request: f64,
+    pub exits_per_sec: f64,
+    pub vmm_max_rss_mib: f64,
+    pub guest_mem_mib: f64,
+}
+
+fn free_udp_port() -> Result<SocketAddr, String> {
+    let s = UdpSocket::bind("127.0.0.1:0").map_err(|e| format!("no free port: {e}"))?;
+    s.local_addr().map_err(|e| e.to_string())
+}
+
+/// An `ftvm run` child that is killed if the bench stops early.
+struct VmmProcess {
+    child: Child,
+    stats: PathBuf,
+}
+
+impl VmmProcess {
+    fn start(service: SocketAddr, mem: &str, limit: Duration, dir: &Path) -> Result<Self, String> {
+        let exe = std::env::current_exe().map_err(|e| format!("cannot find the ftvm binary: {e}"))?;
+        let stats = dir.join(format!("stats-{}.json", service.port()));
+        let child = Command::new(exe)
+            .args(["run", "--service", &service.to_string(), "--mem", mem, "--serial", "/dev/null"])
+            .arg("--timeout")
+            .arg(format!("{:.0}", limit.as_secs_f64()))
+            .arg("--stats-json")
+            .arg(&stats)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start ftvm run: {e}"))?;
+        Ok(VmmProcess { child, stats })
+    }
+
+    fn max_rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+
+    /// SIGTERM, then the counters the VMM wrote on its way out.
+    fn stop(mut self) -> Result<serde_json::Value, String> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                _ => {
+                    let _ = self.child.kill();
+                    return Err("ftvm run did not stop within 10 s of SIGTERM".into());
+                }
+            }
+        }
+        let text = std::fs::read_to_string(&self.stats).map_err(|e| format!("no stats from ftvm run: {e}"))?;
+        serde_json::from_str(&text).map_err(|e| format!("bad stats from ftvm run: {e}"))
+    }
+}
+
+impl Drop for VmmProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn wait_ready(service: SocketAddr, within: Duration) -> Result<(), String> {
+    let config = ClientConfig {
+        attempt_timeout: Duration::from_millis(200),
+        max_attempts: (within.as_millis() / 200).max(1) as u32,
+    };
+    let mut client = KvClient::connect(service, config).map_err(|e| e.to_string())?;
+    client
+        .get(b"bench-ready")
+        .map(|_| ())
+        .map_err(|e| format!("the guest did not answer within {within:?}: {e}"))
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)] as f64 / 1000.0
+}
+
+/// Runs `clients` closed-loop clients (half puts, half gets over 64 keys)
+/// for `duration`; returns (ops, latencies in ns sorted, retries).
+fn closed_loop(service: SocketAddr, clients: usize, duration: Duration) -> Result<(u64, Vec<u64>, u64), String> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut handles = Vec::new();
+    for c in 0..clients {
+        let stop = stop.clone();
+        handles.push(std::thread::spawn(move || -> Result<(Vec<u64>, u64), String> {
+            let mut client = KvClient::connect(service, ClientConfig::default()).map_err(|e| e.to_string())?;
+            let mut lat = Vec::new();
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let key = format!("k{}", (i * 7 + c as u64) % 64);
+                let t = Instant::now();
+                if i % 2 == 0 {
+                    client.put(key.as_bytes(), b"0123456789abcdef").map_err(|e| e.to_string())?;
+                } else {
+                    client.get(key.as_bytes()).map_err(|e| e.to_string())?;
+                }
+                lat.push(t.elapsed().as_nanos() as u64);
+                i += 1;
+            }
+            Ok((lat, client.stats().retries))
+        }));
+    }
+    std::thread::sleep(duration);
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    let mut retries = 0;
+    for h in handles {
+        let (lat, r) = h.join().map_err(|_| "a client thread panicked".to_string())??;
+        all.extend(lat);
+        retries += r;
+    }
+    all.sort_unstable();
+    Ok((all.len() as u64, all, retries))
+}
+
+fn kv_point(args: &KvBenchArgs, clients: usize, dir: &Path) -> Result<KvPoint, String> {
+    let service = free_udp_port()?;
+    let duration = Duration::from_secs_f64(args.duration);
+    let vmm = VmmProcess::start(service, &args.mem, duration + Duration::from_secs(60), dir)?;
+    wait_ready(service, Duration::from_secs(30))?;
+    let t = Instant::now();
+    let (ops, lat, retries) = closed_loop(service, clients, duration)?;
+    let seconds = t.elapsed().as_secs_f64();
+    let rss_kib = vmm.max_rss_kib().unwrap_or(0);
+    let stats = vmm.stop()?;
+    let exits = stats["exits"]["synchronous"].as_u64().unwrap_or(0) as f64;
+    let served = stats["frames_transmitted"].as_u64().unwrap_or(0).max(1) as f64;
+    let elapsed = stats["elapsed_secs"].as_f64().unwrap_or(seconds);
+    let mem = crate::memory::parse_size(&args.mem)?;
+    Ok(KvPoint {
+        clients,
+        seconds,
+        ops,
+        ops_per_sec: ops as f64 / seconds,
+        p50_us: percentile(&lat, 0.50),
+        p99_us: percentile(&lat, 0.99),
+        retries,
+        exits_per_request: exits / served,
+        exits_per_sec: exits / elapsed,
+        vmm_max_rss_mib: rss_kib as f64 / 1024.0,
+        guest_mem_mib: (mem >> 20) as f64,
+    })
+}
+
+pub fn run(args: &BenchArgs) -> Result<(), String> {
+    match &args.what {
+        BenchWhat::Kv(kv) => bench_kv(kv),
+    }
+}
+
+fn bench_kv(args: &KvBenchArgs) -> Result<(), String> {
+    if !(args.duration.is_finite() && args.duration > 0.0 && args.duration <= 3600.0) {
+        return Err(format!("--duration {} must be in (0, 3600] seconds", args.duration));
+    }
+    let dir = std::env::temp_dir().join(format!("ftvm-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    println!("clients  ops/s     p50 µs   p99 µs   exits/req  exits/s   VMM max RSS (guest mem)");
+    let mut points = Vec::new();
+    for &clients in &args.clients {
+        let p = kv_point(args, clients.max(1), &dir)?;
+        println!(
+            "{:<8} {:<9.0} {:<8.0} {:<8.0} {:<10.2} {:<9.0} {:.1} MiB ({:.0} MiB)",
+            p.clients, p.ops_per_sec, p.p50_us, p.p99_us, p.exits_per_request, p.exits_per_sec, p.vmm_max_rss_mib, p.guest_mem_mib
+        );
+        points.push(p);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&points).map_err(|e| e.to_string())?;
+        std::fs::write(path, json).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,199 @@
+//! A model of the guest's KV service on a loopback UDP socket, for the unit
+//! tests of the client and the CLI, with knobs to lose and garble traffic.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::proto::{Op, Reply, Request, Status, MAX_REQUEST_LEN, MAX_VALUE_LEN};
+
+/// Bounds every test even if it forgets to stop its server.
+const LIFETIME: Duration = Duration::from_secs(20);
+/// How often the server thread looks at the stop flag.
+const POLL: Duration = Duration::from_millis(10);
+
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Behavior {
+    /// Drop this many request datagrams unseen (`usize::MAX`: never answer).
+    pub drop_requests: usize,
+    /// Execute this many requests but lose their replies.
+    pub drop_replies: usize,
+    /// Before each reply, send a junk datagram and a reply to another
+    /// request number.
+    pub decoys: bool,
+    /// Send replies from a second socket, as a new primary would after a
+    /// failover.
+    pub reply_from_other_socket: bool,
+    /// Answer every request with this status without executing it.
+    pub forced_status: Option<Status>,
+}
+
+pub(crate) struct FakeServer {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Vec<(u64, u64)>>>,
+}
+
+impl FakeServer {
+    pub fn start(behavior: Behavior) -> FakeServer {
+        let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind fake server");
+        socket
+            .set_read_timeout(Some(POLL))
+            .expect("set read timeout");
+        let other = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind second socket");
+        let addr = socket.local_addr().expect("local addr");
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::spawn({
+            let stop = stop.clone();
+            move || serve(&socket, &other, &behavior, &stop)
+        });
+        FakeServer {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops the server and returns `(client_id, request_num)` of every
+    /// request datagram it received, dropped ones included.
+    pub fn stop(mut self) -> Vec<(u64, u64)> {
+        self.join()
+    }
+
+    fn join(&mut self) -> Vec<(u64, u64)> {
+        self.stop.store(true, Ordering::Relaxed);
+        match self.thread.take() {
+            Some(thread) => thread.join().expect("fake server thread panicked"),
+            None => Vec::new(),
+        }
+    }
+}
+
+impl Drop for FakeServer {
+    fn drop(&mut self) {
+        self.join();
+    }
+}
+
+fn serve(
+    socket: &UdpSocket,
+    other: &UdpSocket,
+    behavior: &Behavior,
+    stop: &AtomicBool,
+) -> Vec<(u64, u64)> {
+    let deadline = Instant::now() + LIFETIME;
+    let mut model = Model::default();
+    let mut received = Vec::new();
+    let (mut requests_dropped, mut replies_dropped) = (0, 0);
+    let mut buf = [0; MAX_REQUEST_LEN + 1];
+    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+        let Ok((len, from)) = socket.recv_from(&mut buf) else {
+            continue;
+        };
+        // The client never sends malformed requests, so the guest's
+        // BadRequest replies to them are not modelled.
+        let Ok(request) = Request::decode(&buf[..len]) else {
+            continue;
+        };
+        received.push((request.client_id, request.request_num));
+        if requests_dropped < behavior.drop_requests {
+            requests_dropped += 1;
+            continue;
+        }
+        let reply = match behavior.forced_status {
+            Some(status) => reply_to(&request, status, Vec::new(), 0),
+            None => model.handle(&request),
+        };
+        if replies_dropped < behavior.drop_replies {
+            replies_dropped += 1;
+            continue;
+        }
+        let sender = if behavior.reply_from_other_socket {
+            other
+        } else {
+            socket
+        };
+        if behavior.decoys {
+            let stale = Request {
+                request_num: request.request_num.wrapping_sub(1),
+                ..request.clone()
+            };
+            let decoy = reply_to(&stale, Status::Ok, b"decoy".to_vec(), 0);
+            sender.send_to(b"junk", from).expect("send junk");
+            sender.send_to(&decoy, from).expect("send decoy");
+        }
+        sender.send_to(&reply, from).expect("send reply");
+    }
+    received
+}
+
+fn reply_to(request: &Request, status: Status, value: Vec<u8>, tsc: u64) -> Vec<u8> {
+    Reply {
+        op: request.op as u8,
+        status,
+        client_id: request.client_id,
+        request_num: request.request_num,
+        tsc,
+        nonce: rand::random(),
+        value,
+    }
+    .encode()
+    .expect("encode reply")
+}
+
+#[derive(Default)]
+struct Model {
+    store: HashMap<Vec<u8>, Vec<u8>>,
+    /// Per client: the last request number executed and its reply datagram.
+    clients: HashMap<u64, (u64, Vec<u8>)>,
+    tsc: u64,
+}
+
+impl Model {
+    fn handle(&mut self, request: &Request) -> Vec<u8> {
+        match self.clients.get(&request.client_id) {
+            Some((last, reply)) if *last == request.request_num => return reply.clone(),
+            Some((last, _)) if *last > request.request_num => {
+                return reply_to(request, Status::Stale, Vec::new(), self.tsc)
+            }
+            _ => {}
+        }
+        self.tsc += 1;
+        let (status, value) = self.execute(request);
+        let reply = reply_to(request, status, value, self.tsc);
+        self.clients
+            .insert(request.client_id, (request.request_num, reply.clone()));
+        reply
+    }
+
+    fn execute(&mut self, request: &Request) -> (Status, Vec<u8>) {
+        match request.op {
+            Op::Get => match self.store.get(&request.key) {
+                Some(value) => (Status::Ok, value.clone()),
+                None => (Status::NotFound, Vec::new()),
+            },
+            Op::Put => {
+                self.store
+                    .insert(request.key.clone(), request.value.clone());
+                (Status::Ok, Vec::new())
+            }
+            Op::Append => {
+                let value = self.store.entry(request.key.clone()).or_default();
+                if value.len() + request.value.len() > MAX_VALUE_LEN {
+                    (Status::TooLarge, Vec::new())
+                } else {
+                    value.extend_from_slice(&request.value);
+                    (Status::Ok, Vec::new())
+                }
+            }
+            Op::Entropy => (Status::Ok, rand::random::<u64>().to_le_bytes().to_vec()),
+        }
+    }
+}

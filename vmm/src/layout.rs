@@ -1,0 +1,32 @@
+//! Where things live in guest-physical memory; `docs/guest-abi.md` is the
+//! guest's side of this contract.
+
+/// The VMM's boot GDT: null, 64-bit code, flat data.
+pub const BOOT_GDT_ADDR: u64 = 0x500;
+/// The boot-info block the guest finds through RDI.
+pub const BOOT_INFO_ADDR: u64 = 0x7000;
+pub const PML4_ADDR: u64 = 0x9000;
+pub const PDPT_ADDR: u64 = 0xa000;
+/// Four page directories of 2 MiB pages identity-map the low 4 GiB, so
+/// that the MMIO window is reachable as well as RAM.
+pub const PD_ADDR: u64 = 0xb000;
+pub const PD_COUNT: u64 = 4;
+pub const BOOT_STACK_BOTTOM: u64 = 0x1_0000;
+/// RSP ≡ 8 (mod 16), as a `call` would leave it, which the guest's
+/// compiler-generated prologue assumes.
+pub const BOOT_STACK_POINTER: u64 = 0x7_fff8;
+/// Nothing of the guest image may load below this, where the VMM's boot
+/// structures are.
+pub const IMAGE_MIN_ADDR: u64 = 0x10_0000;
+
+pub const DEFAULT_MEM_SIZE: u64 = 64 << 20;
+/// Enough for the boot structures and a small image.
+pub const MIN_MEM_SIZE: u64 = 2 << 20;
+/// RAM stops below the MMIO window.
+pub const MAX_MEM_SIZE: u64 = 3 << 30;
+
+pub const BOOT_CS: u16 = 0x08;
+pub const BOOT_DS: u16 = 0x10;
+
+/// The port through which the guest ends the run (value 0: power-off).
+pub const EXIT_PORT: u16 = 0x501;

@@ -1,0 +1,18 @@
+//! ftvm: a KVM virtual machine monitor built for deterministic record,
+//! replay and primary/backup fault tolerance.
+
+pub mod bench;
+pub mod boot;
+pub mod devices;
+pub mod exit;
+pub mod frame;
+pub mod guest_image;
+pub mod kv;
+pub mod layout;
+pub mod loader;
+pub mod memory;
+pub mod net_backend;
+pub mod runloop;
+pub mod scan;
+pub mod stop;
+pub mod vm;
