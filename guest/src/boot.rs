@@ -12,6 +12,8 @@ pub struct BootInfo {
     pub guest_ip: [u8; 4],
     pub service_port: u16,
     pub tick_hz: u32,
+    /// The PIT channel-0 divisor for tick_hz.
+    pub pit_divisor: u16,
 }
 
 /// The smallest register window that holds every virtio-mmio register and
@@ -21,7 +23,9 @@ const MIN_MMIO_SIZE: u64 = 0x108;
 const MAPPED_LIMIT: u64 = 1 << 32;
 
 impl BootInfo {
-    pub fn parse(block: &[u8; BLOCK_SIZE]) -> Result<BootInfo, &'static str> {
+    /// Validates the block; `image_end` is the first address past the
+    /// guest's own image (.bss included), which RAM must cover.
+    pub fn parse(block: &[u8; BLOCK_SIZE], image_end: u64) -> Result<BootInfo, &'static str> {
         if u64_at(block, 0) != MAGIC {
             return Err("bad magic");
         }
@@ -30,6 +34,10 @@ impl BootInfo {
         }
         if (u32_at(block, 12) as usize) < BLOCK_SIZE {
             return Err("block too small");
+        }
+        let mem_size = u64_at(block, 16);
+        if mem_size < image_end {
+            return Err("mem_size smaller than the image");
         }
         let net_mmio_base = u64_at(block, 24);
         let net_mmio_size = u64_at(block, 32);
@@ -46,21 +54,22 @@ impl BootInfo {
             return Err("unsupported net irq");
         }
         let tick_hz = u32_at(block, 64);
-        if crate::pit::divisor(tick_hz).is_none() {
+        let Some(pit_divisor) = crate::pit::divisor(tick_hz) else {
             return Err("unsupported tick_hz");
-        }
+        };
         let mut guest_mac = [0; 6];
         guest_mac.copy_from_slice(&block[48..54]);
         let mut guest_ip = [0; 4];
         guest_ip.copy_from_slice(&block[56..60]);
         Ok(BootInfo {
-            mem_size: u64_at(block, 16),
+            mem_size,
             net_mmio_base,
             net_irq: net_irq as u8,
             guest_mac,
             guest_ip,
             service_port: u16::from_le_bytes([block[60], block[61]]),
             tick_hz,
+            pit_divisor,
         })
     }
 }
@@ -71,4 +80,13 @@ fn u32_at(block: &[u8; BLOCK_SIZE], at: usize) -> u32 {
 
 fn u64_at(block: &[u8; BLOCK_SIZE], at: usize) -> u64 {
     u32_at(block, at) as u64 | (u32_at(block, at + 4) as u64) << 32
+}
+
+/// The end of the loaded image, .bss included.
+pub fn image_end() -> u64 {
+    extern "C" {
+        /// Defined by the linker's default script after .bss.
+        static _end: u8;
+    }
+    core::ptr::addr_of!(_end) as u64
 }

@@ -27,8 +27,14 @@ struct Client {
 }
 
 impl Client {
-    const VACANT: Client =
-        Client { id: 0, last_request: 0, newer: NONE, older: NONE, reply_len: 0, reply: [0; MAX_REPLY_LEN] };
+    const VACANT: Client = Client {
+        id: 0,
+        last_request: 0,
+        newer: NONE,
+        older: NONE,
+        reply_len: 0,
+        reply: [0; MAX_REPLY_LEN],
+    };
 }
 
 pub struct ClientTable {
@@ -49,7 +55,13 @@ pub enum History<'a> {
 
 impl ClientTable {
     pub const fn new() -> ClientTable {
-        ClientTable { clients: [Client::VACANT; CAPACITY], slots: [EMPTY; SLOTS], len: 0, newest: NONE, oldest: NONE }
+        ClientTable {
+            clients: [Client::VACANT; CAPACITY],
+            slots: [EMPTY; SLOTS],
+            len: 0,
+            newest: NONE,
+            oldest: NONE,
+        }
     }
 
     /// The last request executed for `client_id` and its reply; counts as a
@@ -145,7 +157,11 @@ impl ClientTable {
             let want = home(self.clients[n as usize - 1].id);
             // The entry at `next` stays if its home lies cyclically in
             // (hole, next]: moving it to the hole would put it before home.
-            let stays = if hole <= next { hole < want && want <= next } else { hole < want || want <= next };
+            let stays = if hole <= next {
+                hole < want && want <= next
+            } else {
+                hole < want || want <= next
+            };
             if !stays {
                 self.slots[hole] = n;
                 hole = next;

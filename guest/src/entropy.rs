@@ -32,12 +32,41 @@ pub fn rdrand() -> u64 {
     for _ in 0..RETRIES {
         let ok: u8;
         // SAFETY: rdrand only writes its destination and the flags.
-        unsafe { asm!("rdrand {v}", "setc {ok}", v = out(reg) value, ok = out(reg_byte) ok, options(nomem, nostack)) }
+        unsafe {
+            asm!("rdrand {v}", "setc {ok}", v = out(reg) value, ok = out(reg_byte) ok, options(nomem, nostack))
+        }
         if ok != 0 {
             break;
         }
     }
     value
+}
+
+/// A reply's stamp: the TSC and a nonce. The `rdtsc` and the first `rdrand`
+/// are adjacent in one asm block, so that the VMM, which emulates a run of
+/// consecutive patched instructions at one exit, serves both with one trap.
+pub fn stamp() -> (u64, u64) {
+    let (lo, hi): (u32, u32);
+    let mut nonce: u64;
+    let ok: u8;
+    // SAFETY: rdtsc reads the time-stamp counter; rdrand writes only its
+    // destination and the flags.
+    unsafe {
+        asm!(
+            "rdtsc",
+            "rdrand {v}",
+            "setc {ok}",
+            out("eax") lo,
+            out("edx") hi,
+            v = out(reg) nonce,
+            ok = out(reg_byte) ok,
+            options(nomem, nostack)
+        )
+    }
+    if ok == 0 {
+        nonce = rdrand();
+    }
+    ((hi as u64) << 32 | lo as u64, nonce)
 }
 
 /// Like [`rdrand`], from `rdseed`.
@@ -46,7 +75,9 @@ pub fn rdseed() -> u64 {
     for _ in 0..RETRIES {
         let ok: u8;
         // SAFETY: rdseed only writes its destination and the flags.
-        unsafe { asm!("rdseed {v}", "setc {ok}", v = out(reg) value, ok = out(reg_byte) ok, options(nomem, nostack)) }
+        unsafe {
+            asm!("rdseed {v}", "setc {ok}", v = out(reg) value, ok = out(reg_byte) ok, options(nomem, nostack))
+        }
         if ok != 0 {
             break;
         }

@@ -94,8 +94,17 @@ pub fn init() {
         set_gate(idt, vector, stub, ist);
     }
     for irq in 0..IRQS {
-        let stub: unsafe extern "C" fn() = if irq == TIMER_IRQ as usize { ftvm_irq_timer } else { ftvm_irq_ignore };
-        set_gate(idt, MASTER_VECTOR as usize + irq, stub as *const () as u64, IST_IRQ);
+        let stub: unsafe extern "C" fn() = if irq == TIMER_IRQ as usize {
+            ftvm_irq_timer
+        } else {
+            ftvm_irq_ignore
+        };
+        set_gate(
+            idt,
+            MASTER_VECTOR as usize + irq,
+            stub as *const () as u64,
+            IST_IRQ,
+        );
     }
     let pointer = crate::gdt::DescriptorTablePointer {
         limit: (core::mem::size_of::<Idt>() - 1) as u16,
@@ -126,8 +135,8 @@ struct ExceptionFrame {
 }
 
 const NAMES: [&str; 21] = [
-    "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "#CSO", "#TS", "#NP", "#SS", "#GP",
-    "#PF", "#15", "#MF", "#AC", "#MC", "#XM", "#VE",
+    "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "#CSO", "#TS", "#NP", "#SS",
+    "#GP", "#PF", "#15", "#MF", "#AC", "#MC", "#XM", "#VE",
 ];
 
 const PAGE_FAULT: u64 = 14;

@@ -29,7 +29,13 @@ struct Entry {
 }
 
 impl Entry {
-    const VACANT: Entry = Entry { hash: 0, key_len: 0, value_len: 0, key: [0; MAX_KEY_LEN], value: [0; MAX_VALUE_LEN] };
+    const VACANT: Entry = Entry {
+        hash: 0,
+        key_len: 0,
+        value_len: 0,
+        key: [0; MAX_KEY_LEN],
+        value: [0; MAX_VALUE_LEN],
+    };
 
     fn key(&self) -> &[u8] {
         self.key.get(..self.key_len as usize).unwrap_or(&[])
@@ -55,7 +61,11 @@ enum Probe {
 
 impl Store {
     pub const fn new() -> Store {
-        Store { entries: [Entry::VACANT; MAX_KEYS], slots: [EMPTY; SLOTS], len: 0 }
+        Store {
+            entries: [Entry::VACANT; MAX_KEYS],
+            slots: [EMPTY; SLOTS],
+            len: 0,
+        }
     }
 
     /// The number of keys.

@@ -52,7 +52,7 @@ struct NetCounters {
 pub extern "C" fn _start(boot_info: *const [u8; boot::BLOCK_SIZE]) -> ! {
     // SAFETY: the ABI puts the 72-byte block at RDI (0x7000), identity
     // mapped, and nothing writes it.
-    let info = match BootInfo::parse(unsafe { &*boot_info }) {
+    let info = match BootInfo::parse(unsafe { &*boot_info }, boot::image_end()) {
         Ok(info) => info,
         Err(reason) => fail("bad boot info: ", reason),
     };
@@ -60,9 +60,7 @@ pub extern "C" fn _start(boot_info: *const [u8; boot::BLOCK_SIZE]) -> ! {
     idt::init();
     print_banner(&info);
     pic::init(info.net_irq);
-    if let Some(divisor) = pit::divisor(info.tick_hz) {
-        pit::init(divisor);
-    }
+    pit::init(info.pit_divisor);
     let mut net = match VirtioNet::init(info.net_mmio_base as usize) {
         Ok(net) => net,
         Err(reason) => fail("virtio-net: ", reason),
@@ -82,13 +80,22 @@ pub extern "C" fn _start(boot_info: *const [u8; boot::BLOCK_SIZE]) -> ! {
 fn run(info: &BootInfo, net: &mut VirtioNet, service: &mut Service) -> ! {
     let stats_interval = STATS_SECONDS * info.tick_hz as u64;
     let mut next_stats = stats_interval;
-    let mut counters = NetCounters { dropped: 0, tx_full: 0 };
+    let mut counters = NetCounters {
+        dropped: 0,
+        tx_full: 0,
+    };
     loop {
         cli();
         let mut received = false;
         while let Some(buffer) = net.rx.next() {
             received = true;
-            handle_frame(info, net.rx.frame(&buffer), &mut net.tx, service, &mut counters);
+            handle_frame(
+                info,
+                net.rx.frame(&buffer),
+                &mut net.tx,
+                service,
+                &mut counters,
+            );
             net.rx.repost(buffer);
         }
         net.tx.reclaim();
@@ -103,7 +110,13 @@ fn run(info: &BootInfo, net: &mut VirtioNet, service: &mut Service) -> ! {
     }
 }
 
-fn handle_frame(info: &BootInfo, frame: &[u8], tx: &mut Transmitter, service: &mut Service, counters: &mut NetCounters) {
+fn handle_frame(
+    info: &BootInfo,
+    frame: &[u8],
+    tx: &mut Transmitter,
+    service: &mut Service,
+    counters: &mut NetCounters,
+) {
     let Some((from, datagram)) = net::parse_udp(frame, info.guest_ip, info.service_port) else {
         counters.dropped += 1;
         return;

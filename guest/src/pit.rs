@@ -26,7 +26,7 @@ pub fn divisor(tick_hz: u32) -> Option<u16> {
     }
 }
 
-/// Programs channel 0; `divisor` comes from [`divisor`].
+/// Programs channel 0 with a divisor from [`divisor`].
 pub fn init(divisor: u16) {
     let [lo, hi] = divisor.to_le_bytes();
     outb(COMMAND, CHANNEL0_MODE2);

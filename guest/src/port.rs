@@ -13,7 +13,9 @@ pub const EXIT_PANIC: u8 = 3;
 pub fn outb(port: u16, value: u8) {
     // SAFETY: port writes only reach the VMM's device models; every port
     // this guest writes is one the ABI assigns to it.
-    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
+    }
 }
 
 /// Stops the VM with `code` (non-zero: an error the console explained).

@@ -96,7 +96,12 @@ pub fn parse(datagram: &[u8]) -> Parsed<'_> {
     if op == Op::Entropy && !(1..=MAX_ENTROPY_ROUNDS).contains(&entropy_rounds(value)) {
         return Parsed::Bad(ids);
     }
-    Parsed::Request(Request { ids, op, key, value })
+    Parsed::Request(Request {
+        ids,
+        op,
+        key,
+        value,
+    })
 }
 
 /// The round count of an Entropy request's value (4 bytes, checked by
@@ -110,7 +115,14 @@ pub fn entropy_rounds(value: &[u8]) -> u32 {
 
 /// Writes the reply header into `out[..REPLY_HEADER_LEN]` (which must be that
 /// long); the `value_len` bytes of value follow it, written by the caller.
-pub fn write_reply_header(out: &mut [u8], ids: &Ids, status: Status, tsc: u64, nonce: u64, value_len: usize) {
+pub fn write_reply_header(
+    out: &mut [u8],
+    ids: &Ids,
+    status: Status,
+    tsc: u64,
+    nonce: u64,
+    value_len: usize,
+) {
     let header = &mut out[..REPLY_HEADER_LEN];
     header[0..2].copy_from_slice(&MAGIC);
     header[2] = VERSION;

@@ -19,7 +19,13 @@ pub struct Service {
 
 impl Service {
     pub const fn new() -> Service {
-        Service { store: Store::new(), clients: ClientTable::new(), requests: 0, bad_requests: 0, not_ours: 0 }
+        Service {
+            store: Store::new(),
+            clients: ClientTable::new(),
+            requests: 0,
+            bad_requests: 0,
+            not_ours: 0,
+        }
     }
 
     pub fn keys(&self) -> usize {
@@ -54,14 +60,14 @@ impl Service {
             }
             _ => {}
         }
-        let tsc = entropy::rdtsc();
-        let nonce = entropy::rdrand();
+        let (tsc, nonce) = entropy::stamp();
         let (status, value_len) = self.execute(&request, &mut out[REPLY_HEADER_LEN..]);
         protocol::write_reply_header(out, &ids, status, tsc, nonce, value_len);
         let len = REPLY_HEADER_LEN + value_len;
         // A Busy request was not executed, so a retry must be tried again.
         if status != Status::Busy {
-            self.clients.record(ids.client_id, ids.request_num, &out[..len]);
+            self.clients
+                .record(ids.client_id, ids.request_num, &out[..len]);
         }
         Some(len)
     }
@@ -98,8 +104,7 @@ impl Service {
 /// A reply that executes nothing (BadRequest, Stale) but still carries the
 /// TSC and a nonce of the moment it was made.
 fn fresh_reply(out: &mut [u8], ids: &Ids, status: Status) -> usize {
-    let tsc = entropy::rdtsc();
-    let nonce = entropy::rdrand();
+    let (tsc, nonce) = entropy::stamp();
     protocol::write_reply_header(out, ids, status, tsc, nonce, 0);
     REPLY_HEADER_LEN
 }

@@ -103,9 +103,24 @@ struct Used {
 impl Virtq {
     const fn new() -> Virtq {
         Virtq {
-            desc: [Desc { addr: 0, len: 0, flags: 0, next: 0 }; QUEUE_SIZE],
-            avail: Avail { flags: 0, idx: 0, ring: [0; QUEUE_SIZE], used_event: 0 },
-            used: Used { flags: 0, idx: 0, ring: [UsedElem { id: 0, len: 0 }; QUEUE_SIZE], avail_event: 0 },
+            desc: [Desc {
+                addr: 0,
+                len: 0,
+                flags: 0,
+                next: 0,
+            }; QUEUE_SIZE],
+            avail: Avail {
+                flags: 0,
+                idx: 0,
+                ring: [0; QUEUE_SIZE],
+                used_event: 0,
+            },
+            used: Used {
+                flags: 0,
+                idx: 0,
+                ring: [UsedElem { id: 0, len: 0 }; QUEUE_SIZE],
+                avail_event: 0,
+            },
         }
     }
 }
@@ -158,7 +173,12 @@ struct Queue {
 }
 
 impl Queue {
-    fn setup(mmio: Mmio, index: u32, virtq: &'static Shared<Virtq>, buffers: &'static Shared<Buffers>) -> Result<Queue, &'static str> {
+    fn setup(
+        mmio: Mmio,
+        index: u32,
+        virtq: &'static Shared<Virtq>,
+        buffers: &'static Shared<Buffers>,
+    ) -> Result<Queue, &'static str> {
         mmio.write(QUEUE_SEL, index);
         if mmio.read(QUEUE_READY) != 0 {
             return Err("queue already in use");
@@ -172,12 +192,25 @@ impl Queue {
         mmio.write(QUEUE_NUM, size as u32);
         let virtq = virtq.get();
         // SAFETY: only addresses are taken; the queue is not live yet.
-        let (desc, avail, used) =
-            unsafe { (addr_of!((*virtq).desc) as u64, addr_of!((*virtq).avail) as u64, addr_of!((*virtq).used) as u64) };
+        let (desc, avail, used) = unsafe {
+            (
+                addr_of!((*virtq).desc) as u64,
+                addr_of!((*virtq).avail) as u64,
+                addr_of!((*virtq).used) as u64,
+            )
+        };
         mmio.write64(QUEUE_DESC_LOW, QUEUE_DESC_HIGH, desc);
         mmio.write64(QUEUE_DRIVER_LOW, QUEUE_DRIVER_HIGH, avail);
         mmio.write64(QUEUE_DEVICE_LOW, QUEUE_DEVICE_HIGH, used);
-        Ok(Queue { mmio, index, virtq, buffers: buffers.get(), size, next_avail: 0, last_used: 0 })
+        Ok(Queue {
+            mmio,
+            index,
+            virtq,
+            buffers: buffers.get(),
+            size,
+            next_avail: 0,
+            last_used: 0,
+        })
     }
 
     fn enable(&self) {
@@ -191,7 +224,12 @@ impl Queue {
     }
 
     fn set_desc(&mut self, id: u16, len: u32, flags: u16) {
-        let desc = Desc { addr: self.buffer_addr(id), len, flags, next: 0 };
+        let desc = Desc {
+            addr: self.buffer_addr(id),
+            len,
+            flags,
+            next: 0,
+        };
         // SAFETY: id < size; the device reads a descriptor only after it is
         // made available, which happens after this write.
         unsafe { write_volatile(addr_of_mut!((*self.virtq).desc[id as usize]), desc) }
@@ -270,7 +308,10 @@ impl Receiver {
         loop {
             let (id, len) = self.0.pop_used()?;
             if id < self.0.size as u32 {
-                return Some(RxBuffer { id: id as u16, len: (len as usize).min(BUFFER_LEN) });
+                return Some(RxBuffer {
+                    id: id as u16,
+                    len: (len as usize).min(BUFFER_LEN),
+                });
             }
         }
     }
@@ -318,7 +359,9 @@ impl Transmitter {
             self.reclaim();
         }
         self.free_len = self.free_len.checked_sub(1)?;
-        Some(TxBuffer { id: self.free[self.free_len] })
+        Some(TxBuffer {
+            id: self.free[self.free_len],
+        })
     }
 
     /// Space for the Ethernet frame (MAX_FRAME_LEN bytes) in `buffer`.
@@ -418,7 +461,12 @@ impl VirtioNet {
             rx.push_avail(id);
         }
         // SAFETY: the queue is not live yet; avail.flags is the driver's.
-        unsafe { write_volatile(addr_of_mut!((*tx.virtq).avail.flags), VIRTQ_AVAIL_F_NO_INTERRUPT) }
+        unsafe {
+            write_volatile(
+                addr_of_mut!((*tx.virtq).avail.flags),
+                VIRTQ_AVAIL_F_NO_INTERRUPT,
+            )
+        }
         let mut free = [0; QUEUE_SIZE];
         for id in 0..tx.size {
             tx.set_desc(id, 0, 0);
@@ -431,6 +479,13 @@ impl VirtioNet {
         // has not set NO_NOTIFY by now.
         rx.publish();
         let free_len = tx.size as usize;
-        Ok(VirtioNet { rx: Receiver(rx), tx: Transmitter { queue: tx, free, free_len } })
+        Ok(VirtioNet {
+            rx: Receiver(rx),
+            tx: Transmitter {
+                queue: tx,
+                free,
+                free_len,
+            },
+        })
     }
 }

@@ -77,6 +77,18 @@ pub enum Event {
     },
     /// The primary's state, for the backup to compare with its own.
     Digest(Digest),
+    /// An output (a console line, a transmitted frame) and a compact check of
+    /// the state that produced it. Taken at every output, so it is kept small:
+    /// 32-bit hashes of the output's bytes and of registers plus memory; the
+    /// periodic [`Digest`] carries the full registers and page hashes that
+    /// locate a divergence.
+    Output {
+        kind: OutputKind,
+        #[serde(with = "hex::int")]
+        hash: u32,
+        #[serde(with = "hex::int")]
+        state: u32,
+    },
     /// The log is complete up to this exit count: the backup may run to it.
     Progress { exits: u64 },
     /// The end of the run.
@@ -95,12 +107,13 @@ pub enum EventKind {
     Interrupt,
     Packet,
     Digest,
+    Output,
     Progress,
     End,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 11] = [
+    pub const ALL: [EventKind; 12] = [
         EventKind::Rdtsc,
         EventKind::Rdtscp,
         EventKind::Rdrand,
@@ -110,6 +123,7 @@ impl EventKind {
         EventKind::Interrupt,
         EventKind::Packet,
         EventKind::Digest,
+        EventKind::Output,
         EventKind::Progress,
         EventKind::End,
     ];
@@ -125,6 +139,7 @@ impl EventKind {
             EventKind::Interrupt => "interrupt",
             EventKind::Packet => "packet",
             EventKind::Digest => "digest",
+            EventKind::Output => "output",
             EventKind::Progress => "progress",
             EventKind::End => "end",
         }
@@ -149,6 +164,7 @@ impl Event {
             Event::Interrupt { .. } => EventKind::Interrupt,
             Event::Packet { .. } => EventKind::Packet,
             Event::Digest(_) => EventKind::Digest,
+            Event::Output { .. } => EventKind::Output,
             Event::Progress { .. } => EventKind::Progress,
             Event::End { .. } => EventKind::End,
         }
@@ -175,6 +191,13 @@ impl fmt::Display for Event {
                 write!(f, "{kind} desc {desc_head} len {}", frame.len())
             }
             Event::Digest(d) => write!(f, "{kind} {d}"),
+            Event::Output {
+                kind: out,
+                hash,
+                state,
+            } => {
+                write!(f, "{kind} {out} hash {hash:#010x} state {state:#010x}")
+            }
             Event::Progress { exits } => write!(f, "{kind} complete to exit {exits}"),
             Event::End { exits, reason } => write!(f, "{kind} at exit {exits}: {reason}"),
         }
@@ -189,6 +212,25 @@ impl fmt::Display for Entry {
             "#{} @exit {} rip {:#x}  {}",
             self.seq, self.pos.exits, self.pos.rip, self.event
         )
+    }
+}
+
+/// What kind of output an [`Event::Output`] checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputKind {
+    /// A console line.
+    Console,
+    /// A transmitted network frame.
+    Transmit,
+}
+
+impl fmt::Display for OutputKind {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(match self {
+            OutputKind::Console => "console",
+            OutputKind::Transmit => "transmit",
+        })
     }
 }
 

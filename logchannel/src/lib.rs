@@ -46,7 +46,9 @@ mod json;
 mod payload;
 mod stats;
 
-pub use entry::{Digest, DigestReason, Entry, Event, EventKind, PageHash, Position, Registers};
+pub use entry::{
+    Digest, DigestReason, Entry, Event, EventKind, OutputKind, PageHash, Position, Registers,
+};
 pub use file::{
     image_hash, LogError, LogHeader, LogReader, LogWriter, ReplayConfig, SyncWrite, FORMAT_VERSION,
     MAGIC, PREAMBLE_LEN,

@@ -14,7 +14,7 @@
 //! The sequence number is not in the payload: it is implied by the frame's
 //! place in the stream and checked by the frame CRC (see `frame`).
 
-use crate::entry::{Digest, DigestReason, Entry, Event, PageHash, Position, Registers};
+use crate::entry::{Digest, DigestReason, Entry, Event, OutputKind, PageHash, Position, Registers};
 use bincode::de::Decoder;
 use bincode::enc::Encoder;
 use bincode::error::{DecodeError, EncodeError};
@@ -58,6 +58,7 @@ mod tag {
     pub const DIGEST: u8 = 8;
     pub const PROGRESS: u8 = 9;
     pub const END: u8 = 10;
+    pub const OUTPUT: u8 = 11;
 }
 
 fn reason_code(r: DigestReason) -> u8 {
@@ -142,6 +143,16 @@ impl Encode for WireEntry<'_> {
                 }
                 d.output_hash.encode(e)
             }
+            Event::Output { kind, hash, state } => {
+                tag::OUTPUT.encode(e)?;
+                let kind: u8 = match kind {
+                    OutputKind::Console => 0,
+                    OutputKind::Transmit => 1,
+                };
+                kind.encode(e)?;
+                hash.to_le_bytes().encode(e)?;
+                state.to_le_bytes().encode(e)
+            }
             Event::Progress { exits } => {
                 tag::PROGRESS.encode(e)?;
                 delta(*exits, pos.exits).encode(e)
@@ -207,6 +218,19 @@ impl Decode<Base> for Decoded {
                 frame: Vec::<u8>::decode(d)?,
             },
             tag::DIGEST => Event::Digest(decode_digest(d)?),
+            tag::OUTPUT => Event::Output {
+                kind: match u8::decode(d)? {
+                    0 => OutputKind::Console,
+                    1 => OutputKind::Transmit,
+                    other => {
+                        return Err(DecodeError::OtherString(format!(
+                            "unknown output kind {other}"
+                        )))
+                    }
+                },
+                hash: u32::from_le_bytes(<[u8; 4]>::decode(d)?),
+                state: u32::from_le_bytes(<[u8; 4]>::decode(d)?),
+            },
             tag::PROGRESS => Event::Progress {
                 exits: undelta(i64::decode(d)?, exits),
             },

@@ -3,15 +3,21 @@
 
 pub mod bench;
 pub mod boot;
+pub mod capture;
 pub mod devices;
+pub mod digest;
 pub mod exit;
 pub mod frame;
 pub mod guest_image;
 pub mod kv;
 pub mod layout;
+pub mod live;
 pub mod loader;
 pub mod memory;
 pub mod net_backend;
+pub mod patch;
+pub mod record;
+pub mod replay;
 pub mod runloop;
 pub mod scan;
 pub mod stop;

@@ -208,6 +208,34 @@ impl ElfImage {
     }
 }
 
+/// Wraps raw machine code in a minimal executable ELF: one segment at
+/// `IMAGE_MIN_ADDR` (with 4 KiB of zeroed memory after the code), entry at its
+/// first byte. For tests and experiments that need a guest smaller than ours.
+pub fn flat_elf(code: &[u8]) -> Vec<u8> {
+    let mut f = vec![0u8; EHDR_LEN + PHDR_LEN];
+    f[0..4].copy_from_slice(b"\x7fELF");
+    f[4] = 2;
+    f[5] = 1;
+    f[6] = 1;
+    f[16..18].copy_from_slice(&ET_EXEC.to_le_bytes());
+    f[18..20].copy_from_slice(&EM_X86_64.to_le_bytes());
+    f[24..32].copy_from_slice(&IMAGE_MIN_ADDR.to_le_bytes());
+    f[32..40].copy_from_slice(&(EHDR_LEN as u64).to_le_bytes());
+    f[54..56].copy_from_slice(&(PHDR_LEN as u16).to_le_bytes());
+    f[56..58].copy_from_slice(&1u16.to_le_bytes());
+    let ph = EHDR_LEN;
+    let data_off = (EHDR_LEN + PHDR_LEN) as u64;
+    f[ph..ph + 4].copy_from_slice(&PT_LOAD.to_le_bytes());
+    f[ph + 4..ph + 8].copy_from_slice(&(PF_X | 4).to_le_bytes());
+    f[ph + 8..ph + 16].copy_from_slice(&data_off.to_le_bytes());
+    f[ph + 16..ph + 24].copy_from_slice(&IMAGE_MIN_ADDR.to_le_bytes());
+    f[ph + 24..ph + 32].copy_from_slice(&IMAGE_MIN_ADDR.to_le_bytes());
+    f[ph + 32..ph + 40].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    f[ph + 40..ph + 48].copy_from_slice(&(code.len() as u64 + 0x1000).to_le_bytes());
+    f.extend_from_slice(code);
+    f
+}
+
 fn slice(
     image: &[u8],
     start: u64,
@@ -230,35 +258,9 @@ fn slice(
 mod tests {
     use super::*;
 
-    /// A minimal valid image: one executable segment at 1 MiB holding `code`.
-    pub(crate) fn tiny_elf(code: &[u8]) -> Vec<u8> {
-        let mut f = vec![0u8; EHDR_LEN + PHDR_LEN];
-        f[0..4].copy_from_slice(b"\x7fELF");
-        f[4] = 2;
-        f[5] = 1;
-        f[6] = 1;
-        f[16..18].copy_from_slice(&ET_EXEC.to_le_bytes());
-        f[18..20].copy_from_slice(&EM_X86_64.to_le_bytes());
-        f[24..32].copy_from_slice(&0x10_0000u64.to_le_bytes());
-        f[32..40].copy_from_slice(&(EHDR_LEN as u64).to_le_bytes());
-        f[54..56].copy_from_slice(&(PHDR_LEN as u16).to_le_bytes());
-        f[56..58].copy_from_slice(&1u16.to_le_bytes());
-        let ph = EHDR_LEN;
-        let data_off = (EHDR_LEN + PHDR_LEN) as u64;
-        f[ph..ph + 4].copy_from_slice(&PT_LOAD.to_le_bytes());
-        f[ph + 4..ph + 8].copy_from_slice(&(PF_X | 4).to_le_bytes());
-        f[ph + 8..ph + 16].copy_from_slice(&data_off.to_le_bytes());
-        f[ph + 16..ph + 24].copy_from_slice(&0x10_0000u64.to_le_bytes());
-        f[ph + 24..ph + 32].copy_from_slice(&0x10_0000u64.to_le_bytes());
-        f[ph + 32..ph + 40].copy_from_slice(&(code.len() as u64).to_le_bytes());
-        f[ph + 40..ph + 48].copy_from_slice(&(code.len() as u64 + 0x1000).to_le_bytes());
-        f.extend_from_slice(code);
-        f
-    }
-
     #[test]
     fn a_valid_image_parses_and_loads_with_zeroed_bss() {
-        let elf = tiny_elf(&[0xf4, 0xeb, 0xfd]);
+        let elf = flat_elf(&[0xf4, 0xeb, 0xfd]);
         let img = ElfImage::parse(&elf, 4 << 20).expect("valid image");
         assert_eq!(img.entry, 0x10_0000);
         assert_eq!(img.segments.len(), 1);
@@ -272,7 +274,7 @@ mod tests {
 
     #[test]
     fn every_truncation_is_an_error_not_a_panic() {
-        let elf = tiny_elf(&[0x90; 32]);
+        let elf = flat_elf(&[0x90; 32]);
         for len in 0..elf.len() {
             let err = ElfImage::parse(&elf[..len], 4 << 20).expect_err("truncated");
             assert!(
@@ -287,13 +289,13 @@ mod tests {
 
     #[test]
     fn foreign_files_are_named() {
-        let mut elf = tiny_elf(&[0x90]);
+        let mut elf = flat_elf(&[0x90]);
         elf[0] = b'M';
         assert!(matches!(
             ElfImage::parse(&elf, 4 << 20),
             Err(LoaderError::NotElf { .. })
         ));
-        let mut elf = tiny_elf(&[0x90]);
+        let mut elf = flat_elf(&[0x90]);
         elf[18] = 40;
         assert_eq!(
             ElfImage::parse(&elf, 4 << 20),
@@ -303,7 +305,7 @@ mod tests {
 
     #[test]
     fn an_image_larger_than_memory_is_refused() {
-        let elf = tiny_elf(&[0x90; 16]);
+        let elf = flat_elf(&[0x90; 16]);
         let err = ElfImage::parse(&elf, 0x10_0800).expect_err("too small");
         assert!(matches!(err, LoaderError::DoesNotFit { .. }), "{err}");
         assert!(err.to_string().contains("--mem"));
@@ -314,7 +316,7 @@ mod tests {
         use proptest::prelude::*;
         proptest!(|(bytes in proptest::collection::vec(any::<u8>(), 0..512), flip in 0usize..200, val in any::<u8>())| {
             let _ = ElfImage::parse(&bytes, 64 << 20);
-            let mut elf = tiny_elf(&[0x90; 8]);
+            let mut elf = flat_elf(&[0x90; 8]);
             let i = flip % elf.len();
             elf[i] = val;
             let _ = ElfImage::parse(&elf, 64 << 20);

@@ -1,18 +1,30 @@
 //! `ftvm`: the one command a user needs.
 
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Write};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use ftvm::capture::Capture;
 use ftvm::guest_image::GUEST_ELF;
+use ftvm::live::{Live, LiveIo};
 use ftvm::memory::parse_size;
 use ftvm::net_backend::NetBackend;
-use ftvm::runloop::{run_live, LiveIo, RunLimits, StopReason};
+use ftvm::record::Recorder;
+use ftvm::replay::Replay;
+use ftvm::runloop::{self, RunError, RunSummary, StopReason};
 use ftvm::stop::StopSignal;
 use ftvm::vm::{Vm, VmConfig};
+use logchannel::{image_hash, LogHeader, LogReader, LogWriter, ReplayConfig};
+
+/// The exit status of a replay that diverged.
+const EXIT_DIVERGED: u8 = 3;
+const DEFAULT_DIGEST_INTERVAL: u64 = 4096;
+const VM_ID: &str = "ftvm";
 
 #[derive(Parser)]
 #[command(name = "ftvm", version, about = "A fault-tolerant virtual machine on KVM")]
@@ -25,6 +37,13 @@ struct Cli {
 enum Command {
     /// Boot a guest and serve its clients (the embedded KV guest by default).
     Run(RunArgs),
+    /// Like `run`, and write every nondeterministic input to a log.
+    Record(RecordArgs),
+    /// Run a guest from a log alone and check it reproduces the recording.
+    Replay(ReplayArgs),
+    /// Inspect and edit logs.
+    #[command(subcommand)]
+    Log(LogCommand),
     /// Talk to the guest's key-value service.
     Kv(ftvm::kv::KvArgs),
     /// Measure throughput, latency and exit rates.
@@ -32,31 +51,86 @@ enum Command {
 }
 
 #[derive(clap::Args)]
-struct RunArgs {
+struct GuestArgs {
     /// Guest ELF image; the embedded guest when omitted.
     #[arg(long)]
     kernel: Option<PathBuf>,
+    /// The KVM device to use.
+    #[arg(long, default_value = "/dev/kvm")]
+    kvm_device: PathBuf,
+    /// Write the guest console to this file instead of stdout.
+    #[arg(long)]
+    serial: Option<PathBuf>,
+    /// Write the frames the guest transmits to this pcap file.
+    #[arg(long)]
+    capture: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    #[command(flatten)]
+    guest: GuestArgs,
     /// Guest memory size (for example 64M, 1G).
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     mem: u64,
     /// Host UDP address on which the guest's service is reachable.
     #[arg(long, default_value = "127.0.0.1:7000")]
     service: SocketAddr,
-    /// Write the guest console to this file instead of stdout.
-    #[arg(long)]
-    serial: Option<PathBuf>,
     /// Stop after this many seconds.
-    #[arg(long)]
+    #[arg(long, alias = "duration")]
     timeout: Option<f64>,
     /// PIT tick rate the guest is asked to program.
     #[arg(long, default_value_t = ftvm::boot::DEFAULT_TICK_HZ)]
     tick_hz: u32,
-    /// The KVM device to use.
-    #[arg(long, default_value = "/dev/kvm")]
-    kvm_device: PathBuf,
     /// Write the run's counters as JSON to this file when it ends.
     #[arg(long)]
     stats_json: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct RecordArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// The log to write.
+    #[arg(long)]
+    log: PathBuf,
+    /// Synchronous exits between periodic digests (0: none).
+    #[arg(long, default_value_t = DEFAULT_DIGEST_INTERVAL)]
+    digest_interval: u64,
+}
+
+#[derive(clap::Args)]
+struct ReplayArgs {
+    /// The log to replay.
+    log: PathBuf,
+    #[command(flatten)]
+    guest: GuestArgs,
+    /// Stop after this many seconds.
+    #[arg(long)]
+    timeout: Option<f64>,
+    /// Write the replay summary as JSON to this file.
+    #[arg(long)]
+    summary_json: Option<PathBuf>,
+    /// Test only: run the guest unpatched, to show that replay needs the
+    /// patched instructions.
+    #[arg(long, hide = true)]
+    no_patch: bool,
+}
+
+#[derive(Subcommand)]
+enum LogCommand {
+    /// List a log, one entry a line (`--json`: JSON lines, header first).
+    Dump {
+        log: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Turn JSON lines (as `dump --json` writes them) back into a log.
+    Load {
+        jsonl: PathBuf,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -68,23 +142,19 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
-    match cli.command {
-        Command::Run(args) => match cmd_run(&args) {
-            Ok(code) => code,
-            Err(message) => {
-                eprintln!("ftvm: {message}");
-                ExitCode::from(1)
-            }
-        },
-        Command::Kv(args) => ExitCode::from(ftvm::kv::run(&args) as u8),
-        Command::Bench(args) => match ftvm::bench::run(&args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(message) => {
-                eprintln!("ftvm bench: {message}");
-                ExitCode::from(1)
-            }
-        },
-    }
+    let result = match cli.command {
+        Command::Run(args) => cmd_run(&args, None),
+        Command::Record(args) => cmd_run(&args.run, Some((&args.log, args.digest_interval))),
+        Command::Replay(args) => cmd_replay(&args),
+        Command::Log(LogCommand::Dump { log, json }) => cmd_dump(&log, json),
+        Command::Log(LogCommand::Load { jsonl, output }) => cmd_load(&jsonl, &output),
+        Command::Kv(args) => return ExitCode::from(ftvm::kv::run(&args) as u8),
+        Command::Bench(args) => ftvm::bench::run(&args).map(|()| ExitCode::SUCCESS),
+    };
+    result.unwrap_or_else(|message| {
+        eprintln!("ftvm: {message}");
+        ExitCode::from(1)
+    })
 }
 
 /// SIGINT and SIGTERM become a stop request. They are blocked in every
@@ -109,64 +179,274 @@ fn stop_on_signals(stop: StopSignal) -> Result<(), String> {
     Ok(())
 }
 
-fn cmd_run(args: &RunArgs) -> Result<ExitCode, String> {
-    let stop = StopSignal::new();
-    stop_on_signals(stop.clone())?;
-    let image = match &args.kernel {
-        Some(path) => std::fs::read(path).map_err(|e| format!("cannot read guest image {}: {e}", path.display()))?,
-        None => GUEST_ELF.to_vec(),
-    };
-    let timeout = match args.timeout {
-        Some(t) if !(t.is_finite() && t > 0.0) => return Err(format!("--timeout {t} must be a positive number of seconds")),
-        Some(t) => Some(Duration::from_secs_f64(t)),
-        None => None,
-    };
-    let config = VmConfig {
-        mem_size: args.mem,
-        tick_hz: args.tick_hz,
-        kvm_device: args.kvm_device.clone(),
-    };
-    let mut vm = Vm::new(&image, config).map_err(|e| e.to_string())?;
-    let net = NetBackend::bind(args.service).map_err(|e| e.to_string())?;
-    let console: Box<dyn std::io::Write + Send> = match &args.serial {
+fn seconds(arg: &str, value: Option<f64>) -> Result<Option<Duration>, String> {
+    match value {
+        Some(t) if !(t.is_finite() && t > 0.0) => Err(format!("{arg} {t} must be a positive number of seconds")),
+        Some(t) => Ok(Some(Duration::from_secs_f64(t))),
+        None => Ok(None),
+    }
+}
+
+fn read_image(guest: &GuestArgs) -> Result<Vec<u8>, String> {
+    match &guest.kernel {
+        Some(path) => std::fs::read(path).map_err(|e| format!("cannot read guest image {}: {e}", path.display())),
+        None => Ok(GUEST_ELF.to_vec()),
+    }
+}
+
+fn console(guest: &GuestArgs) -> Result<Box<dyn Write + Send>, String> {
+    Ok(match &guest.serial {
         Some(path) => Box::new(
-            std::fs::File::create(path).map_err(|e| format!("cannot create the serial file {}: {e}", path.display()))?,
+            File::create(path).map_err(|e| format!("cannot create the serial file {}: {e}", path.display()))?,
         ),
         None => Box::new(std::io::stdout()),
-    };
-    eprintln!(
-        "ftvm: booting the guest ({} MiB), service on {}",
-        args.mem >> 20,
-        net.local_addr()
-    );
-    let mut io = LiveIo {
-        net: Some(net),
-        console,
-    };
-    let limits = RunLimits { stop, timeout };
-    let summary = run_live(&mut vm, &mut io, &limits).map_err(|e| e.to_string())?;
+    })
+}
+
+fn capture(guest: &GuestArgs) -> Result<Option<Capture>, String> {
+    guest
+        .capture
+        .as_ref()
+        .map(|p| Capture::create(p).map_err(|e| format!("cannot create the capture {}: {e}", p.display())))
+        .transpose()
+}
+
+fn print_summary(summary: &RunSummary) {
     let e = &summary.exits;
     eprintln!(
-        "ftvm: stopped ({:?}) after {:.1} s: {} exits (pio {}, mmio {}, hlt {}), {} interrupts, {} packets in, {} frames out",
-        summary.reason,
+        "ftvm: stopped ({:?}) after {:.1} s: {} exits (pio {}, mmio {}, hlt {}, trapped {}), {} interrupts, {} packets in, {} frames out",
+        summary.reason.unwrap_or(StopReason::Requested),
         summary.elapsed_secs,
         e.synchronous,
         e.pio,
         e.mmio,
         e.hlt,
+        e.trapped,
         summary.interrupts_injected,
         summary.packets_delivered,
         summary.frames_transmitted
     );
+}
+
+fn exit_for(reason: Option<StopReason>) -> ExitCode {
+    match reason {
+        Some(StopReason::GuestError(code)) => {
+            eprintln!("ftvm: the guest stopped with error code {code} (its console says why)");
+            ExitCode::from(2)
+        }
+        _ => ExitCode::SUCCESS,
+    }
+}
+
+fn cmd_run(args: &RunArgs, log: Option<(&PathBuf, u64)>) -> Result<ExitCode, String> {
+    let stop = StopSignal::new();
+    stop_on_signals(stop.clone())?;
+    let image = read_image(&args.guest)?;
+    let timeout = seconds("--timeout", args.timeout)?;
+    let config = VmConfig {
+        mem_size: args.mem,
+        tick_hz: args.tick_hz,
+        kvm_device: args.guest.kvm_device.clone(),
+        patching: true,
+    };
+    let mut vm = Vm::new(&image, config).map_err(|e| e.to_string())?;
+    let net = NetBackend::bind(args.service).map_err(|e| e.to_string())?;
+    let recorder = match log {
+        Some((path, digest_interval)) => {
+            let header = LogHeader::new(
+                VM_ID,
+                image_hash(&image),
+                args.mem,
+                ReplayConfig {
+                    digest_interval,
+                    tick_hz: args.tick_hz,
+                    patching: true,
+                    extra: Default::default(),
+                },
+            );
+            Some(Recorder::create(path, &header).map_err(|e| e.to_string())?)
+        }
+        None => None,
+    };
+    let recording = recorder.is_some();
+    eprintln!(
+        "ftvm: booting the guest ({} MiB), service on {}{}",
+        args.mem >> 20,
+        net.local_addr(),
+        log.map(|(p, _)| format!(", recording to {}", p.display())).unwrap_or_default()
+    );
+    let mut io = LiveIo {
+        net: Some(net),
+        console: console(&args.guest)?,
+        capture: capture(&args.guest)?,
+    };
+    let mut live = Live::new(&mut io, recorder, stop.clone(), timeout);
+    let result = runloop::run(&mut vm, &mut live, &stop, recording);
+    let mut recorder = live.into_recorder();
+    let summary = match result {
+        Ok(s) => s,
+        Err(e) => {
+            if let Some(r) = recorder.as_mut().filter(|r| r.is_open()) {
+                if let Err(close) = r.abort(&e.to_string()) {
+                    eprintln!("ftvm: closing the log failed too: {close}");
+                }
+            }
+            return Err(e.to_string());
+        }
+    };
+    print_summary(&summary);
+    if let Some(r) = &recorder {
+        let stats = r.stats();
+        eprintln!("ftvm: log: {} entries, {} bytes", stats.entries(), stats.total_bytes);
+    }
     if let Some(path) = &args.stats_json {
         let json = serde_json::to_string_pretty(&summary).map_err(|e| e.to_string())?;
         std::fs::write(path, json).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
-    Ok(match summary.reason {
-        StopReason::GuestError(code) => {
-            eprintln!("ftvm: the guest stopped with error code {code} (its console says why)");
-            ExitCode::from(2)
+    Ok(exit_for(summary.reason))
+}
+
+fn open_log(path: &Path) -> Result<LogReader<BufReader<File>>, String> {
+    let file = File::open(path).map_err(|e| format!("cannot open the log {}: {e}", path.display()))?;
+    LogReader::new(BufReader::with_capacity(1 << 16, file)).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn cmd_replay(args: &ReplayArgs) -> Result<ExitCode, String> {
+    let stop = StopSignal::new();
+    stop_on_signals(stop.clone())?;
+    let reader = open_log(&args.log)?;
+    let header = reader.header().clone();
+    let image = read_image(&args.guest)?;
+    if image_hash(&image) != header.guest_image_hash {
+        return Err(format!(
+            "{} was recorded with another guest image (log: sha256 {}, this image: sha256 {}); pass the recorded image with --kernel",
+            args.log.display(),
+            hex(&header.guest_image_hash),
+            hex(&image_hash(&image))
+        ));
+    }
+    if !header.config.patching && !args.no_patch {
+        return Err(format!("{} was recorded without patching, which replay cannot reproduce", args.log.display()));
+    }
+    let timeout = seconds("--timeout", args.timeout)?;
+    let config = VmConfig {
+        mem_size: header.mem_size,
+        tick_hz: header.config.tick_hz,
+        kvm_device: args.guest.kvm_device.clone(),
+        patching: !args.no_patch,
+    };
+    let mut vm = Vm::new(&image, config).map_err(|e| e.to_string())?;
+    let mut replay = Replay::new(reader, console(&args.guest)?, capture(&args.guest)?, stop.clone()).map_err(|e| e.to_string())?;
+    if let Some(t) = timeout {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(t);
+            stop.request();
+        });
+    }
+    let started = std::time::Instant::now();
+    let result = runloop::run(&mut vm, &mut replay, &stop, true);
+    let elapsed = started.elapsed().as_secs_f64();
+    let stats = replay.reader().stats().clone();
+    eprintln!("ftvm replay: {}", replay.counts);
+    eprintln!("ftvm replay: log entries read by kind:\n{stats}");
+    match result {
+        Ok(summary) => {
+            eprintln!(
+                "ftvm replay: {} exits replayed in {elapsed:.2} s ({:?}); every digest and output matched",
+                summary.exits.synchronous,
+                summary.reason.unwrap_or(StopReason::EndOfLog)
+            );
+            if let Some(path) = &args.summary_json {
+                let json = serde_json::json!({
+                    "ok": true,
+                    "exits": summary.exits.synchronous,
+                    "seconds": elapsed,
+                    "counts": replay.counts,
+                    "log_bytes": stats.total_bytes,
+                    "entries": stats.entries(),
+                });
+                std::fs::write(path, json.to_string()).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            }
+            Ok(ExitCode::SUCCESS)
         }
-        StopReason::PowerOff | StopReason::Requested | StopReason::Timeout => ExitCode::SUCCESS,
-    })
+        Err(RunError::Diverged(d)) => {
+            eprintln!("ftvm replay: DIVERGED after {elapsed:.2} s\n{d}");
+            Ok(ExitCode::from(EXIT_DIVERGED))
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn cmd_dump(path: &Path, json: bool) -> Result<ExitCode, String> {
+    let mut reader = open_log(path)?;
+    let header = reader.header().clone();
+    let stdout = std::io::stdout();
+    let mut out = BufWriter::new(stdout.lock());
+    let write_err = |e: std::io::Error| format!("writing the listing failed: {e}");
+    if json {
+        let mut entries = Vec::new();
+        let mut failure = None;
+        for entry in reader.by_ref() {
+            match entry {
+                Ok(e) => entries.push(e),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        logchannel::to_json_lines(&mut out, &header, &entries).map_err(|e| e.to_string())?;
+        out.flush().map_err(write_err)?;
+        if let Some(e) = failure {
+            return Err(format!("{}: {e}", path.display()));
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    writeln!(
+        out,
+        "log {}: format {}, vm {}, image sha256 {}, memory {} bytes, digest every {} exits, tick {} Hz, patching {}",
+        path.display(),
+        header.format_version,
+        header.vm_id,
+        hex(&header.guest_image_hash),
+        header.mem_size,
+        header.config.digest_interval,
+        header.config.tick_hz,
+        header.config.patching
+    )
+    .map_err(write_err)?;
+    for entry in reader.by_ref() {
+        match entry {
+            Ok(e) => writeln!(out, "{e}").map_err(write_err)?,
+            Err(e) => {
+                out.flush().map_err(write_err)?;
+                return Err(format!("{}: {e}", path.display()));
+            }
+        }
+    }
+    writeln!(out, "{}", reader.stats()).map_err(write_err)?;
+    out.flush().map_err(write_err)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_load(jsonl: &Path, output: &Path) -> Result<ExitCode, String> {
+    let file = File::open(jsonl).map_err(|e| format!("cannot open {}: {e}", jsonl.display()))?;
+    let (header, entries) = logchannel::from_json_lines(BufReader::new(file)).map_err(|e| format!("{}: {e}", jsonl.display()))?;
+    let out = File::create(output).map_err(|e| format!("cannot create {}: {e}", output.display()))?;
+    let mut writer = LogWriter::new(BufWriter::new(out), &header).map_err(|e| e.to_string())?;
+    let mut count = 0u64;
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("{}: {e}", jsonl.display()))?;
+        writer.append_entry(&entry).map_err(|e| format!("{}: entry #{}: {e}", jsonl.display(), entry.seq))?;
+        count += 1;
+    }
+    let mut out = writer.into_inner().map_err(|e| e.to_string())?;
+    out.flush().map_err(|e| format!("writing {} failed: {e}", output.display()))?;
+    eprintln!("ftvm log load: {count} entries written to {}", output.display());
+    Ok(ExitCode::SUCCESS)
 }

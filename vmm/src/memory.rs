@@ -1,10 +1,13 @@
 //! Guest memory: one anonymous mapping from guest-physical address 0.
 
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use crate::layout::{MAX_MEM_SIZE, MIN_MEM_SIZE};
 
-pub type GuestMemory = GuestMemoryMmap<()>;
+/// Guest memory with a dirty bitmap that records the VMM's own writes (a
+/// device's DMA, the loader), which KVM's dirty log does not see.
+pub type GuestMemory = GuestMemoryMmap<AtomicBitmap>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {

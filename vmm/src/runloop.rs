@@ -1,25 +1,32 @@
-//! The live run loop: `VcpuFd::run()`, the pure exit handler, and the
-//! delivery rule of DESIGN.md §3. Interrupts and received packets reach the
-//! guest only at a synchronous exit where it can take an interrupt, and the
-//! count of synchronous exits is the guest's position.
+//! The one run loop: `VcpuFd::run()`, the pure exit handler, trapped
+//! instructions, outputs and the delivery rule of DESIGN.md §3, shared by a
+//! live run, a recording and a replay. What differs between them (where time,
+//! random numbers, packets and interrupts come from, where outputs go) is a
+//! [`Mode`]; the loop calls it at the same points of every synchronous exit
+//! in the same order, which is what makes a recording replayable.
 
-use std::collections::VecDeque;
-use std::io::Write;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use kvm_ioctls::VcpuExit;
+use logchannel::{OutputKind, Position, Registers};
 use serde::Serialize;
 
+use crate::devices::virtio_net::NET_IRQ;
+use crate::digest::{self, MemoryHasher};
 use crate::exit::{handle_exit, Action, Exit, ExitKind};
-use crate::net_backend::{Datagram, NetBackend};
+use crate::patch::{emulate, TrapResult};
+use crate::replay::Divergence;
+use crate::scan::NondetSite;
 use crate::stop::StopSignal;
 use crate::vm::{Vm, VmError};
 
-/// IRQ lines of the guest's devices (docs/guest-abi.md).
-const TIMER_IRQ: u8 = 0;
-const NET_IRQ: u8 = crate::devices::virtio_net::NET_IRQ;
-/// Datagrams held while the guest has no free receive buffer.
-const MAX_PENDING_DATAGRAMS: usize = 1024;
+pub const TIMER_IRQ: u8 = 0;
+pub const SERIAL_IRQ: u8 = crate::boot::SERIAL_IRQ as u8;
+/// PIT counter ports whose reads depend on time.
+const PIT_COUNTER_PORTS: std::ops::RangeInclusive<u16> = 0x40..=0x42;
+/// A console line longer than this is cut into several outputs, so that a
+/// guest that never prints a newline still has its output released.
+const MAX_CONSOLE_LINE: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -38,6 +45,14 @@ pub enum RunError {
     DeadHalt { rip: u64 },
     #[error("cannot prepare the vCPU thread: {0}")]
     Thread(std::io::Error),
+    #[error("writing the log failed: {0}")]
+    Log(#[from] logchannel::LogError),
+    #[error("reading the log failed: {0}")]
+    LogRead(logchannel::LogError),
+    #[error("replay diverged from the recording:\n{0}")]
+    Diverged(Box<Divergence>),
+    #[error("writing the packet capture failed: {0}")]
+    Capture(std::io::Error),
 }
 
 /// Why a run ended without an error.
@@ -52,6 +67,8 @@ pub enum StopReason {
     Requested,
     /// The run's time limit passed.
     Timeout,
+    /// A replay reached the end of its log.
+    EndOfLog,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -61,19 +78,24 @@ pub struct ExitCounts {
     pub pio: u64,
     pub mmio: u64,
     pub hlt: u64,
+    /// `hlt` exits that were patched instructions.
+    pub trapped: u64,
+    /// Instructions emulated at those exits (adjacent sites share one).
+    pub trapped_instructions: u64,
     /// Signal kicks and other exits that are not positions.
     pub asynchronous: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Default, Clone, Serialize)]
 pub struct RunSummary {
-    pub reason: StopReason,
+    pub reason: Option<StopReason>,
     pub elapsed_secs: f64,
     pub exits: ExitCounts,
     pub interrupts_injected: u64,
     pub timer_irqs: u64,
     pub packets_delivered: u64,
     pub frames_transmitted: u64,
+    pub console_lines: u64,
     pub console_bytes: u64,
     pub datagrams_received: u64,
     pub datagrams_dropped: u64,
@@ -83,149 +105,51 @@ pub struct RunSummary {
     pub unknown_mmio: u64,
 }
 
-/// The outside world of a live run.
-pub struct LiveIo {
-    pub net: Option<NetBackend>,
-    pub console: Box<dyn Write + Send>,
+/// The VM plus what every mode needs to look at it.
+pub struct Machine<'a> {
+    pub vm: &'a mut Vm,
+    /// Present when the mode takes digests (record, replay).
+    pub hasher: Option<MemoryHasher>,
+    pub summary: RunSummary,
+    console_line: Vec<u8>,
 }
 
-pub struct RunLimits {
-    pub stop: StopSignal,
-    pub timeout: Option<Duration>,
-}
-
-struct Loop<'a> {
-    vm: &'a mut Vm,
-    io: &'a mut LiveIo,
-    start: Instant,
-    deadline: Option<Instant>,
-    stop: &'a StopSignal,
-    pending: VecDeque<Datagram>,
-    summary: RunSummary,
-}
-
-impl Loop<'_> {
-    fn now_ns(&self) -> u64 {
-        self.start.elapsed().as_nanos() as u64
+impl Machine<'_> {
+    pub fn regs(&mut self) -> kvm_bindings::kvm_regs {
+        self.vm.vcpu.sync_regs().regs
     }
 
-    fn instant_at(&self, ns: u64) -> Instant {
-        self.start + Duration::from_nanos(ns)
+    /// Registers and an up-to-date memory hash, for digests.
+    pub fn state(&mut self) -> Result<(Registers, u64), RunError> {
+        let regs = digest::registers(&self.regs());
+        let dirty = self.vm.take_dirty_pages()?;
+        let hasher = self
+            .hasher
+            .get_or_insert_with(|| MemoryHasher::new(&self.vm.mem, self.vm.config.mem_size));
+        hasher.refresh(&self.vm.mem, dirty);
+        Ok((regs, hasher.mem_hash()))
     }
 
-    /// Moves what the guest produced at this exit to the outside world.
-    fn flush_outputs(&mut self) {
-        let console = self.vm.devices.serial.take_output();
-        if !console.is_empty() {
-            self.summary.console_bytes += console.len() as u64;
-            if let Err(e) = self.io.console.write_all(&console).and_then(|_| self.io.console.flush()) {
-                tracing::warn!("writing the guest console failed: {e}");
-            }
-        }
-        if self.vm.devices.net.is_active() {
-            let batch = self.vm.devices.net.pop_tx_frames(&self.vm.mem);
-            self.summary.virtio_errors += batch.errors.len() as u64;
-            for e in &batch.errors {
-                tracing::debug!("guest transmit error: {e}");
-            }
-            for frame in &batch.frames {
-                self.summary.frames_transmitted += 1;
-                if let Some(net) = &self.io.net {
-                    net.transmit(frame);
-                }
-            }
-        }
-    }
-
-    fn collect_datagrams(&mut self) {
-        let Some(net) = &self.io.net else { return };
-        while self.pending.len() < MAX_PENDING_DATAGRAMS {
-            match net.incoming().try_recv() {
-                Ok(d) => self.pending.push_back(d),
-                Err(_) => break,
-            }
-        }
-    }
-
-    /// At an exit where the guest can take an interrupt: hand it every
-    /// waiting datagram it has buffers for, then the highest-priority
-    /// interrupt. Returns whether an interrupt was injected.
-    fn deliver(&mut self) -> Result<bool, RunError> {
-        let now = self.now_ns();
-        if self.vm.devices.pit.poll_irq0(now) {
-            self.summary.timer_irqs += 1;
-            self.vm.devices.pic.raise_irq(TIMER_IRQ);
-        }
-        self.collect_datagrams();
-        while !self.pending.is_empty() && self.vm.devices.net.rx_buffers_available(&self.vm.mem) > 0 {
-            let Some(datagram) = self.pending.pop_front() else { break };
-            let frame = match datagram.to_frame() {
-                Ok(f) => f,
-                Err(e) => {
-                    self.summary.datagrams_dropped += 1;
-                    tracing::debug!("datagram from {} not deliverable: {e}", datagram.from);
-                    continue;
-                }
-            };
-            match self.vm.devices.net.deliver_rx(&self.vm.mem, &frame) {
-                Ok(_) => self.summary.packets_delivered += 1,
-                Err(e) => {
-                    self.summary.datagrams_dropped += 1;
-                    tracing::debug!("receive delivery failed: {e}");
-                }
-            }
-        }
-        if self.vm.devices.net.take_irq() {
-            self.vm.devices.pic.raise_irq(NET_IRQ);
-        }
-        if self.vm.devices.serial.irq_pending() {
-            self.vm.devices.pic.raise_irq(crate::boot::SERIAL_IRQ as u8);
-        }
+    /// Hands the guest the interrupt the PIC has for it, if any.
+    pub fn inject_pending(&mut self) -> Result<Option<u8>, RunError> {
         match self.vm.devices.pic.acknowledge() {
             Some(vector) => {
                 self.vm.inject(vector)?;
                 self.summary.interrupts_injected += 1;
-                Ok(true)
+                Ok(Some(vector))
             }
-            None => Ok(false),
+            None => Ok(None),
         }
     }
 
-    /// The guest is halted with interrupts enabled and nothing to inject:
-    /// sleep until a datagram, the next timer tick, a stop request or the
-    /// deadline.
-    fn wait_idle(&mut self) {
-        let _ = self.io.console.flush();
-        let mut wake_at = self.vm.devices.pit.next_irq0_ns().map(|ns| self.instant_at(ns));
-        if let Some(deadline) = self.deadline {
-            wake_at = Some(wake_at.map_or(deadline, |w| w.min(deadline)));
+    /// Raises the interrupt lines of devices that signalled since the last
+    /// look (deterministic: it depends only on device state).
+    pub fn raise_device_irqs(&mut self) {
+        if self.vm.devices.net.take_irq() {
+            self.vm.devices.pic.raise_irq(NET_IRQ);
         }
-        let timeout = wake_at.map(|w| w.saturating_duration_since(Instant::now()));
-        let never = crossbeam_channel::never();
-        let incoming = self.io.net.as_ref().map_or(&never, |n| n.incoming());
-        let stop = self.stop.wake();
-        let timeout_chan = match timeout {
-            Some(t) => crossbeam_channel::after(t),
-            None => crossbeam_channel::never(),
-        };
-        crossbeam_channel::select! {
-            recv(incoming) -> d => {
-                if let Ok(d) = d {
-                    self.pending.push_back(d);
-                }
-            }
-            recv(stop) -> _ => {}
-            recv(timeout_chan) -> _ => {}
-        }
-    }
-
-    fn should_stop(&self) -> Option<StopReason> {
-        if self.stop.is_requested() {
-            return Some(StopReason::Requested);
-        }
-        match self.deadline {
-            Some(d) if Instant::now() >= d => Some(StopReason::Timeout),
-            _ => None,
+        if self.vm.devices.serial.irq_pending() {
+            self.vm.devices.pic.raise_irq(SERIAL_IRQ);
         }
     }
 
@@ -243,133 +167,210 @@ impl Loop<'_> {
             position: self.summary.exits.synchronous,
         }
     }
-
-    fn run(&mut self) -> Result<StopReason, RunError> {
-        loop {
-            if let Some(reason) = self.should_stop() {
-                return Ok(reason);
-            }
-            let now = self.now_ns();
-            let action = {
-                let Vm { vcpu, devices, mem, .. } = &mut *self.vm;
-                let exit = match vcpu.run() {
-                    Ok(VcpuExit::IoIn(port, data)) => Exit::IoIn { port, data },
-                    Ok(VcpuExit::IoOut(port, data)) => Exit::IoOut { port, data },
-                    Ok(VcpuExit::MmioRead(addr, data)) => Exit::MmioRead { addr, data },
-                    Ok(VcpuExit::MmioWrite(addr, data)) => Exit::MmioWrite { addr, data },
-                    Ok(VcpuExit::Hlt) => Exit::Hlt,
-                    Ok(VcpuExit::Intr) => {
-                        self.summary.exits.asynchronous += 1;
-                        continue;
-                    }
-                    Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                        self.summary.exits.asynchronous += 1;
-                        continue;
-                    }
-                    Err(e) => return Err(RunError::Run(e)),
-                    Ok(VcpuExit::Shutdown) => {
-                        return Err(self.fault("KVM_EXIT_SHUTDOWN (triple fault)".into()));
-                    }
-                    Ok(VcpuExit::InternalError) => {
-                        let suberror = {
-                            let run = self.vm.vcpu.get_kvm_run();
-                            // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR,
-                            // so `internal` is the union member KVM filled in.
-                            unsafe { run.__bindgen_anon_1.internal.suberror }
-                        };
-                        return Err(self.fault(format!(
-                            "KVM_EXIT_INTERNAL_ERROR (suberror {suberror}; on this platform often an instruction the CPL0 emulator cannot run, such as SSE)"
-                        )));
-                    }
-                    Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                        return Err(self.fault(format!(
-                            "KVM_EXIT_FAIL_ENTRY (hardware reason {reason:#x}, cpu {cpu})"
-                        )));
-                    }
-                    Ok(other) => {
-                        let described = format!("unexpected exit {other:?}");
-                        return Err(self.fault(described));
-                    }
-                };
-                let counts = &mut self.summary.exits;
-                counts.synchronous += 1;
-                match exit.kind() {
-                    ExitKind::Pio => counts.pio += 1,
-                    ExitKind::Mmio => counts.mmio += 1,
-                    ExitKind::Hlt => counts.hlt += 1,
-                }
-                handle_exit(devices, mem, now, exit)
-            };
-            self.flush_outputs();
-            match action {
-                Action::GuestExit { code: 0 } => return Ok(StopReason::PowerOff),
-                Action::GuestExit { code } => return Ok(StopReason::GuestError(code)),
-                Action::Resume | Action::Idle => {}
-            }
-            let (ready, if_flag) = {
-                let run = self.vm.vcpu.get_kvm_run();
-                (run.ready_for_interrupt_injection != 0, run.if_flag != 0)
-            };
-            let mut injected = if ready { self.deliver()? } else { false };
-            if action == Action::Idle {
-                if !if_flag {
-                    let (rip, _) = self.vm.code_at_rip();
-                    return Err(RunError::DeadHalt { rip });
-                }
-                while !injected {
-                    if let Some(reason) = self.should_stop() {
-                        return Ok(reason);
-                    }
-                    self.wait_idle();
-                    injected = self.deliver()?;
-                }
-            }
-        }
-    }
 }
 
-/// Runs the guest until it powers off, fails, times out or is stopped.
-pub fn run_live(vm: &mut Vm, io: &mut LiveIo, limits: &RunLimits) -> Result<RunSummary, RunError> {
-    let _guard = limits.stop.enter_vcpu_thread().map_err(RunError::Thread)?;
-    let start = Instant::now();
-    let mut lp = Loop {
-        vm,
-        io,
-        start,
-        deadline: limits.timeout.map(|t| start + t),
-        stop: &limits.stop,
-        pending: VecDeque::new(),
-        summary: RunSummary {
-            reason: StopReason::Requested,
-            elapsed_secs: 0.0,
-            exits: ExitCounts::default(),
-            interrupts_injected: 0,
-            timer_irqs: 0,
-            packets_delivered: 0,
-            frames_transmitted: 0,
-            console_bytes: 0,
-            datagrams_received: 0,
-            datagrams_dropped: 0,
-            tx_frames_unparseable: 0,
-            virtio_errors: 0,
-            unknown_pio: 0,
-            unknown_mmio: 0,
-        },
-    };
-    let result = lp.run();
-    let _ = lp.io.console.flush();
-    let reason = result?;
-    let mut summary = lp.summary;
-    summary.reason = reason;
-    summary.elapsed_secs = start.elapsed().as_secs_f64();
-    summary.unknown_pio = lp.vm.devices.unknown_pio;
-    summary.unknown_mmio = lp.vm.devices.unknown_mmio;
-    if let Some(net) = &lp.io.net {
-        use std::sync::atomic::Ordering::Relaxed;
-        let c = &net.counters;
-        summary.datagrams_received = c.received.load(Relaxed);
-        summary.datagrams_dropped += c.dropped_full.load(Relaxed) + c.dropped_unusable.load(Relaxed);
-        summary.tx_frames_unparseable = c.tx_unparseable.load(Relaxed);
+/// What distinguishes a live run, a recording and a replay.
+pub trait Mode {
+    /// Time as the devices see it.
+    fn now_ns(&self) -> u64;
+    /// Checked before every entry into the guest.
+    fn should_stop(&mut self, m: &mut Machine, pos: Position) -> Result<Option<StopReason>, RunError>;
+    /// The result of a trapped instruction.
+    fn trap(&mut self, pos: Position, site: &NondetSite) -> Result<TrapResult, RunError>;
+    /// A time-dependent device read returned `value`; returns what the guest sees.
+    fn time_read(&mut self, pos: Position, port: u16, value: u8) -> Result<u8, RunError>;
+    /// An output the guest produced (a console line, a frame).
+    fn output(&mut self, m: &mut Machine, pos: Position, kind: OutputKind, bytes: &[u8]) -> Result<(), RunError>;
+    /// After every synchronous exit (periodic digests).
+    fn after_exit(&mut self, m: &mut Machine, pos: Position) -> Result<(), RunError>;
+    /// Packets and interrupts for the guest at this exit; `ready` says
+    /// whether it can take an interrupt. Returns whether one was injected.
+    fn deliver(&mut self, m: &mut Machine, pos: Position, ready: bool) -> Result<bool, RunError>;
+    /// The guest is halted with nothing delivered: wait for something to
+    /// deliver, or say why nothing ever will.
+    fn wait_idle(&mut self, m: &mut Machine, pos: Position) -> Result<(), RunError>;
+    /// The run ends at `pos`.
+    fn finish(&mut self, m: &mut Machine, pos: Position, reason: StopReason) -> Result<(), RunError>;
+}
+
+fn flush_outputs<M: Mode>(m: &mut Machine, mode: &mut M, pos: Position, all: bool) -> Result<(), RunError> {
+    let console = m.vm.devices.serial.take_output();
+    m.summary.console_bytes += console.len() as u64;
+    m.console_line.extend_from_slice(&console);
+    while let Some(end) = m
+        .console_line
+        .iter()
+        .position(|b| *b == b'\n')
+        .map(|i| i + 1)
+        .or_else(|| (m.console_line.len() >= MAX_CONSOLE_LINE).then_some(MAX_CONSOLE_LINE))
+        .or_else(|| (all && !m.console_line.is_empty()).then_some(m.console_line.len()))
+    {
+        let line: Vec<u8> = m.console_line.drain(..end).collect();
+        m.summary.console_lines += 1;
+        mode.output(m, pos, OutputKind::Console, &line)?;
     }
+    if m.vm.devices.net.is_active() {
+        let batch = m.vm.devices.net.pop_tx_frames(&m.vm.mem);
+        m.summary.virtio_errors += batch.errors.len() as u64;
+        for e in &batch.errors {
+            tracing::debug!("guest transmit error: {e}");
+        }
+        for frame in &batch.frames {
+            m.summary.frames_transmitted += 1;
+            mode.output(m, pos, OutputKind::Transmit, frame)?;
+        }
+    }
+    Ok(())
+}
+
+/// One synchronous exit's worth of work before delivery. Returns `None` for
+/// an exit that is not a position (a signal kick).
+fn step<M: Mode>(m: &mut Machine, mode: &mut M) -> Result<Option<(Position, Action)>, RunError> {
+    let now = mode.now_ns();
+    // The exit's data borrows the vCPU, so it is handled first and the
+    // registers (for the position) are read once that borrow ends.
+    let mut pit_read = None;
+    let (kind, action) = {
+        let Vm { vcpu, devices, mem, .. } = &mut *m.vm;
+        let exit = match vcpu.run() {
+            Ok(VcpuExit::IoIn(port, data)) => Exit::IoIn { port, data },
+            Ok(VcpuExit::IoOut(port, data)) => Exit::IoOut { port, data },
+            Ok(VcpuExit::MmioRead(addr, data)) => Exit::MmioRead { addr, data },
+            Ok(VcpuExit::MmioWrite(addr, data)) => Exit::MmioWrite { addr, data },
+            Ok(VcpuExit::Hlt) => Exit::Hlt,
+            Ok(VcpuExit::Intr) => {
+                m.summary.exits.asynchronous += 1;
+                return Ok(None);
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                m.summary.exits.asynchronous += 1;
+                return Ok(None);
+            }
+            Err(e) => return Err(RunError::Run(e)),
+            Ok(VcpuExit::Shutdown) => return Err(m.fault("KVM_EXIT_SHUTDOWN (triple fault)".into())),
+            Ok(VcpuExit::InternalError) => {
+                // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so
+                // `internal` is the union member KVM filled in.
+                let suberror = unsafe { m.vm.vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                return Err(m.fault(format!(
+                    "KVM_EXIT_INTERNAL_ERROR (suberror {suberror}; on this platform often an instruction the CPL0 emulator cannot run, such as SSE)"
+                )));
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                return Err(m.fault(format!(
+                    "KVM_EXIT_FAIL_ENTRY (hardware reason {reason:#x}, cpu {cpu})"
+                )))
+            }
+            Ok(other) => {
+                let described = format!("unexpected exit {other:?}");
+                return Err(m.fault(described));
+            }
+        };
+        let kind = exit.kind();
+        let action = match exit {
+            Exit::IoIn { port, data } if PIT_COUNTER_PORTS.contains(&port) => {
+                let action = handle_exit(devices, mem, now, Exit::IoIn { port, data: &mut *data });
+                pit_read = Some((port, data.to_vec()));
+                action
+            }
+            exit => handle_exit(devices, mem, now, exit),
+        };
+        (kind, action)
+    };
+    let position = m.summary.exits.synchronous + 1;
+    m.summary.exits.synchronous = position;
+    let mut regs = m.regs();
+    let pos = Position {
+        exits: position,
+        rip: regs.rip,
+    };
+    if kind == ExitKind::Hlt {
+        let trapped = m.vm.patches.trapped_run(regs.rip);
+        if !trapped.is_empty() {
+            let counts = &mut m.summary.exits;
+            counts.trapped += 1;
+            counts.trapped_instructions += trapped.len() as u64;
+            for site in trapped {
+                let result = mode.trap(pos, site)?;
+                emulate(&mut regs, site, result);
+            }
+            m.vm.vcpu.sync_regs_mut().regs = regs;
+            m.vm.vcpu.set_sync_dirty_reg(kvm_ioctls::SyncReg::Register);
+            return Ok(Some((pos, Action::Resume)));
+        }
+    }
+    let counts = &mut m.summary.exits;
+    match kind {
+        ExitKind::Pio => counts.pio += 1,
+        ExitKind::Mmio => counts.mmio += 1,
+        ExitKind::Hlt => counts.hlt += 1,
+    }
+    if let Some((port, mut data)) = pit_read {
+        for byte in data.iter_mut() {
+            *byte = mode.time_read(pos, port, *byte)?;
+        }
+        m.vm.set_io_in_data(&data);
+    }
+    Ok(Some((pos, action)))
+}
+
+/// Runs the guest until it powers off, fails, or `mode` stops it.
+pub fn run<M: Mode>(vm: &mut Vm, mode: &mut M, stop: &StopSignal, hashing: bool) -> Result<RunSummary, RunError> {
+    let _guard = stop.enter_vcpu_thread().map_err(RunError::Thread)?;
+    let start = Instant::now();
+    let hasher = hashing.then(|| MemoryHasher::new(&vm.mem, vm.config.mem_size));
+    if hashing {
+        vm.take_dirty_pages()?;
+    }
+    let mut m = Machine {
+        vm,
+        hasher,
+        summary: RunSummary::default(),
+        console_line: Vec::new(),
+    };
+    let mut pos = Position { exits: 0, rip: m.regs().rip };
+    let reason = loop {
+        if let Some(reason) = mode.should_stop(&mut m, pos)? {
+            break reason;
+        }
+        let Some((at, action)) = step(&mut m, mode)? else {
+            continue;
+        };
+        pos = at;
+        if let Action::GuestExit { code } = action {
+            flush_outputs(&mut m, mode, pos, true)?;
+            break if code == 0 {
+                StopReason::PowerOff
+            } else {
+                StopReason::GuestError(code)
+            };
+        }
+        flush_outputs(&mut m, mode, pos, false)?;
+        mode.after_exit(&mut m, pos)?;
+        let (ready, if_flag) = {
+            let run = m.vm.vcpu.get_kvm_run();
+            (run.ready_for_interrupt_injection != 0 && run.if_flag != 0, run.if_flag != 0)
+        };
+        let mut injected = mode.deliver(&mut m, pos, ready)?;
+        if action == Action::Idle && !injected {
+            if !if_flag {
+                return Err(RunError::DeadHalt { rip: pos.rip });
+            }
+            while !injected {
+                if mode.should_stop(&mut m, pos)?.is_some() {
+                    break;
+                }
+                mode.wait_idle(&mut m, pos)?;
+                injected = mode.deliver(&mut m, pos, true)?;
+            }
+        }
+    };
+    flush_outputs(&mut m, mode, pos, true)?;
+    mode.finish(&mut m, pos, reason)?;
+    let mut summary = m.summary;
+    summary.reason = Some(reason);
+    summary.elapsed_secs = start.elapsed().as_secs_f64();
+    summary.unknown_pio = m.vm.devices.unknown_pio;
+    summary.unknown_mmio = m.vm.devices.unknown_mmio;
     Ok(summary)
 }

@@ -2,7 +2,7 @@
 //! the instructions this platform cannot run at CPL0 (SSE, AVX) and the
 //! nondeterministic ones the VMM must trap (rdtsc, rdtscp, rdrand, rdseed).
 
-use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic};
+use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, Register};
 
 /// A nondeterministic instruction found in the image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -13,11 +13,34 @@ pub enum NondetKind {
     Rdseed,
 }
 
+/// The register an rdrand or rdseed writes: its number in encoding order
+/// (0 = RAX, 1 = RCX, 2 = RDX, 3 = RBX, 4 = RSP, 5 = RBP, 6 = RSI, 7 = RDI,
+/// 8..=15 = R8..R15) and its width in bytes (2, 4 or 8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DestRegister {
+    pub number: u8,
+    pub width: u8,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NondetSite {
     pub addr: u64,
     pub len: usize,
     pub kind: NondetKind,
+    /// For rdrand and rdseed.
+    pub dest: Option<DestRegister>,
+}
+
+fn dest_register(instr: &Instruction) -> Option<DestRegister> {
+    let reg = instr.op0_register();
+    let full = reg.full_register();
+    if !reg.is_gpr() || !(Register::RAX..=Register::R15).contains(&full) {
+        return None;
+    }
+    Some(DestRegister {
+        number: (full as u32 - Register::RAX as u32) as u8,
+        width: reg.size() as u8,
+    })
 }
 
 /// An instruction that needs SSE or AVX.
@@ -69,10 +92,15 @@ pub fn scan<'a>(segments: impl IntoIterator<Item = (u64, &'a [u8])>) -> ScanRepo
                 _ => None,
             };
             if let Some(kind) = kind {
+                let dest = match kind {
+                    NondetKind::Rdrand | NondetKind::Rdseed => dest_register(&instr),
+                    NondetKind::Rdtsc | NondetKind::Rdtscp => None,
+                };
                 report.nondet.push(NondetSite {
                     addr: instr.ip(),
                     len: instr.len(),
                     kind,
+                    dest,
                 });
             } else if needs_simd(&instr) {
                 let start = (instr.ip() - addr) as usize;
@@ -120,6 +148,9 @@ mod tests {
             vec![(0x1002, "xorps"), (0x100f, "movsd"), (0x1013, "vmovaps")]
         );
         assert_eq!(r.instructions, 8);
+        assert_eq!(r.nondet[2].dest, Some(DestRegister { number: 0, width: 8 }));
+        assert_eq!(r.nondet[3].dest, Some(DestRegister { number: 0, width: 4 }));
+        assert_eq!(r.nondet[0].dest, None);
     }
 
     #[test]

@@ -15,6 +15,8 @@ use crate::boot::{self, BootError};
 use crate::devices::Devices;
 use crate::loader::{ElfImage, LoaderError};
 use crate::memory::{self, GuestMemory, MemoryError};
+use crate::patch::{PatchError, PatchTable};
+use crate::scan;
 
 ioctl_iow_nr!(KVM_INTERRUPT, KVMIO, 0x86, kvm_interrupt);
 
@@ -30,6 +32,9 @@ pub struct VmConfig {
     pub mem_size: u64,
     pub tick_hz: u32,
     pub kvm_device: PathBuf,
+    /// Patch rdtsc/rdtscp/rdrand/rdseed to trap. Only tests turn this off,
+    /// to show that replay needs it.
+    pub patching: bool,
 }
 
 impl Default for VmConfig {
@@ -38,6 +43,7 @@ impl Default for VmConfig {
             mem_size: crate::layout::DEFAULT_MEM_SIZE,
             tick_hz: boot::DEFAULT_TICK_HZ,
             kvm_device: PathBuf::from("/dev/kvm"),
+            patching: true,
         }
     }
 }
@@ -62,6 +68,8 @@ pub enum VmError {
     Memory(#[from] MemoryError),
     #[error(transparent)]
     Boot(#[from] BootError),
+    #[error("cannot patch the guest image: {0}")]
+    Patch(#[from] PatchError),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -90,11 +98,12 @@ fn open_kvm(path: &Path) -> Result<Kvm, VmError> {
 
 pub struct Vm {
     _kvm: Kvm,
-    _vm: VmFd,
+    vm_fd: VmFd,
     pub vcpu: VcpuFd,
     pub mem: GuestMemory,
     pub devices: Devices,
     pub image: ElfImage,
+    pub patches: PatchTable,
     pub config: VmConfig,
 }
 
@@ -114,7 +123,9 @@ impl Vm {
                 })?;
             let region_desc = kvm_userspace_memory_region {
                 slot: slot as u32,
-                flags: 0,
+                // Dirty logging costs nothing until the log is read; digests
+                // read it to rehash only the pages the guest wrote.
+                flags: kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES,
                 guest_phys_addr: region.start_addr().raw_value(),
                 memory_size: region.len(),
                 userspace_addr: host as u64,
@@ -128,18 +139,59 @@ impl Vm {
             tracing::debug!("KVM_SET_TSS_ADDR refused ({e}); not needed for a long-mode entry");
         }
         image.load(image_bytes, &mem)?;
+        let patches = PatchTable::new(&scan::scan(image.code(image_bytes)).nondet)?;
+        if config.patching {
+            patches.apply(&mem)?;
+        }
         boot::write_boot_structures(&mem, config.tick_hz)?;
-        let vcpu = vm.create_vcpu(0).map_err(kvm_err("create a vCPU"))?;
+        let mut vcpu = vm.create_vcpu(0).map_err(kvm_err("create a vCPU"))?;
         boot::setup_vcpu(&kvm, &vcpu, image.entry)?;
+        // KVM copies the registers into kvm_run at every exit, which makes
+        // positions and trap emulation free of GET/SET_REGS calls.
+        vcpu.set_sync_valid_reg(kvm_ioctls::SyncReg::Register);
         Ok(Vm {
             _kvm: kvm,
-            _vm: vm,
+            vm_fd: vm,
             vcpu,
             mem,
             devices: Devices::new(),
             image,
+            patches,
             config,
         })
+    }
+
+    /// Supplies the value of the port read that caused the last exit (an
+    /// `in` from the guest), replacing what the exit handler put there.
+    pub fn set_io_in_data(&mut self, data: &[u8]) {
+        let run = self.vcpu.get_kvm_run();
+        // SAFETY: the last exit was KVM_EXIT_IO, so `io` is the union member
+        // KVM filled in.
+        let io = unsafe { run.__bindgen_anon_1.io };
+        let len = (io.count as usize * io.size as usize).min(data.len());
+        let base = run as *mut kvm_bindings::kvm_run as *mut u8;
+        // SAFETY: KVM places the I/O data `data_offset` bytes into the
+        // kvm_run mapping, which is at least a page long and holds
+        // count * size bytes there; `len` is no larger.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), base.add(io.data_offset as usize), len);
+        }
+    }
+
+    /// Guest pages written since the last call, by the guest (KVM's dirty
+    /// log) or by the VMM (the memory's own bitmap: device DMA).
+    pub fn take_dirty_pages(&self) -> Result<Vec<u64>, VmError> {
+        let mut bitmap = self
+            .vm_fd
+            .get_dirty_log(0, self.config.mem_size as usize)
+            .map_err(kvm_err("read the dirty page log"))?;
+        for region in self.mem.iter() {
+            let vmm = std::ops::Deref::deref(region).bitmap().get_and_reset();
+            for (w, v) in bitmap.iter_mut().zip(vmm) {
+                *w |= v;
+            }
+        }
+        Ok(crate::digest::pages_in_bitmap(&bitmap).collect())
     }
 
     /// Queues an external interrupt; KVM delivers it at the next entry.

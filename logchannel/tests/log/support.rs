@@ -1,8 +1,8 @@
 //! Logs and entries for the tests.
 
 use logchannel::{
-    Digest, DigestReason, Entry, Event, LogHeader, LogWriter, PageHash, Position, Registers,
-    ReplayConfig,
+    Digest, DigestReason, Entry, Event, LogHeader, LogWriter, OutputKind, PageHash, Position,
+    Registers, ReplayConfig,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -218,6 +218,17 @@ pub fn arb_event() -> impl Strategy<Value = Event> {
         (any::<u16>(), vec(any::<u8>(), 0..300))
             .prop_map(|(desc_head, frame)| Event::Packet { desc_head, frame }),
         arb_digest().prop_map(Event::Digest),
+        (any::<bool>(), any::<u32>(), any::<u32>()).prop_map(|(console, hash, state)| {
+            Event::Output {
+                kind: if console {
+                    OutputKind::Console
+                } else {
+                    OutputKind::Transmit
+                },
+                hash,
+                state,
+            }
+        }),
         any::<u64>().prop_map(|exits| Event::Progress { exits }),
     ]
 }

@@ -27,7 +27,9 @@ use thiserror::Error;
 use tracing::warn;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueState, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Le16, Permissions};
+use vm_memory::{Bytes, GuestAddress, GuestMemory as _, Le16, Permissions};
+
+use crate::memory::GuestMemory;
 
 use crate::frame::MAX_FRAME_LEN;
 
@@ -419,7 +421,7 @@ impl VirtioNet {
     /// A write to the register window; `offset` is relative to
     /// [`NET_MMIO_BASE`]. `mem` is needed because making a queue ready
     /// checks its rings and sets `VIRTQ_USED_F_NO_NOTIFY` in the used ring.
-    pub fn mmio_write(&mut self, offset: u64, data: &[u8], mem: &GuestMemoryMmap<()>) {
+    pub fn mmio_write(&mut self, offset: u64, data: &[u8], mem: &GuestMemory) {
         if offset >= regs::CONFIG {
             // MAC and status are read-only for a modern driver without
             // VIRTIO_NET_F_CTRL_MAC_ADDR.
@@ -468,7 +470,7 @@ impl VirtioNet {
     /// the driver did not set `VIRTQ_AVAIL_F_NO_INTERRUPT`.
     ///
     /// Does nothing unless [`Self::is_active`].
-    pub fn pop_tx_frames(&mut self, mem: &GuestMemoryMmap<()>) -> TxBatch {
+    pub fn pop_tx_frames(&mut self, mem: &GuestMemory) -> TxBatch {
         let mut batch = TxBatch::default();
         if !self.is_active() {
             return batch;
@@ -519,7 +521,7 @@ impl VirtioNet {
     ///
     /// A pure query: the primary may ask it at positions where the backup
     /// does not, so it must not change anything.
-    pub fn rx_buffers_available(&self, mem: &GuestMemoryMmap<()>) -> usize {
+    pub fn rx_buffers_available(&self, mem: &GuestMemory) -> usize {
         if !self.is_active() {
             return 0;
         }
@@ -546,7 +548,7 @@ impl VirtioNet {
     /// must be logged and replayed like a successful one.
     pub fn deliver_rx(
         &mut self,
-        mem: &GuestMemoryMmap<()>,
+        mem: &GuestMemory,
         frame: &[u8],
     ) -> Result<RxPlacement, VirtioNetError> {
         if frame.len() > MAX_FRAME_LEN {
@@ -820,7 +822,7 @@ impl VirtioNet {
         }
     }
 
-    fn write_queue_ready(&mut self, value: u32, mem: &GuestMemoryMmap<()>) {
+    fn write_queue_ready(&mut self, value: u32, mem: &GuestMemory) {
         let Some(q) = self.selected_queue() else {
             self.bad_access(regs::QUEUE_READY, 4, "QueueReady of a nonexistent queue");
             return;
@@ -882,7 +884,7 @@ impl VirtioNet {
     }
 
     /// Chains made available but not yet taken.
-    fn pending(&self, mem: &GuestMemoryMmap<()>, q: usize) -> Result<u16, VirtioNetError> {
+    fn pending(&self, mem: &GuestMemory, q: usize) -> Result<u16, VirtioNetError> {
         let queue = &self.queues[q];
         let avail_idx = queue
             .avail_idx(mem, Ordering::Acquire)
@@ -906,7 +908,7 @@ impl VirtioNet {
 
     /// Takes the next head from the available ring. The caller has checked
     /// with [`Self::pending`] that there is one.
-    fn pop_head(&mut self, mem: &GuestMemoryMmap<()>, q: usize) -> Result<u16, VirtioNetError> {
+    fn pop_head(&mut self, mem: &GuestMemory, q: usize) -> Result<u16, VirtioNetError> {
         let queue = &mut self.queues[q];
         let size = queue.size();
         // The queue's size is never 0: virtio-queue refuses to set it.
@@ -935,7 +937,7 @@ impl VirtioNet {
 
     fn add_used(
         &mut self,
-        mem: &GuestMemoryMmap<()>,
+        mem: &GuestMemory,
         q: usize,
         head: u16,
         len: u32,
@@ -953,7 +955,7 @@ impl VirtioNet {
     /// Raises the used-buffer interrupt unless the driver asked not to.
     /// virtio-queue's `needs_notification` ignores `VIRTQ_AVAIL_F_NO_INTERRUPT`,
     /// hence the direct read of the flags.
-    fn signal_used(&mut self, mem: &GuestMemoryMmap<()>, q: usize) -> Result<(), VirtioNetError> {
+    fn signal_used(&mut self, mem: &GuestMemory, q: usize) -> Result<(), VirtioNetError> {
         let addr = self.queues[q].avail_ring();
         let flags: u16 = mem
             .read_obj::<Le16>(GuestAddress(addr))
@@ -973,7 +975,7 @@ impl VirtioNet {
     /// byte is moved, so that a bad chain is refused as a whole.
     fn walk_chain(
         &self,
-        mem: &GuestMemoryMmap<()>,
+        mem: &GuestMemory,
         q: usize,
         head: u16,
         device_writes: bool,
@@ -1050,7 +1052,7 @@ impl VirtioNet {
 
     fn read_tx_chain(
         &self,
-        mem: &GuestMemoryMmap<()>,
+        mem: &GuestMemory,
         head: u16,
     ) -> Result<Vec<u8>, VirtioNetError> {
         let segments = self.walk_chain(mem, TX_QUEUE, head, false)?;
@@ -1088,7 +1090,7 @@ impl VirtioNet {
     /// Scatters header and frame over the chain; returns the bytes written.
     fn write_rx_chain(
         &self,
-        mem: &GuestMemoryMmap<()>,
+        mem: &GuestMemory,
         head: u16,
         frame: &[u8],
     ) -> Result<u32, VirtioNetError> {
@@ -1152,6 +1154,7 @@ fn feature_word(features: u64, sel: u32) -> u32 {
 mod tests {
     use super::*;
     use crate::frame::{wrap_udp, GATEWAY_MAC, GUEST_IP, GUEST_MAC, GUEST_SERVICE_PORT};
+    use vm_memory::GuestMemoryMmap;
     use proptest::prelude::*;
     use std::net::{Ipv4Addr, SocketAddrV4};
 
@@ -1163,17 +1166,17 @@ mod tests {
     const BUF_BASE: u64 = 0x10000;
     const RX_BUF_LEN: u32 = (NET_HDR_LEN + MAX_FRAME_LEN) as u32;
 
-    fn test_memory() -> GuestMemoryMmap<()> {
+    fn test_memory() -> GuestMemory {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap()
     }
 
-    fn dump(mem: &GuestMemoryMmap<()>) -> Vec<u8> {
+    fn dump(mem: &GuestMemory) -> Vec<u8> {
         let mut bytes = vec![0; MEM_SIZE as usize];
         mem.read_slice(&mut bytes, GuestAddress(0)).unwrap();
         bytes
     }
 
-    fn copy_memory(mem: &GuestMemoryMmap<()>) -> GuestMemoryMmap<()> {
+    fn copy_memory(mem: &GuestMemory) -> GuestMemory {
         let copy = test_memory();
         copy.write_slice(&dump(mem), GuestAddress(0)).unwrap();
         copy
@@ -1197,7 +1200,7 @@ mod tests {
     /// registers and guest memory, as the guest's driver does.
     struct Driver {
         dev: VirtioNet,
-        mem: GuestMemoryMmap<()>,
+        mem: GuestMemory,
         avail_idx: [u16; 2],
         next_desc: [u16; 2],
         used_seen: [u16; 2],
@@ -2075,7 +2078,7 @@ mod tests {
 
     /// Operations that continue the traffic after a snapshot; returns what
     /// the run loop would observe.
-    fn continue_traffic(dev: &mut VirtioNet, mem: &GuestMemoryMmap<()>) -> Vec<String> {
+    fn continue_traffic(dev: &mut VirtioNet, mem: &GuestMemory) -> Vec<String> {
         let mut seen = Vec::new();
         seen.push(format!("{:?}", dev.pop_tx_frames(mem)));
         seen.push(format!("{}", dev.take_irq()));

@@ -1,0 +1,103 @@
+//! The recorder: the log a live run writes (`ftvm record`), one entry per
+//! nondeterministic input, digest and output, closed with an End entry
+//! however the run stops.
+
+use std::fs::File;
+use std::io::BufWriter;
+use std::path::{Path, PathBuf};
+
+use logchannel::{Event, LogHeader, LogStats, LogWriter, Position};
+
+use crate::runloop::{RunError, StopReason};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("cannot create the log {path}: {source}")]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start the log {path}: {source}")]
+    Start {
+        path: PathBuf,
+        source: logchannel::LogError,
+    },
+}
+
+pub struct Recorder {
+    writer: Option<LogWriter<BufWriter<File>>>,
+    digest_interval: u64,
+    last_pos: Position,
+    stats: LogStats,
+}
+
+impl Recorder {
+    pub fn create(path: &Path, header: &LogHeader) -> Result<Self, RecordError> {
+        let file = File::create(path).map_err(|source| RecordError::Create {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let writer = LogWriter::new(BufWriter::with_capacity(1 << 16, file), header).map_err(|source| {
+            RecordError::Start {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
+        Ok(Recorder {
+            writer: Some(writer),
+            digest_interval: header.config.digest_interval,
+            last_pos: Position { exits: 0, rip: 0 },
+            stats: LogStats::default(),
+        })
+    }
+
+    pub fn log(&mut self, pos: Position, event: Event) -> Result<(), RunError> {
+        if let Some(w) = &mut self.writer {
+            w.append(pos, event)?;
+            self.last_pos = pos;
+        }
+        Ok(())
+    }
+
+    pub fn digest_due(&self, pos: Position) -> bool {
+        self.digest_interval > 0 && pos.exits % self.digest_interval == 0
+    }
+
+    pub fn flush(&mut self) -> Result<(), RunError> {
+        if let Some(w) = &mut self.writer {
+            w.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the End entry and syncs the file.
+    pub fn end(&mut self, pos: Position, reason: StopReason) -> Result<(), RunError> {
+        self.close(pos, format!("{reason:?}"))
+    }
+
+    /// Closes a log whose run failed, at the last logged position, so that
+    /// what was recorded stays readable.
+    pub fn abort(&mut self, why: &str) -> Result<(), RunError> {
+        self.close(self.last_pos, format!("aborted: {why}"))
+    }
+
+    fn close(&mut self, pos: Position, reason: String) -> Result<(), RunError> {
+        if let Some(w) = self.writer.take() {
+            self.stats = w.stats().clone();
+            let mut out = w.finish(pos, reason)?;
+            use std::io::Write;
+            out.flush().map_err(logchannel::LogError::Write)?;
+            out.get_ref().sync_all().map_err(logchannel::LogError::Write)?;
+        }
+        Ok(())
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.writer.is_some()
+    }
+
+    /// Sizes by entry kind, once the log is closed.
+    pub fn stats(&self) -> &LogStats {
+        &self.stats
+    }
+}
