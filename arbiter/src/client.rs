@@ -72,7 +72,9 @@ impl ArbiterClient {
         let bad = |detail| ArbiterError::BadResponse { addr, detail };
         let line = encode_request(request).map_err(|e| bad(format!("cannot encode: {e}")))?;
         let mut stream = TcpStream::connect_timeout(&addr, self.timeout).map_err(unreachable)?;
-        stream.set_write_timeout(Some(self.timeout)).map_err(unreachable)?;
+        stream
+            .set_write_timeout(Some(self.timeout))
+            .map_err(unreachable)?;
         stream.set_nodelay(true).map_err(unreachable)?;
         stream.write_all(&line).map_err(unreachable)?;
         let deadline = Instant::now() + self.timeout;
@@ -86,7 +88,10 @@ impl ArbiterClient {
                     format!("no response within {:?}", self.timeout),
                 )));
             }
-            reader.get_ref().set_read_timeout(Some(left)).map_err(unreachable)?;
+            reader
+                .get_ref()
+                .set_read_timeout(Some(left))
+                .map_err(unreachable)?;
             match read_line(&mut reader, &mut response) {
                 Ok(LineRead::Line) => break,
                 Ok(LineRead::Eof) => {
@@ -96,13 +101,17 @@ impl ArbiterClient {
                     )))
                 }
                 Ok(LineRead::TooLong) => return Err(bad("response line too long".into())),
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) => {}
                 Err(e) => return Err(unreachable(e)),
             }
         }
         match parse_response(&response).map_err(bad)? {
             Ok(reply) => Ok(reply),
-            Err((kind, message)) => Err(ArbiterError::Refused {
+            Err((kind, message)) => Err(ArbiterError::Rejected {
                 addr,
                 kind,
                 message,

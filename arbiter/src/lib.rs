@@ -25,7 +25,7 @@ pub use client::ArbiterClient;
 pub use protocol::{ErrorKind, MAX_ID_LEN, MAX_LINE, PROTOCOL_VERSION};
 pub use server::{Server, ServerConfig, ServerHandle};
 pub use store::{StoreError, STATE_FILE, STATE_FORMAT};
-pub use view::{LossReason, Member, TasOutcome, View, ViewError};
+pub use view::{LossReason, Member, TasOutcome, View};
 
 #[derive(Debug, Error)]
 pub enum ArbiterError {
@@ -35,16 +35,20 @@ pub enum ArbiterError {
     #[error("arbiter at {addr} is unreachable: {source}")]
     Unreachable { addr: SocketAddr, source: io::Error },
     /// The arbiter answered with an error; nothing was decided.
-    #[error("arbiter at {addr} refused the request ({kind}): {message}")]
-    Refused {
+    #[error("arbiter at {addr} rejected the request ({kind}): {message}")]
+    Rejected {
         addr: SocketAddr,
         kind: ErrorKind,
         message: String,
     },
+    /// Whatever answered does not speak this protocol; nothing is known to
+    /// have been decided.
     #[error("arbiter at {addr} sent a response this client cannot read: {detail}")]
     BadResponse { addr: SocketAddr, detail: String },
+    /// The server could not bind its address.
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: io::Error },
+    /// The state directory could not be locked, read or written.
     #[error(transparent)]
     State(#[from] StoreError),
     #[error("cannot start the server thread: {0}")]

@@ -163,7 +163,9 @@ fn check_id(what: &str, id: &str) -> Result<(), ProtocolError> {
 /// A request line with its `\n`.
 pub(crate) fn encode_request(request: &Request) -> Result<Vec<u8>, serde_json::Error> {
     let Value::Object(fields) = serde_json::to_value(request)? else {
-        return Err(serde::ser::Error::custom("a request must encode as an object"));
+        return Err(serde::ser::Error::custom(
+            "a request must encode as an object",
+        ));
     };
     let mut line = Map::new();
     line.insert("version".into(), PROTOCOL_VERSION.into());
@@ -184,7 +186,10 @@ pub(crate) fn ok_line<T: Serialize>(reply: &T) -> Vec<u8> {
             bytes.push(b'\n');
             bytes
         }
-        Err(e) => error_line(ErrorKind::Internal, &format!("cannot encode the reply: {e}")),
+        Err(e) => error_line(
+            ErrorKind::Internal,
+            &format!("cannot encode the reply: {e}"),
+        ),
     }
 }
 
@@ -361,7 +366,10 @@ mod tests {
     fn lines_are_bounded() {
         let mut input: &[u8] = b"abc\r\ndef";
         let mut buf = Vec::new();
-        assert!(matches!(read_line(&mut input, &mut buf), Ok(LineRead::Line)));
+        assert!(matches!(
+            read_line(&mut input, &mut buf),
+            Ok(LineRead::Line)
+        ));
         assert_eq!(buf, b"abc");
         buf.clear();
         assert!(matches!(read_line(&mut input, &mut buf), Ok(LineRead::Eof)));
@@ -373,6 +381,9 @@ mod tests {
         ));
         let exact = [vec![b'x'; MAX_LINE], b"\n".to_vec()].concat();
         buf.clear();
-        assert!(matches!(read_line(&mut &exact[..], &mut buf), Ok(LineRead::Line)));
+        assert!(matches!(
+            read_line(&mut &exact[..], &mut buf),
+            Ok(LineRead::Line)
+        ));
     }
 }

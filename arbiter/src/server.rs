@@ -3,7 +3,7 @@
 //! the decision it reports.
 
 use std::io::{self, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -74,7 +74,9 @@ impl Core {
                 error!(vm, "decision not persisted, so not made: {e}");
                 return Err((
                     ErrorKind::Storage,
-                    format!("the arbiter could not persist the decision, so it did not make it: {e}"),
+                    format!(
+                        "the arbiter could not persist the decision, so it did not make it: {e}"
+                    ),
                 ));
             }
         }
@@ -83,11 +85,7 @@ impl Core {
 
     fn answer(&mut self, request: Request) -> Answer {
         match request {
-            Request::Ping {
-                vm,
-                me,
-                view_known,
-            } => self.decide(&vm, |views| {
+            Request::Ping { vm, me, view_known } => self.decide(&vm, |views| {
                 views
                     .ping(&vm, &me, view_known, Instant::now())
                     .map(|view| ViewReply { view })
@@ -120,8 +118,6 @@ impl Server {
             source,
         };
         let listener = TcpListener::bind(listen).map_err(listen_failed)?;
-        // Non-blocking, so that the accept loop sees the stop flag.
-        listener.set_nonblocking(true).map_err(listen_failed)?;
         let addr = listener.local_addr().map_err(listen_failed)?;
         Ok(Server {
             listener,
@@ -144,10 +140,17 @@ impl Server {
         info!(addr = %self.addr, state = %self.config.state_dir.display(), "arbiter serving");
         let active = AtomicUsize::new(0);
         thread::scope(|scope| {
-            while !stop.load(Ordering::SeqCst) {
-                match self.listener.accept() {
+            thread::Builder::new()
+                .name("arbiter stop".into())
+                .spawn_scoped(scope, || self.wake_on_stop(stop))
+                .map_err(ArbiterError::Thread)?;
+            loop {
+                let accepted = self.listener.accept();
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                match accepted {
                     Ok((stream, peer)) => self.admit(scope, stream, peer, &active, stop),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(POLL),
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     // Out of descriptors and the like: keep serving the
                     // connections there are.
@@ -157,9 +160,29 @@ impl Server {
                     }
                 }
             }
-        });
+            Ok::<(), ArbiterError>(())
+        })?;
         info!(addr = %self.addr, "arbiter stopped");
         Ok(())
+    }
+
+    /// `accept` blocks, so that a connection is taken at once rather than
+    /// at the next poll, and only a connection wakes it: once `stop` is
+    /// set, this makes one.
+    fn wake_on_stop(&self, stop: &AtomicBool) {
+        while !stop.load(Ordering::SeqCst) {
+            thread::sleep(POLL);
+        }
+        let mut target = self.addr;
+        if target.ip().is_unspecified() {
+            target.set_ip(match target {
+                SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        if let Err(e) = TcpStream::connect_timeout(&target, WRITE_TIMEOUT) {
+            error!(%target, "cannot wake the accept loop to stop it: {e}");
+        }
     }
 
     /// Serves on a thread of its own until the handle is stopped or
@@ -190,7 +213,10 @@ impl Server {
         let limit = self.config.max_connections;
         if active.load(Ordering::SeqCst) >= limit {
             warn!(%peer, limit, "too many connections: refusing one");
-            refuse(stream, &format!("too many connections (limit {limit}); try again later"));
+            refuse(
+                stream,
+                &format!("too many connections (limit {limit}); try again later"),
+            );
             return;
         }
         active.fetch_add(1, Ordering::SeqCst);
@@ -216,9 +242,12 @@ impl Server {
         }
     }
 
-    fn converse_inner(&self, stream: TcpStream, peer: SocketAddr, stop: &AtomicBool) -> io::Result<()> {
-        // Accepted sockets may inherit the listener's non-blocking mode.
-        stream.set_nonblocking(false)?;
+    fn converse_inner(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        stop: &AtomicBool,
+    ) -> io::Result<()> {
         stream.set_read_timeout(Some(POLL))?;
         stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
         stream.set_nodelay(true)?;
@@ -293,7 +322,6 @@ impl Server {
 fn refuse(mut stream: TcpStream, message: &str) {
     // Best effort: the peer is told why if it is listening, and the
     // accept loop never waits on it for long.
-    let _ = stream.set_nonblocking(false);
     let _ = stream.set_write_timeout(Some(POLL));
     let _ = stream.write_all(&error_line(ErrorKind::Busy, message));
 }

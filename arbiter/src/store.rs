@@ -163,7 +163,8 @@ impl StateDir {
         })?;
         bytes.push(b'\n');
         let mut temp = File::create(&self.temp).map_err(io_failed("create", &self.temp))?;
-        temp.write_all(&bytes).map_err(io_failed("write", &self.temp))?;
+        temp.write_all(&bytes)
+            .map_err(io_failed("write", &self.temp))?;
         temp.sync_all().map_err(io_failed("fsync", &self.temp))?;
         drop(temp);
         fs::rename(&self.temp, &self.file).map_err(io_failed("rename over", &self.file))?;
@@ -198,7 +199,10 @@ fn parse(bytes: &[u8]) -> Result<BTreeMap<String, VmState>, String> {
         let mut decided = BTreeMap::new();
         for d in record.decided {
             if decided.insert(d.view, d.winner).is_some() {
-                return Err(format!("VM {vm:?}: two winners recorded for view {}", d.view));
+                return Err(format!(
+                    "VM {vm:?}: two winners recorded for view {}",
+                    d.view
+                ));
             }
         }
         let state = VmState {
@@ -270,7 +274,10 @@ mod tests {
             ("{\"format\": 1, \"vms\": {", "EOF"),
             ("[1, 2]", "not a state file"),
             ("{\"format\": 7, \"vms\": {}}", "format 7"),
-            ("{\"format\": 1, \"vms\": {}, \"extra\": 1}", "unknown field `extra`"),
+            (
+                "{\"format\": 1, \"vms\": {}, \"extra\": 1}",
+                "unknown field `extra`",
+            ),
             (
                 "{\"format\": 1, \"vms\": {\"x\": {\"view\": {\"number\": 2, \"primary\": null, \
                  \"backup\": null}, \"acknowledged\": false, \"decided\": []}}}",

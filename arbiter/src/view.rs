@@ -163,7 +163,10 @@ impl VmState {
         }
         for member in view.primary.iter().chain(&view.backup) {
             if member.id.is_empty() {
-                return Err(format!("view {} has a member with an empty id", view.number));
+                return Err(format!(
+                    "view {} has a member with an empty id",
+                    view.number
+                ));
             }
         }
         if let Some((&last, _)) = self.decided.last_key_value() {
@@ -262,8 +265,7 @@ impl ViewService {
             info!(vm, "{}: first server to ping", state.view);
             return Ok(state.view.clone());
         }
-        if !state.acknowledged && view_known == state.view.number && state.view.is_primary(&me.id)
-        {
+        if !state.acknowledged && view_known == state.view.number && state.view.is_primary(&me.id) {
             state.acknowledged = true;
             info!(vm, "{} acknowledged by its primary", state.view);
         }
@@ -306,57 +308,86 @@ impl ViewService {
                 view: View::default(),
             });
         };
-        // A decision is forever, whatever happened to the views since.
-        if let Some(winner) = state.decided.get(&view) {
-            return Ok(if winner == claimant {
-                TasOutcome::Won {
-                    view: won_view(view, winner),
+        let claimed = state.view.clone();
+        let outcome = claim(state, vm, view, claimant)?;
+        // A loser halts, and a winner claims because it suspects the other
+        // member dead: pings either sent before the decision must not get
+        // it named backup.
+        if let Some(heard) = self.pings.get_mut(vm) {
+            match &outcome {
+                TasOutcome::Lost { .. } => {
+                    heard.remove(&claimant.id);
                 }
-            } else {
-                TasOutcome::Lost {
-                    reason: LossReason::Decided {
-                        winner: winner.clone(),
-                    },
-                    view: state.view.clone(),
+                TasOutcome::Won { .. } if claimed.number == view => {
+                    for member in claimed.primary.iter().chain(&claimed.backup) {
+                        if member.id != claimant.id {
+                            heard.remove(&member.id);
+                        }
+                    }
                 }
-            });
+                TasOutcome::Won { .. } => {}
+            }
         }
-        let current = state.view.number;
-        if view > current {
-            return Err(ViewError::FutureView {
-                vm: vm.to_owned(),
-                requested: view,
-                current,
-            });
-        }
-        let lost = |reason| {
-            info!(vm, view, claimant = %claimant.id, ?reason, "test-and-set lost");
-            Ok(TasOutcome::Lost {
-                reason,
+        Ok(outcome)
+    }
+}
+
+fn claim(
+    state: &mut VmState,
+    vm: &str,
+    view: u64,
+    claimant: &Member,
+) -> Result<TasOutcome, ViewError> {
+    // A decision is forever, whatever happened to the views since.
+    if let Some(winner) = state.decided.get(&view) {
+        return Ok(if winner == claimant {
+            TasOutcome::Won {
+                view: won_view(view, winner),
+            }
+        } else {
+            TasOutcome::Lost {
+                reason: LossReason::Decided {
+                    winner: winner.clone(),
+                },
                 view: state.view.clone(),
-            })
-        };
-        if view < current {
-            return lost(LossReason::Stale);
-        }
-        // The primary holds the VM's state by definition, so its claim is
-        // sound whether or not it has acknowledged the view; the backup's
-        // claim is sound only once the primary has acknowledged the view
-        // that named it (see the README).
-        if state.view.is_backup(&claimant.id) && !state.acknowledged {
-            return lost(LossReason::Unacknowledged);
-        }
-        if !state.view.is_primary(&claimant.id) && !state.view.is_backup(&claimant.id) {
-            return lost(LossReason::NotMember);
-        }
-        state.decided.insert(view, claimant.clone());
-        state.view = won_view(view, claimant);
-        state.acknowledged = false;
-        info!(vm, claimant = %claimant, "test-and-set for view {view} won: {}", state.view);
-        Ok(TasOutcome::Won {
+            }
+        });
+    }
+    let current = state.view.number;
+    if view > current {
+        return Err(ViewError::FutureView {
+            vm: vm.to_owned(),
+            requested: view,
+            current,
+        });
+    }
+    let lost = |reason| {
+        info!(vm, view, claimant = %claimant.id, ?reason, "test-and-set lost");
+        Ok(TasOutcome::Lost {
+            reason,
             view: state.view.clone(),
         })
+    };
+    if view < current {
+        return lost(LossReason::Stale);
     }
+    // The primary holds the VM's state by definition, so its claim is
+    // sound whether or not it has acknowledged the view; the backup's
+    // claim is sound only once the primary has acknowledged the view that
+    // named it (see the README).
+    if state.view.is_backup(&claimant.id) && !state.acknowledged {
+        return lost(LossReason::Unacknowledged);
+    }
+    if !state.view.is_primary(&claimant.id) && !state.view.is_backup(&claimant.id) {
+        return lost(LossReason::NotMember);
+    }
+    state.decided.insert(view, claimant.clone());
+    state.view = won_view(view, claimant);
+    state.acknowledged = false;
+    info!(vm, claimant = %claimant, "test-and-set for view {view} won: {}", state.view);
+    Ok(TasOutcome::Won {
+        view: state.view.clone(),
+    })
 }
 
 fn won_view(claimed: u64, winner: &Member) -> View {
@@ -392,7 +423,10 @@ mod tests {
         let mut s = service();
         let t = Instant::now();
         let v = s.ping("vm", &a, 0, t).unwrap();
-        assert_eq!((v.number, v.primary.as_ref(), v.backup.as_ref()), (1, Some(&a), None));
+        assert_eq!(
+            (v.number, v.primary.as_ref(), v.backup.as_ref()),
+            (1, Some(&a), None)
+        );
         // b is heard, but view 1 is unacknowledged: it waits as a spare.
         assert_eq!(s.ping("vm", &b, 0, t).unwrap().number, 1);
         assert_eq!(s.ping("vm", &a, 0, t).unwrap().number, 1);
@@ -435,6 +469,29 @@ mod tests {
     }
 
     #[test]
+    fn losers_and_the_displaced_are_not_named_backup() {
+        let (a, b, c) = (member("a", 1), member("b", 2), member("c", 3));
+        let mut s = service();
+        let t = Instant::now();
+        s.ping("vm", &a, 0, t).unwrap();
+        s.ping("vm", &b, 0, t).unwrap();
+        s.ping("vm", &a, 1, t).unwrap();
+        s.ping("vm", &a, 2, t).unwrap();
+        s.ping("vm", &c, 0, t).unwrap();
+        assert!(s.test_and_set("vm", 2, &b).unwrap().won());
+        // a pinged as recently as c, and its id sorts first, but b won
+        // because it took a for dead.
+        assert_eq!(s.ping("vm", &b, 3, t).unwrap().backup, Some(c.clone()));
+
+        s.ping("vm2", &a, 0, t).unwrap();
+        s.ping("vm2", &c, 0, t).unwrap();
+        assert!(!s.test_and_set("vm2", 1, &c).unwrap().won());
+        assert_eq!(s.ping("vm2", &a, 1, t).unwrap().backup, None);
+        // Until it pings again.
+        assert_eq!(s.ping("vm2", &c, 0, t).unwrap().backup, Some(c));
+    }
+
+    #[test]
     fn checked_state_rejects_broken_invariants() {
         let a = member("a", 1);
         let both = VmState {
@@ -445,7 +502,10 @@ mod tests {
             },
             ..VmState::default()
         };
-        assert!(both.check().unwrap_err().contains("both primary and backup"));
+        assert!(both
+            .check()
+            .unwrap_err()
+            .contains("both primary and backup"));
         let mut future = VmState {
             view: View {
                 number: 2,

@@ -38,6 +38,7 @@
 //! makes a reader panic or allocate more than a bounded amount
 //! ([`MAX_PAYLOAD`] per frame, checked before allocating).
 
+mod channel;
 mod entry;
 mod file;
 mod frame;
@@ -46,6 +47,10 @@ mod json;
 mod payload;
 mod stats;
 
+pub use channel::{
+    ChannelConfig, ChannelError, ChannelMetrics, Hello, LogReceiver, LogSender, Mismatch, Peer,
+    ReceiverMetrics, Role, CHANNEL_PROTOCOL_VERSION,
+};
 pub use entry::{
     Digest, DigestReason, Entry, Event, EventKind, OutputKind, PageHash, Position, Registers,
 };

@@ -72,12 +72,18 @@ impl Vmm {
     /// Starts `ftvm run` with the embedded guest and waits for the guest's
     /// "kv service ready" line on its console.
     pub fn start(extra: &[&str]) -> Vmm {
+        Vmm::start_command("run", extra)
+    }
+
+    /// Like [`Vmm::start`] with another command that serves the guest
+    /// (`record`).
+    pub fn start_command(command: &str, extra: &[&str]) -> Vmm {
         let dir = tempfile::tempdir().expect("temp dir");
         let service = free_udp_addr();
         let serial = dir.path().join("console.txt");
         let stats = dir.path().join("stats.json");
         let child = Command::new(ftvm_bin())
-            .arg("run")
+            .arg(command)
             .arg("--service")
             .arg(service.to_string())
             .arg("--serial")
@@ -132,7 +138,14 @@ impl Vmm {
     }
 
     /// SIGTERM and wait; returns the exit status and stderr.
-    pub fn stop(mut self) -> (std::process::ExitStatus, String) {
+    pub fn stop(self) -> (std::process::ExitStatus, String) {
+        let (status, stderr, _) = self.stop_with_console();
+        (status, stderr)
+    }
+
+    /// SIGTERM and wait; returns the exit status, stderr and the whole
+    /// console, read after the VMM has written its last line.
+    pub fn stop_with_console(mut self) -> (std::process::ExitStatus, String, String) {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(15);
@@ -151,7 +164,7 @@ impl Vmm {
             use std::io::Read;
             let _ = e.read_to_string(&mut err);
         }
-        (status, err)
+        (status, err, self.console())
     }
 }
 
@@ -164,8 +177,10 @@ impl Drop for Vmm {
     }
 }
 
-/// Runs `ftvm` with `args` to completion, killed after `limit`.
+/// Runs `ftvm` with `args` to completion, killed after `limit`. Its output
+/// is read while it runs, so that a full pipe cannot stall it.
 pub fn ftvm(args: &[&str], limit: Duration) -> Output {
+    use std::io::Read;
     let mut child = Command::new(ftvm_bin())
         .args(args)
         .stdin(Stdio::null())
@@ -173,20 +188,38 @@ pub fn ftvm(args: &[&str], limit: Duration) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn ftvm");
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
     let deadline = Instant::now() + limit;
-    loop {
+    let status = loop {
         match child.try_wait() {
-            Ok(Some(_)) => return child.wait_with_output().expect("collect output"),
+            Ok(Some(status)) => break status,
             _ if Instant::now() > deadline => {
                 let _ = child.kill();
-                let out = child.wait_with_output().expect("collect output");
+                let _ = child.wait();
+                let out = stdout.join().unwrap_or_default();
+                let err = stderr.join().unwrap_or_default();
                 panic!(
                     "ftvm {args:?} ran longer than {limit:?}\nstdout: {}\nstderr: {}",
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
+                    String::from_utf8_lossy(&out),
+                    String::from_utf8_lossy(&err)
                 );
             }
             _ => std::thread::sleep(Duration::from_millis(10)),
         }
+    };
+    Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
     }
 }

@@ -250,14 +250,16 @@ impl Mode for Live<'_> {
         Ok(())
     }
 
-    fn finish(&mut self, m: &mut Machine, pos: Position, reason: StopReason) -> Result<(), RunError> {
+    fn finish(&mut self, m: &mut Machine, pos: Position, reason: StopReason, at_position: bool) -> Result<(), RunError> {
         if let Some(c) = &mut self.io.capture {
             c.flush().map_err(RunError::Capture)?;
         }
         let _ = self.io.console.flush();
         if self.recorder.is_some() {
-            let digest = full_digest(m, DigestReason::End)?;
-            self.log(pos, Event::Digest(digest))?;
+            if at_position {
+                let digest = full_digest(m, DigestReason::End)?;
+                self.log(pos, Event::Digest(digest))?;
+            }
             if let Some(r) = &mut self.recorder {
                 r.end(pos, reason)?;
             }

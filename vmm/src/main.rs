@@ -108,6 +108,9 @@ struct ReplayArgs {
     /// Stop after this many seconds.
     #[arg(long)]
     timeout: Option<f64>,
+    /// Refuse the log unless it was recorded with this much guest memory.
+    #[arg(long, value_parser = parse_size)]
+    mem: Option<u64>,
     /// Write the replay summary as JSON to this file.
     #[arg(long)]
     summary_json: Option<PathBuf>,
@@ -323,6 +326,13 @@ fn cmd_replay(args: &ReplayArgs) -> Result<ExitCode, String> {
             args.log.display(),
             hex(&header.guest_image_hash),
             hex(&image_hash(&image))
+        ));
+    }
+    if let Some(mem) = args.mem.filter(|m| *m != header.mem_size) {
+        return Err(format!(
+            "{} was recorded with {} bytes of guest memory, not {mem}",
+            args.log.display(),
+            header.mem_size
         ));
     }
     if !header.config.patching && !args.no_patch {

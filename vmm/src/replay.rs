@@ -404,7 +404,7 @@ impl<R: Read> Mode for Replay<R> {
         Err(self.diverge(pos, format!("the guest is idle at exit {} and the log has nothing to wake it", pos.exits), format!("an interrupt at exit {}", pos.exits), next))
     }
 
-    fn finish(&mut self, m: &mut Machine, pos: Position, reason: StopReason) -> Result<(), RunError> {
+    fn finish(&mut self, m: &mut Machine, pos: Position, reason: StopReason, _at_position: bool) -> Result<(), RunError> {
         let _ = self.console.flush();
         if let Some(c) = &mut self.capture {
             c.flush().map_err(RunError::Capture)?;

@@ -5,7 +5,7 @@
 //! [`Mode`]; the loop calls it at the same points of every synchronous exit
 //! in the same order, which is what makes a recording replayable.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::VcpuExit;
 use logchannel::{OutputKind, Position, Registers};
@@ -24,6 +24,10 @@ pub const TIMER_IRQ: u8 = 0;
 pub const SERIAL_IRQ: u8 = crate::boot::SERIAL_IRQ as u8;
 /// PIT counter ports whose reads depend on time.
 const PIT_COUNTER_PORTS: std::ops::RangeInclusive<u16> = 0x40..=0x42;
+/// How long a stop request waits for the guest's next synchronous exit, so
+/// that the run ends at a position (where a replay can compare state),
+/// before it takes the vCPU wherever it is.
+pub const STOP_GRACE: Duration = Duration::from_millis(500);
 /// A console line longer than this is cut into several outputs, so that a
 /// guest that never prints a newline still has its output released.
 const MAX_CONSOLE_LINE: usize = 4096;
@@ -189,8 +193,10 @@ pub trait Mode {
     /// The guest is halted with nothing delivered: wait for something to
     /// deliver, or say why nothing ever will.
     fn wait_idle(&mut self, m: &mut Machine, pos: Position) -> Result<(), RunError>;
-    /// The run ends at `pos`.
-    fn finish(&mut self, m: &mut Machine, pos: Position, reason: StopReason) -> Result<(), RunError>;
+    /// The run ends at `pos`. `at_position` is false when a stop request
+    /// had to take the vCPU between two synchronous exits (a guest that made
+    /// none for [`STOP_GRACE`]), where its state belongs to no position.
+    fn finish(&mut self, m: &mut Machine, pos: Position, reason: StopReason, at_position: bool) -> Result<(), RunError>;
 }
 
 fn flush_outputs<M: Mode>(m: &mut Machine, mode: &mut M, pos: Position, all: bool) -> Result<(), RunError> {
@@ -329,13 +335,21 @@ pub fn run<M: Mode>(vm: &mut Vm, mode: &mut M, stop: &StopSignal, hashing: bool)
         console_line: Vec::new(),
     };
     let mut pos = Position { exits: 0, rip: m.regs().rip };
+    let mut at_position = true;
+    let mut stop_seen: Option<Instant> = None;
     let reason = loop {
-        if let Some(reason) = mode.should_stop(&mut m, pos)? {
-            break reason;
+        if at_position {
+            if let Some(reason) = mode.should_stop(&mut m, pos)? {
+                break reason;
+            }
+        } else if stop.is_requested() && stop_seen.get_or_insert_with(Instant::now).elapsed() > STOP_GRACE {
+            break StopReason::Requested;
         }
         let Some((at, action)) = step(&mut m, mode)? else {
+            at_position = false;
             continue;
         };
+        at_position = true;
         pos = at;
         if let Action::GuestExit { code } = action {
             flush_outputs(&mut m, mode, pos, true)?;
@@ -366,7 +380,7 @@ pub fn run<M: Mode>(vm: &mut Vm, mode: &mut M, stop: &StopSignal, hashing: bool)
         }
     };
     flush_outputs(&mut m, mode, pos, true)?;
-    mode.finish(&mut m, pos, reason)?;
+    mode.finish(&mut m, pos, reason, at_position)?;
     let mut summary = m.summary;
     summary.reason = Some(reason);
     summary.elapsed_secs = start.elapsed().as_secs_f64();

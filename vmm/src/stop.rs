@@ -8,6 +8,9 @@ use std::sync::{Arc, Mutex};
 
 use crossbeam_channel::{Receiver, Sender};
 
+/// How often a stop request kicks a vCPU that has not stopped yet.
+const KICK_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
+
 fn kick_signal() -> libc::c_int {
     libc::SIGRTMIN()
 }
@@ -48,9 +51,39 @@ impl StopSignal {
         }
     }
 
+    /// Asks the run loop to stop at its next synchronous exit. The vCPU is
+    /// kicked now and again every few milliseconds while it runs, because a
+    /// guest that makes no synchronous exit would otherwise keep it inside
+    /// `KVM_RUN`.
     pub fn request(&self) {
-        self.inner.requested.store(true, Ordering::SeqCst);
+        let first = !self.inner.requested.swap(true, Ordering::SeqCst);
         let _ = self.inner.wake_tx.try_send(());
+        self.kick();
+        if first {
+            let me = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name("ftvm-stop-kicker".into())
+                .spawn(move || {
+                    while me.vcpu_running() {
+                        std::thread::sleep(KICK_INTERVAL);
+                        me.kick();
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::warn!("cannot start the stop kicker: {e}");
+            }
+        }
+    }
+
+    fn vcpu_running(&self) -> bool {
+        self.inner
+            .vcpu_thread
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .is_some()
+    }
+
+    fn kick(&self) {
         let thread = self
             .inner
             .vcpu_thread

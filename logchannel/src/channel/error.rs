@@ -29,10 +29,10 @@ pub enum ChannelError {
     #[error("invalid log channel configuration: {0}")]
     Config(String),
     #[error("no backup connected to {local} within {waited:?}")]
-    AcceptTimeout { local: SocketAddr, waited: Duration },
+    AcceptTimeout { local: String, waited: Duration },
     #[error("accepting a backup on {local} failed: {source}")]
     Accept {
-        local: SocketAddr,
+        local: String,
         source: Arc<io::Error>,
     },
     #[error("connecting to the primary at {addr} failed: {source}")]

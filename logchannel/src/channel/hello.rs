@@ -26,13 +26,6 @@ impl Role {
             _ => None,
         }
     }
-
-    pub(crate) fn other(self) -> Role {
-        match self {
-            Role::Primary => Role::Backup,
-            Role::Backup => Role::Primary,
-        }
-    }
 }
 
 impl fmt::Display for Role {

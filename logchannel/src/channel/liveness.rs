@@ -46,7 +46,8 @@ pub(crate) struct StampingReader<'a> {
 
 impl Read for StampingReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = (&mut &*self.stream).read(buf)?;
+        let mut stream = self.stream;
+        let n = stream.read(buf)?;
         if n > 0 {
             self.live.touch();
         }

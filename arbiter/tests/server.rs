@@ -1,0 +1,712 @@
+//! The real server on loopback, driven through the client library and raw
+//! sockets. Every test runs under a deadline, and every socket has a
+//! timeout.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use arbiter::cli::{run, ArbiterArgs};
+use arbiter::{
+    ArbiterClient, ArbiterError, ErrorKind, LossReason, Member, Server, ServerConfig, ServerHandle,
+    StoreError, TasOutcome, View, STATE_FILE,
+};
+use clap::Parser;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+
+const IO_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Runs `body` on a thread and fails the test if it takes longer than
+/// `limit`, so that a hang is a failure rather than a stuck test run.
+fn within<T: Send + 'static>(limit: Duration, body: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    let worker = thread::spawn(move || {
+        let _ = tx.send(body());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(value) => {
+            worker.join().expect("test body finished");
+            value
+        }
+        Err(mpsc::RecvTimeoutError::Timeout) => panic!("test did not finish within {limit:?}"),
+        // The body panicked: report its panic.
+        Err(mpsc::RecvTimeoutError::Disconnected) => match worker.join() {
+            Err(panic) => std::panic::resume_unwind(panic),
+            Ok(()) => unreachable!("a finished body sends its value"),
+        },
+    }
+}
+
+fn member(id: &str, port: u16) -> Member {
+    Member {
+        id: id.to_owned(),
+        service_addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        log_addr: Some(SocketAddr::from(([127, 0, 0, 1], port + 1000))),
+    }
+}
+
+fn start(dir: &Path) -> ServerHandle {
+    start_with(ServerConfig::new(dir))
+}
+
+fn start_with(config: ServerConfig) -> ServerHandle {
+    Server::bind(SocketAddr::from(([127, 0, 0, 1], 0)), config)
+        .expect("server binds")
+        .spawn()
+        .expect("server starts")
+}
+
+fn client(server: &ServerHandle) -> ArbiterClient {
+    ArbiterClient::with_timeout(server.local_addr(), IO_TIMEOUT)
+}
+
+fn view(number: u64, primary: &Member, backup: Option<&Member>) -> View {
+    View {
+        number,
+        primary: Some(primary.clone()),
+        backup: backup.cloned(),
+    }
+}
+
+/// Brings `vm` to view 2 = (a, b), acknowledged by a.
+fn pair(c: &ArbiterClient, vm: &str, a: &Member, b: &Member) {
+    assert_eq!(c.ping(vm, a, 0).unwrap(), view(1, a, None));
+    assert_eq!(c.ping(vm, b, 0).unwrap(), view(1, a, None));
+    assert_eq!(c.ping(vm, a, 1).unwrap(), view(2, a, Some(b)));
+    assert_eq!(c.ping(vm, a, 2).unwrap(), view(2, a, Some(b)));
+}
+
+fn lost_to(outcome: &TasOutcome, winner: &Member) -> bool {
+    matches!(outcome, TasOutcome::Lost { reason: LossReason::Decided { winner: w }, .. } if w == winner)
+}
+
+#[test]
+fn views_advance_only_after_acknowledgement() {
+    within(Duration::from_secs(20), || {
+        let dir = tempfile::tempdir().unwrap();
+        let server = start(dir.path());
+        let c = client(&server);
+        let (a, b, s) = (member("a", 1), member("b", 2), member("s", 3));
+        assert_eq!(c.query("vm").unwrap(), View::default());
+        assert_eq!(c.ping("vm", &a, 0).unwrap(), view(1, &a, None));
+        // b is a spare until a acknowledges view 1; a's stale pings do not
+        // acknowledge it.
+        assert_eq!(c.ping("vm", &b, 0).unwrap(), view(1, &a, None));
+        assert_eq!(c.ping("vm", &a, 0).unwrap(), view(1, &a, None));
+        assert_eq!(c.ping("vm", &b, 0).unwrap(), view(1, &a, None));
+        assert_eq!(c.ping("vm", &a, 1).unwrap(), view(2, &a, Some(&b)));
+        // A third server waits: the view has its backup.
+        assert_eq!(c.ping("vm", &s, 0).unwrap(), view(2, &a, Some(&b)));
+        assert_eq!(c.ping("vm", &b, 2).unwrap(), view(2, &a, Some(&b)));
+        assert_eq!(c.query("vm").unwrap(), view(2, &a, Some(&b)));
+        // A ping naming a view the arbiter never made is refused.
+        match c.ping("vm", &b, 3) {
+            Err(ArbiterError::Rejected {
+                kind: ErrorKind::Refused,
+                message,
+                ..
+            }) => {
+                assert!(message.contains("view 3"), "{message}")
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        // VMs are independent.
+        assert_eq!(c.query("other").unwrap(), View::default());
+        server.stop().unwrap();
+    })
+}
+
+#[test]
+fn spare_becomes_backup_after_failover() {
+    within(Duration::from_secs(20), || {
+        let dir = tempfile::tempdir().unwrap();
+        let server = start(dir.path());
+        let c = client(&server);
+        let (a, b, s) = (member("a", 1), member("b", 2), member("s", 3));
+        pair(&c, "vm", &a, &b);
+        assert_eq!(c.ping("vm", &s, 0).unwrap(), view(2, &a, Some(&b)));
+        // b goes live on new addresses: the view takes them from the claim.
+        let b_live = Member {
+            log_addr: Some(SocketAddr::from(([127, 0, 0, 1], 9002))),
+            ..b.clone()
+        };
+        let won = c.test_and_set("vm", 2, &b_live).unwrap();
+        assert_eq!(
+            won,
+            TasOutcome::Won {
+                view: view(3, &b_live, None)
+            }
+        );
+        assert!(lost_to(&c.test_and_set("vm", 2, &a).unwrap(), &b_live));
+        // Nobody is named backup until b acknowledges view 3.
+        assert_eq!(c.ping("vm", &s, 2).unwrap(), view(3, &b_live, None));
+        assert_eq!(
+            c.ping("vm", &b_live, 3).unwrap(),
+            view(4, &b_live, Some(&s))
+        );
+        assert_eq!(c.query("vm").unwrap(), view(4, &b_live, Some(&s)));
+        server.stop().unwrap();
+    })
+}
+
+#[test]
+fn racing_claims_have_exactly_one_winner() {
+    within(Duration::from_secs(60), || {
+        let dir = tempfile::tempdir().unwrap();
+        let server = start(dir.path());
+        let c = client(&server);
+        let (a, b, outsider) = (member("a", 1), member("b", 2), member("x", 3));
+        let mut wins = [0; 2];
+        for i in 0..40 {
+            let vm = format!("vm{i}");
+            pair(&c, &vm, &a, &b);
+            let start = Arc::new(Barrier::new(2));
+            let racers: Vec<_> = [a.clone(), b.clone()]
+                .into_iter()
+                .map(|me| {
+                    let (c, vm, start) = (c.clone(), vm.clone(), Arc::clone(&start));
+                    thread::spawn(move || {
+                        start.wait();
+                        c.test_and_set(&vm, 2, &me).unwrap()
+                    })
+                })
+                .collect();
+            let outcomes: Vec<TasOutcome> = racers.into_iter().map(|r| r.join().unwrap()).collect();
+            let winners: Vec<usize> = (0..2).filter(|&k| outcomes[k].won()).collect();
+            assert_eq!(winners.len(), 1, "iteration {i}: {outcomes:?}");
+            let w = winners[0];
+            wins[w] += 1;
+            let (winner, loser) = if w == 0 { (&a, &b) } else { (&b, &a) };
+            assert_eq!(
+                outcomes[w],
+                TasOutcome::Won {
+                    view: view(3, winner, None)
+                }
+            );
+            assert!(lost_to(&outcomes[1 - w], winner), "{:?}", outcomes[1 - w]);
+            // Retries: the winner's is answered as before, the loser's
+            // still loses.
+            assert_eq!(c.test_and_set(&vm, 2, winner).unwrap(), outcomes[w]);
+            assert!(lost_to(&c.test_and_set(&vm, 2, loser).unwrap(), winner));
+            // A claim for view 2 on the winner's old addresses is not the
+            // winning claim.
+            let moved = Member {
+                service_addr: SocketAddr::from(([127, 0, 0, 1], 7)),
+                ..winner.clone()
+            };
+            assert!(lost_to(&c.test_and_set(&vm, 2, &moved).unwrap(), winner));
+            // View 1 passed without a test-and-set: stale.
+            let stale = c.test_and_set(&vm, 1, loser).unwrap();
+            assert!(
+                matches!(&stale, TasOutcome::Lost { reason: LossReason::Stale, view: v } if *v == view(3, winner, None)),
+                "{stale:?}"
+            );
+            let outside = c.test_and_set(&vm, 3, &outsider).unwrap();
+            assert!(
+                matches!(
+                    outside,
+                    TasOutcome::Lost {
+                        reason: LossReason::NotMember,
+                        ..
+                    }
+                ),
+                "{outside:?}"
+            );
+            match c.test_and_set(&vm, 4, winner) {
+                Err(ArbiterError::Rejected {
+                    kind: ErrorKind::Refused,
+                    ..
+                }) => {}
+                other => panic!("claim for a future view: {other:?}"),
+            }
+        }
+        println!("wins by a, b: {wins:?}");
+        server.stop().unwrap();
+    })
+}
+
+#[test]
+fn backup_of_unacknowledged_view_cannot_win() {
+    within(Duration::from_secs(20), || {
+        let dir = tempfile::tempdir().unwrap();
+        let server = start(dir.path());
+        let c = client(&server);
+        let (a, b) = (member("a", 1), member("b", 2));
+        c.ping("vm", &a, 0).unwrap();
+        c.ping("vm", &b, 0).unwrap();
+        assert_eq!(c.ping("vm", &a, 1).unwrap(), view(2, &a, Some(&b)));
+        let refused = c.test_and_set("vm", 2, &b).unwrap();
+        assert!(
+            matches!(
+                refused,
+                TasOutcome::Lost {
+                    reason: LossReason::Unacknowledged,
+                    ..
+                }
+            ),
+            "{refused:?}"
+        );
+        // The primary holds the state, so its claim stands unacknowledged.
+        assert_eq!(
+            c.test_and_set("vm", 2, &a).unwrap(),
+            TasOutcome::Won {
+                view: view(3, &a, None)
+            }
+        );
+        assert!(lost_to(&c.test_and_set("vm", 2, &b).unwrap(), &a));
+        server.stop().unwrap();
+    })
+}
+
+#[test]
+fn decisions_survive_a_restart() {
+    within(Duration::from_secs(20), || {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, s) = (member("a", 1), member("b", 2), member("s", 3));
+        let first = start(dir.path());
+        let c = client(&first);
+        pair(&c, "vm", &a, &b);
+        pair(&c, "other", &b, &a);
+        assert!(c.test_and_set("vm", 2, &b).unwrap().won());
+        assert_eq!(c.ping("vm", &b, 3).unwrap(), view(3, &b, None));
+        first.stop().unwrap();
+        let result = c.query("vm");
+        assert!(
+            matches!(result, Err(ArbiterError::Unreachable { .. })),
+            "{result:?}"
+        );
+
+        let second = start(dir.path());
+        let c = client(&second);
+        assert_eq!(c.query("vm").unwrap(), view(3, &b, None));
+        assert_eq!(c.query("other").unwrap(), view(2, &b, Some(&a)));
+        assert!(lost_to(&c.test_and_set("vm", 2, &a).unwrap(), &b));
+        assert_eq!(
+            c.test_and_set("vm", 2, &b).unwrap(),
+            TasOutcome::Won {
+                view: view(3, &b, None)
+            }
+        );
+        // b's acknowledgement of view 3 was kept: a spare is named at once,
+        // and view numbers carry on.
+        assert_eq!(c.ping("vm", &s, 0).unwrap(), view(4, &b, Some(&s)));
+        assert!(c.test_and_set("other", 2, &a).unwrap().won());
+        second.stop().unwrap();
+
+        let third = start(dir.path());
+        let c = client(&third);
+        assert_eq!(c.query("vm").unwrap(), view(4, &b, Some(&s)));
+        assert!(lost_to(&c.test_and_set("other", 2, &b).unwrap(), &a));
+        third.stop().unwrap();
+    })
+}
+
+#[test]
+fn corrupt_state_is_refused_by_name() {
+    within(Duration::from_secs(20), || {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STATE_FILE);
+        std::fs::write(&path, "{\"format\": 1, \"vms\": {\"vm\": {\"view\": 3}}}").unwrap();
+        let err = Server::bind(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            ServerConfig::new(dir.path()),
+        )
+        .err()
+        .expect("a corrupt state file is an error");
+        let message = err.to_string();
+        assert!(
+            matches!(&err, ArbiterError::State(StoreError::Corrupt { path: p, .. }) if *p == path),
+            "{err:?}"
+        );
+        assert!(message.contains(&path.display().to_string()), "{message}");
+        assert!(message.contains("invalid type"), "{message}");
+        // Nothing was reset.
+        assert!(std::fs::read_to_string(&path)
+            .unwrap()
+            .contains("\"view\": 3"));
+    })
+}
+
+#[test]
+fn second_arbiter_on_one_directory_is_refused() {
+    within(Duration::from_secs(20), || {
+        let dir = tempfile::tempdir().unwrap();
+        let first = start(dir.path());
+        let err = Server::bind(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            ServerConfig::new(dir.path()),
+        )
+        .err()
+        .expect("the directory is locked");
+        assert!(
+            matches!(err, ArbiterError::State(StoreError::Locked { .. })),
+            "{err:?}"
+        );
+        first.stop().unwrap();
+    })
+}
+
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+#[test]
+fn unreachable_arbiter_is_a_distinct_error() {
+    within(Duration::from_secs(20), || {
+        let me = member("a", 1);
+        // Nothing listens.
+        let c = ArbiterClient::with_timeout(free_port(), Duration::from_millis(300));
+        let err = c.test_and_set("vm", 1, &me).unwrap_err();
+        assert!(matches!(err, ArbiterError::Unreachable { .. }), "{err:?}");
+        // Something listens but never answers: the read times out.
+        let mute = TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = ArbiterClient::with_timeout(mute.local_addr().unwrap(), Duration::from_millis(300));
+        let started = Instant::now();
+        let err = c.test_and_set("vm", 1, &me).unwrap_err();
+        assert!(matches!(err, ArbiterError::Unreachable { .. }), "{err:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        drop(mute);
+    })
+}
+
+struct Raw {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl Raw {
+    fn connect(addr: SocketAddr) -> Raw {
+        let writer = TcpStream::connect_timeout(&addr, IO_TIMEOUT).unwrap();
+        writer.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        writer.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+        Raw {
+            reader: BufReader::new(writer.try_clone().unwrap()),
+            writer,
+        }
+    }
+
+    fn send(&mut self, bytes: &[u8]) -> Value {
+        self.writer.write_all(bytes).unwrap();
+        self.receive()
+    }
+
+    fn receive(&mut self) -> Value {
+        let mut line = String::new();
+        self.reader.read_line(&mut line).unwrap();
+        assert!(line.ends_with('\n'), "{line:?}");
+        serde_json::from_str(&line).unwrap()
+    }
+
+    /// The server closed the connection. Closing with our bytes unread
+    /// makes its kernel reset the connection, which is a close too.
+    fn closed(&mut self) -> bool {
+        let mut rest = Vec::new();
+        match self.reader.read_to_end(&mut rest) {
+            Ok(n) => n == 0,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
+    }
+}
+
+fn error_of(response: &Value) -> (&str, &str) {
+    (
+        response["kind"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no kind: {response}")),
+        response["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error: {response}")),
+    )
+}
+
+#[test]
+fn bad_requests_get_error_responses() {
+    within(Duration::from_secs(20), || {
+        let dir = tempfile::tempdir().unwrap();
+        let server = start(dir.path());
+        let mut raw = Raw::connect(server.local_addr());
+        let query = b"{\"version\":1,\"op\":\"query\",\"vm\":\"vm\"}\n";
+        let empty =
+            serde_json::json!({"ok": {"view": {"number": 0, "primary": null, "backup": null}}});
+        assert_eq!(raw.send(query), empty);
+
+        let r = raw.send(b"{\"version\":2,\"op\":\"query\",\"vm\":\"vm\"}\n");
+        let (kind, text) = error_of(&r);
+        assert_eq!(kind, "version");
+        assert!(
+            text.contains("version 2") && text.contains("version 1"),
+            "{text}"
+        );
+        let r = raw.send(b"{\"version\":1,\"op\":\"query\",\"vm\":\n");
+        assert_eq!(error_of(&r).0, "malformed");
+        let r = raw.send(b"\xff\xfe\n");
+        assert_eq!(error_of(&r).0, "malformed");
+        let r = raw.send(b"\n");
+        assert_eq!(error_of(&r).0, "malformed");
+        let r = raw.send(b"{\"version\":1,\"op\":\"ping\",\"vm\":\"vm\",\"me\":{\"id\":\"a\"},\"view_known\":0}\n");
+        let (kind, text) = error_of(&r);
+        assert_eq!(kind, "malformed");
+        assert!(text.contains("service_addr"), "{text}");
+        // The same connection still serves, CRLF included.
+        assert_eq!(
+            raw.send(b"{\"version\":1,\"op\":\"query\",\"vm\":\"vm\"}\r\n"),
+            empty
+        );
+        // Two requests in one write get two responses, in order.
+        raw.writer.write_all(b"{\"version\":1,\"op\":\"query\",\"vm\":\"vm\"}\n{\"version\":1,\"op\":\"query\",\"vm\":\"vm\"}\n").unwrap();
+        assert_eq!(raw.receive(), empty);
+        assert_eq!(raw.receive(), empty);
+
+        // An endless line is cut off, and that connection closed.
+        let long = vec![b' '; arbiter::MAX_LINE + 10];
+        raw.writer.write_all(&long).unwrap();
+        let r = raw.receive();
+        assert_eq!(error_of(&r).0, "too_long");
+        assert!(raw.closed());
+
+        // Other connections are unaffected.
+        let mut again = Raw::connect(server.local_addr());
+        assert_eq!(again.send(query), empty);
+        assert_eq!(client(&server).query("vm").unwrap(), View::default());
+        server.stop().unwrap();
+    })
+}
+
+#[test]
+fn connections_beyond_the_limit_are_refused() {
+    within(Duration::from_secs(20), || {
+        let dir = tempfile::tempdir().unwrap();
+        let server = start_with(ServerConfig {
+            max_connections: 2,
+            ..ServerConfig::new(dir.path())
+        });
+        let query = b"{\"version\":1,\"op\":\"query\",\"vm\":\"vm\"}\n";
+        let mut first = Raw::connect(server.local_addr());
+        let mut second = Raw::connect(server.local_addr());
+        assert!(first.send(query).get("ok").is_some());
+        assert!(second.send(query).get("ok").is_some());
+        let mut third = Raw::connect(server.local_addr());
+        let r = third.receive();
+        assert_eq!(error_of(&r).0, "busy");
+        assert!(third.closed());
+        drop(first);
+        // The slot frees once the server sees the close.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match client(&server).query("vm") {
+                Ok(v) => break assert_eq!(v, View::default()),
+                Err(e) if Instant::now() < deadline => {
+                    println!("waiting for a free slot: {e}");
+                    thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("slot never freed: {e}"),
+            }
+        }
+        assert!(second.send(query).get("ok").is_some());
+        server.stop().unwrap();
+    })
+}
+
+#[derive(Parser)]
+struct Command {
+    #[command(flatten)]
+    arbiter: ArbiterArgs,
+}
+
+#[test]
+fn run_serves_until_the_stop_flag() {
+    within(Duration::from_secs(20), || {
+        let dir = tempfile::tempdir().unwrap();
+        let listen = free_port();
+        let args = Command::parse_from([
+            "ftvm-arbiter",
+            "--listen",
+            &listen.to_string(),
+            "--state",
+            &dir.path().display().to_string(),
+            "--ping-interval-ms",
+            "20",
+        ])
+        .arbiter;
+        assert_eq!(args.config().spare_timeout, Duration::from_millis(100));
+        let stop = Arc::new(AtomicBool::new(false));
+        let server = {
+            let (args, stop) = (args.clone(), Arc::clone(&stop));
+            thread::spawn(move || run(&args, stop))
+        };
+        let c = ArbiterClient::with_timeout(listen, Duration::from_millis(300));
+        let a = member("a", 1);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let first = loop {
+            match c.ping("vm", &a, 0) {
+                Ok(v) => break v,
+                Err(ArbiterError::Unreachable { .. }) if Instant::now() < deadline => {
+                    thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => panic!("arbiter never came up: {e}"),
+            }
+        };
+        assert_eq!(first, view(1, &a, None));
+        // An open, idle connection does not hold the server up.
+        let _idle = Raw::connect(listen);
+        stop.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !server.is_finished() {
+            assert!(Instant::now() < deadline, "run did not return after stop");
+            thread::sleep(Duration::from_millis(10));
+        }
+        server.join().unwrap().unwrap();
+        let result = c.query("vm");
+        assert!(
+            matches!(result, Err(ArbiterError::Unreachable { .. })),
+            "{result:?}"
+        );
+        // The state directory was released and kept the view.
+        let again = start(dir.path());
+        assert_eq!(client(&again).query("vm").unwrap(), view(1, &a, None));
+        again.stop().unwrap();
+    })
+}
+
+/// Random pings and claims from three servers against the real server,
+/// with restarts, checked against an independent account of the rules:
+/// at most one winner per view, view numbers never decrease, and a view
+/// changes only by a won claim from a member of the current view (the
+/// backup only after acknowledgement) or by naming a spare backup of an
+/// acknowledged view with the same primary.
+#[test]
+fn random_histories_keep_the_invariants() {
+    let seed = std::env::var("ARBITER_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random::<u64>);
+    println!("seed {seed} (rerun with ARBITER_TEST_SEED={seed})");
+    within(Duration::from_secs(60), move || {
+        for round in 0..4 {
+            random_history(seed.wrapping_add(round));
+        }
+    })
+}
+
+fn random_history(seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = start(dir.path());
+    let servers = [member("a", 1), member("b", 2), member("c", 3)];
+    let mut last_seen = [0u64; 3];
+    let mut current = View::default();
+    let mut acked = false;
+    let mut winners: BTreeMap<u64, Member> = BTreeMap::new();
+    let (mut won, mut promoted) = (0, 0);
+    for step in 0..250 {
+        let context = format!("seed {seed} step {step}");
+        if rng.random_ratio(1, 60) {
+            server.stop().unwrap();
+            server = start(dir.path());
+            continue;
+        }
+        let c = client(&server);
+        let k = rng.random_range(0..3);
+        let me = &servers[k];
+        let number = match rng.random_range(0..8) {
+            0 => last_seen[k].saturating_sub(1),
+            1 => current.number + 1,
+            _ => last_seen[k],
+        };
+        let before = current.clone();
+        if rng.random_ratio(2, 5) {
+            let result = c.test_and_set("vm", number, me);
+            if number > before.number {
+                assert!(
+                    matches!(result, Err(ArbiterError::Rejected { .. })),
+                    "{context}: {result:?}"
+                );
+                continue;
+            }
+            let outcome = result.unwrap();
+            match &outcome {
+                TasOutcome::Won { view: v } => {
+                    match winners.get(&number) {
+                        Some(w) => assert_eq!(w, me, "{context}: second winner for view {number}"),
+                        None => {
+                            assert_eq!(number, before.number, "{context}");
+                            let was_primary = before.primary.as_ref() == Some(me);
+                            let was_backup = before.backup.as_ref() == Some(me);
+                            assert!(
+                                was_primary || (was_backup && acked),
+                                "{context}: {me} won {before}"
+                            );
+                            winners.insert(number, me.clone());
+                            current = v.clone();
+                            acked = false;
+                            won += 1;
+                        }
+                    }
+                    assert_eq!(v, &view(number + 1, me, None), "{context}");
+                }
+                TasOutcome::Lost { reason, view: v } => {
+                    assert_eq!(v, &before, "{context}");
+                    if let Some(w) = winners.get(&number) {
+                        assert_eq!(
+                            reason,
+                            &LossReason::Decided { winner: w.clone() },
+                            "{context}"
+                        );
+                    }
+                }
+            }
+            last_seen[k] = last_seen[k].max(outcome.view().number);
+        } else {
+            let result = c.ping("vm", me, number);
+            if number > before.number {
+                assert!(
+                    matches!(result, Err(ArbiterError::Rejected { .. })),
+                    "{context}: {result:?}"
+                );
+                continue;
+            }
+            let got = result.unwrap();
+            if before.number == 0 {
+                assert_eq!(got, view(1, me, None), "{context}");
+            } else {
+                if before.primary.as_ref() == Some(me) && number == before.number {
+                    acked = true;
+                }
+                if got != before {
+                    assert!(
+                        acked,
+                        "{context}: {before} replaced by {got} unacknowledged"
+                    );
+                    assert_eq!(got.number, before.number + 1, "{context}");
+                    assert_eq!(got.primary, before.primary, "{context}");
+                    assert!(before.backup.is_none() && got.backup.is_some(), "{context}");
+                    promoted += 1;
+                }
+            }
+            if got != before {
+                acked = false;
+            }
+            current = got;
+            last_seen[k] = current.number;
+        }
+        assert!(current.number >= before.number, "{context}");
+        assert_eq!(c.query("vm").unwrap(), current, "{context}");
+    }
+    println!("seed {seed}: {won} wins, {promoted} spares named, final {current}");
+    server.stop().unwrap();
+}

@@ -1,0 +1,171 @@
+//! What the two ends of a channel have in common: one connection, the state
+//! behind one mutex, and the rules for declaring the peer failed.
+//!
+//! Failure is sticky and shuts the socket down, so a late byte cannot
+//! revive a peer that the caller may already have acted on (by calling
+//! test-and-set), and every thread blocked in the socket returns.
+
+use super::config::ChannelConfig;
+use super::error::{ChannelError, Peer};
+use super::liveness::Liveness;
+use std::net::{Shutdown, TcpStream};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+/// Whether a connection is still usable.
+#[derive(Debug, Default)]
+pub(crate) struct Health {
+    pub failure: Option<ChannelError>,
+    /// The owner is dropping the channel: errors from here on are its own
+    /// doing, not the peer's.
+    pub closing: bool,
+    /// This end has stopped reading on purpose (its buffer is full), so the
+    /// peer's silence means nothing.
+    pub not_reading: bool,
+}
+
+pub(crate) trait HasHealth {
+    fn health(&mut self) -> &mut Health;
+}
+
+/// How long a wait lasts when nothing in particular is due; any change
+/// that matters notifies the waiter anyway.
+pub(crate) const IDLE_RECHECK: Duration = Duration::from_secs(1);
+
+pub(crate) struct Link<S> {
+    state: Mutex<S>,
+    /// Wakes the writer thread.
+    to_writer: Condvar,
+    /// Wakes everyone else: callers waiting for acks, entries, progress or
+    /// room in the window, and a reader waiting for room in its buffer.
+    to_waiters: Condvar,
+    pub stream: TcpStream,
+    pub live: Liveness,
+    pub peer: Peer,
+    pub config: ChannelConfig,
+}
+
+impl<S: HasHealth> Link<S> {
+    pub(crate) fn new(state: S, stream: TcpStream, peer: Peer, config: ChannelConfig) -> Link<S> {
+        let live = Liveness::new();
+        live.touch();
+        Link {
+            state: Mutex::new(state),
+            to_writer: Condvar::new(),
+            to_waiters: Condvar::new(),
+            stream,
+            live,
+            peer,
+            config,
+        }
+    }
+
+    /// A panic in one channel thread must not take every caller down with
+    /// it, and the state stays consistent between statements.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, S> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records the first failure and stops the connection.
+    pub(crate) fn fail(&self, st: &mut S, err: ChannelError) {
+        let h = st.health();
+        if h.closing || h.failure.is_some() {
+            return;
+        }
+        tracing::warn!("log channel failed: {err}");
+        h.failure = Some(err);
+        let _ = self.stream.shutdown(Shutdown::Both);
+        self.to_writer.notify_all();
+        self.to_waiters.notify_all();
+    }
+
+    /// The failure, if there is one or the peer has just been silent too
+    /// long.
+    pub(crate) fn check(&self, st: &mut S) -> Result<(), ChannelError> {
+        let h = st.health();
+        if let Some(f) = &h.failure {
+            return Err(f.clone());
+        }
+        let silent = self.live.silent_for();
+        if !h.not_reading && !h.closing && silent > self.config.failure_timeout {
+            self.fail(
+                st,
+                ChannelError::Silent {
+                    peer: self.peer,
+                    silent,
+                    timeout: self.config.failure_timeout,
+                },
+            );
+            if let Some(f) = &st.health().failure {
+                return Err(f.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the writer thread should stop.
+    pub(crate) fn stopping(&self, st: &mut S) -> bool {
+        st.health().closing || self.check(st).is_err()
+    }
+
+    /// When the peer's silence will have lasted the failure timeout, if
+    /// nothing arrives before: when to check again. The millisecond makes
+    /// that check see the timeout as passed rather than just reached.
+    /// Far away while this end is not reading.
+    pub(crate) fn silence_deadline(&self, st: &mut S, now: Instant) -> Instant {
+        if st.health().not_reading {
+            return now + IDLE_RECHECK;
+        }
+        now + self
+            .config
+            .failure_timeout
+            .saturating_sub(self.live.silent_for())
+            + Duration::from_millis(1)
+    }
+
+    pub(crate) fn wait_writer<'a>(&self, g: MutexGuard<'a, S>, until: Instant) -> MutexGuard<'a, S> {
+        wait(&self.to_writer, g, until)
+    }
+
+    /// Waits on behalf of a caller or the reader, waking in time to notice
+    /// silence.
+    pub(crate) fn wait_waiters<'a>(
+        &self,
+        mut g: MutexGuard<'a, S>,
+        until: Instant,
+    ) -> MutexGuard<'a, S> {
+        let until = until.min(self.silence_deadline(&mut g, Instant::now()));
+        wait(&self.to_waiters, g, until)
+    }
+
+    pub(crate) fn wake_writer(&self) {
+        self.to_writer.notify_all();
+    }
+
+    pub(crate) fn wake_waiters(&self) {
+        self.to_waiters.notify_all();
+    }
+
+    /// The owner's part of dropping a channel: the threads see `closing`,
+    /// and the shutdown returns any of them blocked in the socket.
+    pub(crate) fn close(&self) {
+        self.lock().health().closing = true;
+        let _ = self.stream.shutdown(Shutdown::Both);
+        self.to_writer.notify_all();
+        self.to_waiters.notify_all();
+    }
+}
+
+fn wait<'a, S>(cv: &Condvar, g: MutexGuard<'a, S>, until: Instant) -> MutexGuard<'a, S> {
+    let d = until.saturating_duration_since(Instant::now());
+    cv.wait_timeout(g, d)
+        .unwrap_or_else(PoisonError::into_inner)
+        .0
+}
+
+/// `now + d`, or far in the future for a `d` too large to add.
+pub(crate) fn deadline(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
+}

@@ -1,0 +1,64 @@
+//! The log channel: a TCP connection from the primary VMM to the backup
+//! that carries the log's entries one way and acknowledgements the other.
+//! The primary listens ([`LogSender::accept`]), the backup connects
+//! ([`LogReceiver::connect`]). Blocking I/O on two threads per end; no
+//! async runtime. The wire format is in this crate's README.md ("The TCP
+//! channel").
+//!
+//! # Design decisions
+//!
+//! **Progress marks are out of band.** The primary's heartbeat carries its
+//! progress mark, a control message without a sequence number, rather
+//! than an `Event::Progress` entry. An idle primary then consumes no
+//! sequence numbers and no window, and its marks need no ack; the backup
+//! sees them through [`LogReceiver::complete_up_to`], which also counts
+//! what received entries imply. Ordering still holds: a mark is written
+//! after every entry queued before it was set, so when the backup learns
+//! "complete up to N", every entry at or before exit N is already in its
+//! buffer. `Event::Progress` entries remain possible (a log file has no
+//! other way to say it) and count too.
+//!
+//! **Acks mean receipt.** The backup acknowledges entries when its reader
+//! thread has put them in its buffer, as VMware FT acknowledges receipt,
+//! not replay; the output rule needs the entry to exist on the backup, not
+//! to have been executed there. Replay progress rides on the same acks, for
+//! the lag metrics.
+//!
+//! **The window is enforced by the receiver's buffer, checked by the
+//! primary at exits.** The backup stops reading when its buffer is full, so
+//! it stops acknowledging, so the primary's unacknowledged count reaches
+//! its window and the primary pauses at its next exit. `send` itself never
+//! blocks or refuses: an exit's entries must all be logged once the exit is
+//! handled. Memory is bounded on both sides by the window (plus one exit's
+//! entries, plus kernel socket buffers).
+//!
+//! **Silence is measured beside the decoder, not with socket timeouts.**
+//! Every byte that arrives stamps a clock; the writer thread and any caller
+//! waiting compare it with the failure timeout. A backup that has stopped
+//! reading because its buffer is full does not hold the primary's
+//! resulting silence against it. Failure is sticky and closes the socket.
+//!
+//! **Batching with an escape hatch.** An entry waits at most `batch_delay`
+//! to be written with later ones (fewer, larger writes; Nagle is off), but
+//! [`LogSender::wait_acked`] writes at once, so the output rule does not
+//! pay the batching delay.
+
+mod config;
+mod error;
+mod handshake;
+mod hello;
+mod link;
+mod liveness;
+mod metrics;
+mod receiver;
+mod sender;
+mod wire;
+mod workers;
+
+pub use config::ChannelConfig;
+pub use error::{ChannelError, Peer};
+pub use hello::{Hello, Mismatch, Role};
+pub use metrics::{ChannelMetrics, ReceiverMetrics};
+pub use receiver::LogReceiver;
+pub use sender::LogSender;
+pub use wire::CHANNEL_PROTOCOL_VERSION;

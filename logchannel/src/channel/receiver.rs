@@ -1,0 +1,407 @@
+//! The backup's end: receives entries into a bounded buffer, acknowledges
+//! them, and follows the primary's progress marks.
+
+use super::config::ChannelConfig;
+use super::error::{ChannelError, Peer};
+use super::handshake::{handshake, Side};
+use super::hello::Hello;
+use super::link::{deadline, HasHealth, Health, Link, IDLE_RECHECK};
+use super::liveness::StampingReader;
+use super::metrics::ReceiverMetrics;
+use super::wire::{ControlSeq, Message};
+use super::workers::Workers;
+use crate::entry::{Entry, Event};
+use crate::frame::FrameDecoder;
+use std::collections::VecDeque;
+use std::io::{BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The backup's end of a log channel.
+///
+/// A reader thread decodes entries into a buffer of at most
+/// `window_entries` entries and `window_bytes` bytes and stops reading while
+/// it is full, so a backup that lags holds the primary back instead of
+/// growing without bound. A writer thread acknowledges what the reader
+/// received (receipt, not replay, as in VMware FT) and reports what the
+/// backup replayed. Dropping it closes the connection at once.
+pub struct LogReceiver {
+    link: Arc<Link<State>>,
+    workers: Workers,
+    peer_hello: Hello,
+}
+
+#[derive(Debug)]
+struct State {
+    health: Health,
+    queue: VecDeque<(Entry, u32)>,
+    queued_bytes: u64,
+    /// The last sequence number put in the queue, and the last one an ack
+    /// carried.
+    received: u64,
+    acked: u64,
+    entries_received: u64,
+    bytes_received: u64,
+    complete_up_to: u64,
+    replayed_seq: u64,
+    replayed_exits: u64,
+    /// Since when a replay report has waited for an ack to carry it.
+    replay_due: Option<Instant>,
+    last_write: Instant,
+}
+
+impl HasHealth for State {
+    fn health(&mut self) -> &mut Health {
+        &mut self.health
+    }
+}
+
+impl State {
+    /// Room for more entries: at least one when the queue is empty, so that
+    /// an entry larger than the byte bound still gets through.
+    fn room(&self, config: &ChannelConfig) -> u64 {
+        let entries = config
+            .window_entries
+            .saturating_sub(self.queue.len() as u64);
+        if self.queued_bytes >= config.window_bytes && !self.queue.is_empty() {
+            0
+        } else {
+            entries
+        }
+    }
+
+    fn push(&mut self, entry: Entry, size: usize) {
+        let implied = match entry.event {
+            Event::Progress { exits } | Event::End { exits, .. } => exits,
+            _ => entry.pos.exits.saturating_sub(1),
+        };
+        self.complete_up_to = self.complete_up_to.max(implied);
+        self.received = entry.seq;
+        self.entries_received += 1;
+        self.bytes_received += size as u64;
+        self.queued_bytes += size as u64;
+        self.queue.push_back((entry, size as u32));
+    }
+}
+
+impl LogReceiver {
+    /// Connects to the primary at `addr` and shakes hands, each within
+    /// `config.handshake_timeout`.
+    pub fn connect(
+        addr: SocketAddr,
+        hello: Hello,
+        config: ChannelConfig,
+    ) -> Result<LogReceiver, ChannelError> {
+        config.validate()?;
+        let stream = TcpStream::connect_timeout(&addr, config.handshake_timeout).map_err(|e| {
+            ChannelError::Connect {
+                addr,
+                source: Arc::new(e),
+            }
+        })?;
+        let peer = Peer {
+            role: Side::Connecting.peer_role(),
+            addr,
+        };
+        let established = handshake(
+            &stream,
+            &hello,
+            Side::Connecting,
+            peer,
+            config.handshake_timeout,
+        )?;
+        let first_seq = established.peer_hello.first_seq;
+        tracing::info!(%peer, view = hello.view, first_seq, "log channel up");
+        let before_first = first_seq.saturating_sub(1);
+        let state = State {
+            health: Health::default(),
+            queue: VecDeque::new(),
+            queued_bytes: 0,
+            received: before_first,
+            acked: before_first,
+            entries_received: 0,
+            bytes_received: 0,
+            complete_up_to: 0,
+            replayed_seq: before_first,
+            replayed_exits: 0,
+            replay_due: None,
+            last_write: Instant::now(),
+        };
+        let mut receiver = LogReceiver {
+            link: Arc::new(Link::new(state, stream, peer, config)),
+            workers: Workers::new(),
+            peer_hello: established.peer_hello,
+        };
+        let link = Arc::clone(&receiver.link);
+        receiver
+            .workers
+            .spawn("ftvm-log-acker", move || write_loop(&link))?;
+        let link = Arc::clone(&receiver.link);
+        let decoder = FrameDecoder::new(first_seq, established.offset);
+        receiver
+            .workers
+            .spawn("ftvm-log-recv", move || read_loop(&link, decoder))?;
+        Ok(receiver)
+    }
+
+    /// The next entry, in sequence order with no gaps, waiting up to
+    /// `timeout`; `Ok(None)` if none came. Entries received before a failure
+    /// are delivered first; then the failure is returned (a bad frame names
+    /// its number and byte offset), and keeps being returned.
+    pub fn recv(&self, timeout: Duration) -> Result<Option<Entry>, ChannelError> {
+        let until = deadline(timeout);
+        let mut st = self.link.lock();
+        loop {
+            if let Some((entry, size)) = st.queue.pop_front() {
+                st.queued_bytes -= u64::from(size);
+                if st.health.not_reading {
+                    self.link.wake_waiters();
+                }
+                return Ok(Some(entry));
+            }
+            self.link.check(&mut st)?;
+            if Instant::now() >= until {
+                return Ok(None);
+            }
+            st = self.link.wait_waiters(st, until);
+        }
+    }
+
+    /// The highest exit count up to which the primary's log is known to be
+    /// complete: every entry at an exit count up to it has been received
+    /// (and is available from `recv` without waiting). It comes from
+    /// progress marks, from `Progress` and `End` entries, and from any
+    /// entry at exit count E, which implies E − 1. 0 until the primary has
+    /// declared anything: exit counts start at 1, so 0 promises nothing.
+    pub fn complete_up_to(&self) -> u64 {
+        self.link.lock().complete_up_to
+    }
+
+    /// Waits until `complete_up_to() >= exits`. `Ok(false)` on timeout; an
+    /// error if the primary fails first.
+    pub fn wait_complete(&self, exits: u64, timeout: Duration) -> Result<bool, ChannelError> {
+        let until = deadline(timeout);
+        let mut st = self.link.lock();
+        loop {
+            if st.complete_up_to >= exits {
+                return Ok(true);
+            }
+            self.link.check(&mut st)?;
+            if Instant::now() >= until {
+                return Ok(false);
+            }
+            st = self.link.wait_waiters(st, until);
+        }
+    }
+
+    /// Tells the primary (with the next ack, within `batch_delay`) that the
+    /// backup has replayed up to entry `seq` and exit count `exits`, for its
+    /// lag metrics. Values only go up; `seq` is capped at what was received.
+    pub fn report_replayed(&self, seq: u64, exits: u64) {
+        let mut st = self.link.lock();
+        let seq = seq.min(st.received);
+        if seq <= st.replayed_seq && exits <= st.replayed_exits {
+            return;
+        }
+        st.replayed_seq = st.replayed_seq.max(seq);
+        st.replayed_exits = st.replayed_exits.max(exits);
+        if st.replay_due.is_none() {
+            st.replay_due = Some(Instant::now());
+            drop(st);
+            self.link.wake_writer();
+        }
+    }
+
+    /// Whether the primary is considered failed: nothing from it for
+    /// `failure_timeout` while this end was reading, or the connection
+    /// broke, or it sent a bad frame. Once true, stays true.
+    pub fn primary_failed(&self) -> bool {
+        self.failure().is_some()
+    }
+
+    /// Why the primary is considered failed.
+    pub fn failure(&self) -> Option<ChannelError> {
+        self.link.check(&mut self.link.lock()).err()
+    }
+
+    /// The primary's hello; its `first_seq` is the first entry `recv`
+    /// returns.
+    pub fn peer_hello(&self) -> &Hello {
+        &self.peer_hello
+    }
+
+    pub fn metrics(&self) -> ReceiverMetrics {
+        let st = self.link.lock();
+        ReceiverMetrics {
+            entries_received: st.entries_received,
+            bytes_received: st.bytes_received,
+            queued: st.queue.len() as u64,
+            complete_up_to: st.complete_up_to,
+            replayed_seq: st.replayed_seq,
+            replayed_exits: st.replayed_exits,
+        }
+    }
+}
+
+impl Drop for LogReceiver {
+    fn drop(&mut self) {
+        self.link.close();
+        self.workers.join();
+    }
+}
+
+fn read_loop(link: &Link<State>, mut decoder: FrameDecoder) {
+    let mut control = ControlSeq::after_handshake();
+    let mut input = BufReader::with_capacity(
+        64 << 10,
+        StampingReader {
+            stream: &link.stream,
+            live: &link.live,
+        },
+    );
+    let err = loop {
+        let msg = match decoder.read_value::<Message, _>(&mut input, control.take()) {
+            Ok(Some((msg, _))) => msg,
+            Ok(None) => break ChannelError::Closed { peer: link.peer },
+            Err(e) => break ChannelError::from_frame(link.peer, e),
+        };
+        let result = match msg {
+            Message::Entries { count } => read_entries(link, &mut decoder, &mut input, count),
+            Message::Heartbeat { progress } => {
+                let mut st = link.lock();
+                if progress > st.complete_up_to {
+                    st.complete_up_to = progress;
+                    drop(st);
+                    link.wake_waiters();
+                }
+                Ok(())
+            }
+            other => Err(ChannelError::protocol(
+                link.peer,
+                format!(
+                    "sent a {} message; a primary sends only entries and heartbeats",
+                    other.name()
+                ),
+            )),
+        };
+        if let Err(e) = result {
+            break e;
+        }
+    };
+    link.fail(&mut link.lock(), err);
+}
+
+/// Reads the `count` entry frames of one batch into the queue, as many at a
+/// time as the queue has room for, pausing while it has none.
+fn read_entries(
+    link: &Link<State>,
+    decoder: &mut FrameDecoder,
+    input: &mut impl Read,
+    count: u32,
+) -> Result<(), ChannelError> {
+    let mut left = u64::from(count);
+    let mut chunk = Vec::new();
+    while left > 0 {
+        let room = wait_for_room(link)?.min(left);
+        for _ in 0..room {
+            match decoder.read_entry(input) {
+                Ok(Some(entry)) => chunk.push(entry),
+                Ok(None) => return Err(ChannelError::Closed { peer: link.peer }),
+                Err(e) => {
+                    // What arrived intact before the bad frame is still the
+                    // primary's log.
+                    deliver(link, &mut chunk);
+                    return Err(ChannelError::from_frame(link.peer, e));
+                }
+            }
+        }
+        left -= room;
+        deliver(link, &mut chunk);
+    }
+    Ok(())
+}
+
+fn deliver(link: &Link<State>, chunk: &mut Vec<(Entry, usize)>) {
+    if chunk.is_empty() {
+        return;
+    }
+    let mut st = link.lock();
+    for (entry, size) in chunk.drain(..) {
+        st.push(entry, size);
+    }
+    drop(st);
+    link.wake_waiters();
+    link.wake_writer();
+}
+
+/// Waits until the queue has room and returns how many entries fit. While
+/// it waits, the reader does not read, so the primary's silence is not
+/// held against it; reading resumes with a fresh clock.
+fn wait_for_room(link: &Link<State>) -> Result<u64, ChannelError> {
+    let mut st = link.lock();
+    loop {
+        if st.health.closing {
+            return Err(ChannelError::Closed { peer: link.peer });
+        }
+        let room = st.room(&link.config);
+        if room > 0 {
+            if st.health.not_reading {
+                st.health.not_reading = false;
+                link.live.touch();
+            }
+            return Ok(room);
+        }
+        if !st.health.not_reading {
+            st.health.not_reading = true;
+            // Acknowledge what the full queue holds before going quiet.
+            link.wake_writer();
+        }
+        st = link.wait_waiters(st, Instant::now() + IDLE_RECHECK);
+    }
+}
+
+fn write_loop(link: &Link<State>) {
+    let mut control = ControlSeq::after_handshake();
+    let mut out = Vec::new();
+    loop {
+        let ack = {
+            let mut guard = link.lock();
+            loop {
+                if link.stopping(&mut guard) {
+                    return;
+                }
+                let st = &mut *guard;
+                let now = Instant::now();
+                let replay_at = st.replay_due.map(|t| t + link.config.batch_delay);
+                let beat_at = st.last_write + link.config.heartbeat_interval;
+                if st.received > st.acked || replay_at.is_some_and(|t| t <= now) || beat_at <= now
+                {
+                    st.acked = st.received;
+                    st.replay_due = None;
+                    break Message::Ack {
+                        received: st.received,
+                        replayed_seq: st.replayed_seq,
+                        replayed_exits: st.replayed_exits,
+                    };
+                }
+                let until = replay_at
+                    .unwrap_or(beat_at)
+                    .min(beat_at)
+                    .min(link.silence_deadline(st, now));
+                guard = link.wait_writer(guard, until);
+            }
+        };
+        out.clear();
+        if let Err(e) = control.encode(&ack, &mut out) {
+            link.fail(&mut link.lock(), e.into());
+            return;
+        }
+        let mut stream = &link.stream;
+        if let Err(e) = stream.write_all(&out) {
+            link.fail(&mut link.lock(), ChannelError::broken(link.peer, e));
+            return;
+        }
+        link.lock().last_write = Instant::now();
+    }
+}

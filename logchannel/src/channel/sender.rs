@@ -1,0 +1,575 @@
+//! The primary's end: queues entries, batches them onto the socket, and
+//! tracks what the backup has acknowledged and replayed.
+
+use super::config::ChannelConfig;
+use super::error::{ChannelError, Peer};
+use super::handshake::{handshake, Side};
+use super::hello::Hello;
+use super::link::{deadline, HasHealth, Health, Link};
+use super::liveness::StampingReader;
+use super::metrics::{ChannelMetrics, Rates};
+use super::wire::{ControlSeq, Message};
+use super::workers::Workers;
+use crate::entry::{Entry, Event, Position};
+use crate::frame::FrameDecoder;
+use crate::frame::FrameEncoder;
+use std::collections::VecDeque;
+use std::io::{self, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How often `accept` looks for a connection: std has no accept timeout,
+/// so the listener is polled in non-blocking mode.
+const ACCEPT_POLL: Duration = Duration::from_millis(2);
+
+/// The primary's end of a log channel.
+///
+/// `send` never blocks: it encodes the entry and queues it, and a writer
+/// thread writes the queue in batches. A reader thread takes the backup's
+/// acks. Dropping it closes the connection at once, discarding entries not
+/// yet written; to deliver everything first, `wait_acked` on the last one.
+pub struct LogSender {
+    link: Arc<Link<State>>,
+    workers: Workers,
+    peer_hello: Hello,
+}
+
+/// What the primary remembers of an entry it sent.
+#[derive(Debug)]
+struct Sent {
+    /// Entry frame bytes queued up to and including this one.
+    bytes_end: u64,
+    at: Instant,
+}
+
+#[derive(Debug)]
+struct State {
+    health: Health,
+    encoder: FrameEncoder,
+    /// Entry frames not yet taken by the writer, and their sizes.
+    pending: Vec<u8>,
+    pending_sizes: Vec<u32>,
+    /// Since when something (an entry, a new progress mark) has been
+    /// waiting for the writer.
+    due_since: Option<Instant>,
+    /// Someone waits for an ack: write now, do not batch.
+    urgent: bool,
+    /// Entries from `front_seq` on: every unacknowledged one, and acked
+    /// ones not yet replayed (at most `window_entries` of those).
+    sent: VecDeque<Sent>,
+    front_seq: u64,
+    /// The last sequence number queued, and the last given to the writer.
+    queued_seq: u64,
+    written_seq: u64,
+    queued_bytes: u64,
+    acked: u64,
+    acked_bytes: u64,
+    replayed_seq: u64,
+    replayed_exits: u64,
+    progress: u64,
+    progress_written: u64,
+    /// The highest exit count of an entry or progress mark.
+    exits: u64,
+    entries_sent: u64,
+    bytes_written: u64,
+    last_write: Instant,
+    rates: Rates,
+}
+
+impl HasHealth for State {
+    fn health(&mut self) -> &mut Health {
+        &mut self.health
+    }
+}
+
+impl State {
+    fn in_flight(&self) -> u64 {
+        self.queued_seq - self.acked
+    }
+
+    fn in_flight_bytes(&self) -> u64 {
+        self.queued_bytes - self.acked_bytes
+    }
+
+    fn window_full(&self, config: &ChannelConfig) -> bool {
+        self.in_flight() >= config.window_entries || self.in_flight_bytes() >= config.window_bytes
+    }
+
+    /// Forgets what neither flow control nor the lag metric needs.
+    fn trim(&mut self, keep_unreplayed: u64) {
+        while !self.sent.is_empty()
+            && self.front_seq <= self.acked
+            && (self.front_seq <= self.replayed_seq
+                || self.acked - self.front_seq >= keep_unreplayed)
+        {
+            self.sent.pop_front();
+            self.front_seq += 1;
+        }
+    }
+
+    fn record(&self, seq: u64) -> Option<&Sent> {
+        let i = seq.checked_sub(self.front_seq)?;
+        self.sent.get(usize::try_from(i).ok()?)
+    }
+}
+
+impl LogSender {
+    /// Waits up to `config.handshake_timeout` for a backup to connect on
+    /// `listener`, then shakes hands within the same timeout. The listener
+    /// is left in blocking mode.
+    ///
+    /// `hello.first_seq` is the sequence number of the first entry `send`
+    /// will assign (1 at the start of a primary's lifetime).
+    pub fn accept(
+        listener: &TcpListener,
+        hello: Hello,
+        config: ChannelConfig,
+    ) -> Result<LogSender, ChannelError> {
+        config.validate()?;
+        if hello.first_seq == 0 {
+            return Err(ChannelError::Config(
+                "the primary's first_seq must be at least 1".to_string(),
+            ));
+        }
+        let (stream, addr) = accept_within(listener, config.handshake_timeout)?;
+        let peer = Peer {
+            role: Side::Listening.peer_role(),
+            addr,
+        };
+        let established = handshake(
+            &stream,
+            &hello,
+            Side::Listening,
+            peer,
+            config.handshake_timeout,
+        )?;
+        tracing::info!(%peer, view = hello.view, first_seq = hello.first_seq, "log channel up");
+        let now = Instant::now();
+        let state = State {
+            health: Health::default(),
+            encoder: FrameEncoder::new(hello.first_seq),
+            pending: Vec::new(),
+            pending_sizes: Vec::new(),
+            due_since: None,
+            urgent: false,
+            sent: VecDeque::new(),
+            front_seq: hello.first_seq,
+            queued_seq: hello.first_seq - 1,
+            written_seq: hello.first_seq - 1,
+            queued_bytes: 0,
+            acked: hello.first_seq - 1,
+            acked_bytes: 0,
+            replayed_seq: hello.first_seq - 1,
+            replayed_exits: 0,
+            progress: 0,
+            progress_written: 0,
+            exits: 0,
+            entries_sent: 0,
+            bytes_written: 0,
+            last_write: now,
+            rates: Rates::new(now),
+        };
+        let mut sender = LogSender {
+            link: Arc::new(Link::new(state, stream, peer, config)),
+            workers: Workers::new(),
+            peer_hello: established.peer_hello,
+        };
+        let link = Arc::clone(&sender.link);
+        sender
+            .workers
+            .spawn("ftvm-log-send", move || write_loop(&link))?;
+        let link = Arc::clone(&sender.link);
+        // The backup sends no entries, so the entry sequence is unused.
+        let decoder = FrameDecoder::new(0, established.offset);
+        sender
+            .workers
+            .spawn("ftvm-log-acks", move || read_loop(&link, decoder))?;
+        Ok(sender)
+    }
+
+    /// Assigns the next sequence number to an entry at `pos` and queues it;
+    /// returns the sequence number. Never blocks: the caller checks
+    /// [`LogSender::window_full`] at each exit. Fails once the peer has
+    /// failed, or if the entry cannot be encoded (an exit count below the
+    /// previous entry's, a payload over `MAX_PAYLOAD`); then nothing is
+    /// queued.
+    pub fn send(&self, pos: Position, event: Event) -> Result<u64, ChannelError> {
+        let mut guard = self.link.lock();
+        self.link.check(&mut guard)?;
+        let st = &mut *guard;
+        let entry = Entry {
+            seq: st.encoder.next_seq(),
+            pos,
+            event,
+        };
+        let size = st.encoder.encode_entry(&entry, &mut st.pending)?;
+        let now = Instant::now();
+        st.pending_sizes.push(size as u32);
+        st.queued_seq = entry.seq;
+        st.queued_bytes += size as u64;
+        st.sent.push_back(Sent {
+            bytes_end: st.queued_bytes,
+            at: now,
+        });
+        st.entries_sent += 1;
+        st.exits = st.exits.max(pos.exits);
+        let big = st.pending.len() >= self.link.config.batch_max_bytes
+            && st.pending.len() - size < self.link.config.batch_max_bytes;
+        let first = st.due_since.is_none();
+        if first {
+            st.due_since = Some(now);
+        }
+        drop(guard);
+        if first || big {
+            self.link.wake_writer();
+        }
+        Ok(entry.seq)
+    }
+
+    /// Declares that every entry at an exit count up to `exits` has been
+    /// passed to `send`. The backup learns it within `batch_delay` (and
+    /// with every heartbeat), so it can run that far without entries.
+    pub fn set_progress(&self, exits: u64) {
+        let mut st = self.link.lock();
+        if exits <= st.progress {
+            return;
+        }
+        st.progress = exits;
+        st.exits = st.exits.max(exits);
+        if st.due_since.is_none() {
+            st.due_since = Some(Instant::now());
+            drop(st);
+            self.link.wake_writer();
+        }
+    }
+
+    /// The highest sequence number the backup has acknowledged receiving
+    /// (everything up to it, since acks are cumulative).
+    pub fn acked(&self) -> u64 {
+        self.link.lock().acked
+    }
+
+    /// Waits until the backup has acknowledged `seq` (the output rule).
+    /// Entries still waiting to be batched are written at once. `Ok(false)`
+    /// on timeout; an error if the peer fails first.
+    pub fn wait_acked(&self, seq: u64, timeout: Duration) -> Result<bool, ChannelError> {
+        let until = deadline(timeout);
+        let mut st = self.link.lock();
+        if st.acked < seq && seq > st.written_seq && !st.pending_sizes.is_empty() {
+            st.urgent = true;
+            self.link.wake_writer();
+        }
+        loop {
+            if st.acked >= seq {
+                return Ok(true);
+            }
+            self.link.check(&mut st)?;
+            if Instant::now() >= until {
+                return Ok(false);
+            }
+            st = self.link.wait_waiters(st, until);
+        }
+    }
+
+    /// Entries sent and not yet acknowledged.
+    pub fn in_flight(&self) -> u64 {
+        self.link.lock().in_flight()
+    }
+
+    /// Whether the window is full: the primary should not run past its next
+    /// exit. The window is checked there, not in `send`, so it can be
+    /// exceeded by what one exit logs.
+    pub fn window_full(&self) -> bool {
+        self.link.lock().window_full(&self.link.config)
+    }
+
+    /// Waits until the window has room. `Ok(false)` on timeout; an error if
+    /// the peer fails first.
+    pub fn wait_window(&self, timeout: Duration) -> Result<bool, ChannelError> {
+        let until = deadline(timeout);
+        let mut st = self.link.lock();
+        loop {
+            if !st.window_full(&self.link.config) {
+                return Ok(true);
+            }
+            self.link.check(&mut st)?;
+            if Instant::now() >= until {
+                return Ok(false);
+            }
+            st = self.link.wait_waiters(st, until);
+        }
+    }
+
+    /// Whether the backup is considered failed: nothing from it for
+    /// `failure_timeout`, or the connection broke. Once true, stays true.
+    pub fn peer_failed(&self) -> bool {
+        self.failure().is_some()
+    }
+
+    /// Why the backup is considered failed.
+    pub fn failure(&self) -> Option<ChannelError> {
+        self.link.check(&mut self.link.lock()).err()
+    }
+
+    /// The backup's hello.
+    pub fn peer_hello(&self) -> &Hello {
+        &self.peer_hello
+    }
+
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.link.peer.addr
+    }
+
+    pub fn metrics(&self) -> ChannelMetrics {
+        let mut guard = self.link.lock();
+        let st = &mut *guard;
+        let now = Instant::now();
+        let (entries_per_sec, bytes_per_sec) =
+            st.rates.update(now, st.entries_sent, st.bytes_written);
+        let oldest_unreplayed = st
+            .record(st.replayed_seq + 1)
+            .or_else(|| (st.replayed_seq < st.queued_seq).then(|| st.sent.front()).flatten());
+        ChannelMetrics {
+            entries_sent: st.entries_sent,
+            bytes_sent: st.bytes_written,
+            entries_per_sec,
+            bytes_per_sec,
+            acked: st.acked,
+            in_flight: st.in_flight(),
+            in_flight_bytes: st.in_flight_bytes(),
+            lag_entries: st.queued_seq - st.replayed_seq,
+            lag_exits: st.exits.saturating_sub(st.replayed_exits),
+            lag_ms: oldest_unreplayed.map_or(0.0, |s| {
+                now.duration_since(s.at).as_secs_f64() * 1e3
+            }),
+        }
+    }
+}
+
+impl Drop for LogSender {
+    fn drop(&mut self) {
+        self.link.close();
+        self.workers.join();
+    }
+}
+
+fn accept_within(
+    listener: &TcpListener,
+    timeout: Duration,
+) -> Result<(TcpStream, SocketAddr), ChannelError> {
+    let local = || {
+        listener
+            .local_addr()
+            .map_or_else(|_| "the listener".to_string(), |a| a.to_string())
+    };
+    let accept_err = |e: io::Error| ChannelError::Accept {
+        local: local(),
+        source: Arc::new(e),
+    };
+    listener.set_nonblocking(true).map_err(accept_err)?;
+    let until = deadline(timeout);
+    let accepted = loop {
+        match listener.accept() {
+            Ok((stream, addr)) => break stream.set_nonblocking(false).map(|()| (stream, addr)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    let _ = listener.set_nonblocking(false);
+                    return Err(ChannelError::AcceptTimeout {
+                        local: local(),
+                        waited: timeout,
+                    });
+                }
+                thread::sleep(left.min(ACCEPT_POLL));
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                ) => {}
+            Err(e) => break Err(e),
+        }
+    };
+    listener
+        .set_nonblocking(false)
+        .and(accepted)
+        .map_err(accept_err)
+}
+
+/// What the writer takes from the state in one go.
+struct Batch {
+    frames: Vec<u8>,
+    sizes: Vec<u32>,
+    progress: Option<u64>,
+}
+
+fn write_loop(link: &Link<State>) {
+    let mut out = Vec::new();
+    let mut control = ControlSeq::after_handshake();
+    let mut batch = Batch {
+        frames: Vec::new(),
+        sizes: Vec::new(),
+        progress: None,
+    };
+    while take_batch(link, &mut batch) {
+        out.clear();
+        if let Err(e) = encode_batch(link, &batch, &mut control, &mut out) {
+            link.fail(&mut link.lock(), e);
+            return;
+        }
+        if out.is_empty() {
+            continue;
+        }
+        let mut stream = &link.stream;
+        if let Err(e) = stream.write_all(&out) {
+            link.fail(&mut link.lock(), ChannelError::broken(link.peer, e));
+            return;
+        }
+        let mut st = link.lock();
+        st.bytes_written += out.len() as u64;
+        st.last_write = Instant::now();
+    }
+}
+
+/// Waits until something must be written, and takes it. False when the
+/// writer should stop.
+fn take_batch(link: &Link<State>, batch: &mut Batch) -> bool {
+    let config = &link.config;
+    let mut guard = link.lock();
+    loop {
+        if link.stopping(&mut guard) {
+            return false;
+        }
+        let st = &mut *guard;
+        let now = Instant::now();
+        let flush_at = if st.urgent || st.pending.len() >= config.batch_max_bytes {
+            Some(now)
+        } else {
+            st.due_since.map(|t| t + config.batch_delay)
+        };
+        let beat_at = st.last_write + config.heartbeat_interval;
+        let flush = flush_at.is_some_and(|t| t <= now);
+        let beat = beat_at <= now;
+        if flush || beat {
+            batch.frames.clear();
+            batch.sizes.clear();
+            std::mem::swap(&mut batch.frames, &mut st.pending);
+            std::mem::swap(&mut batch.sizes, &mut st.pending_sizes);
+            st.written_seq = st.queued_seq;
+            st.due_since = None;
+            st.urgent = false;
+            batch.progress = (beat || st.progress != st.progress_written).then_some(st.progress);
+            st.progress_written = st.progress;
+            return true;
+        }
+        let until = flush_at
+            .unwrap_or(beat_at)
+            .min(beat_at)
+            .min(link.silence_deadline(st, now));
+        guard = link.wait_writer(guard, until);
+    }
+}
+
+/// Entry frames in messages of at most `batch_max_bytes` (but at least one
+/// entry each), then the progress mark if there is one to send.
+fn encode_batch(
+    link: &Link<State>,
+    batch: &Batch,
+    control: &mut ControlSeq,
+    out: &mut Vec<u8>,
+) -> Result<(), ChannelError> {
+    let max = link.config.batch_max_bytes;
+    let mut start = 0;
+    let mut sizes = batch.sizes.as_slice();
+    while !sizes.is_empty() {
+        let mut len = 0;
+        let mut count = 0;
+        for &size in sizes {
+            if count > 0 && (len + size as usize > max || count == u32::MAX as usize) {
+                break;
+            }
+            len += size as usize;
+            count += 1;
+        }
+        control.encode(
+            &Message::Entries {
+                count: count as u32,
+            },
+            out,
+        )?;
+        out.extend_from_slice(&batch.frames[start..start + len]);
+        start += len;
+        sizes = &sizes[count..];
+    }
+    if let Some(progress) = batch.progress {
+        control.encode(&Message::Heartbeat { progress }, out)?;
+    }
+    Ok(())
+}
+
+fn read_loop(link: &Link<State>, mut decoder: FrameDecoder) {
+    let mut control = ControlSeq::after_handshake();
+    let mut input = BufReader::new(StampingReader {
+        stream: &link.stream,
+        live: &link.live,
+    });
+    let err = loop {
+        let msg = match decoder.read_value::<Message, _>(&mut input, control.take()) {
+            Ok(Some((msg, _))) => msg,
+            Ok(None) => break ChannelError::Closed { peer: link.peer },
+            Err(e) => break ChannelError::from_frame(link.peer, e),
+        };
+        let Message::Ack {
+            received,
+            replayed_seq,
+            replayed_exits,
+        } = msg
+        else {
+            break ChannelError::protocol(
+                link.peer,
+                format!("sent a {} message; a backup sends only acks", msg.name()),
+            );
+        };
+        if let Err(e) = on_ack(link, received, replayed_seq, replayed_exits) {
+            break e;
+        }
+    };
+    link.fail(&mut link.lock(), err);
+}
+
+fn on_ack(
+    link: &Link<State>,
+    received: u64,
+    replayed_seq: u64,
+    replayed_exits: u64,
+) -> Result<(), ChannelError> {
+    let mut guard = link.lock();
+    let st = &mut *guard;
+    if received < st.acked || received > st.written_seq {
+        return Err(ChannelError::protocol(
+            link.peer,
+            format!(
+                "acknowledged entry {received}, but {} was acknowledged before and {} is the last written",
+                st.acked, st.written_seq
+            ),
+        ));
+    }
+    if replayed_seq > received {
+        return Err(ChannelError::protocol(
+            link.peer,
+            format!("reported entry {replayed_seq} replayed but only {received} received"),
+        ));
+    }
+    if received > st.acked {
+        st.acked_bytes = st.record(received).map_or(st.acked_bytes, |s| s.bytes_end);
+        st.acked = received;
+    }
+    st.replayed_seq = st.replayed_seq.max(replayed_seq);
+    st.replayed_exits = st.replayed_exits.max(replayed_exits);
+    st.trim(link.config.window_entries);
+    drop(guard);
+    link.wake_waiters();
+    Ok(())
+}

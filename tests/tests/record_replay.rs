@@ -1,0 +1,397 @@
+//! Record a live run, replay it from the log alone, and check that the
+//! replay reproduces it, or says where it stopped doing so.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use ftvm::capture::read_frames;
+use ftvm::kv::{ClientConfig, KvClient};
+use ftvm_tests::{ftvm, kvm_available, vm_lock, Vmm};
+use serde_json::Value;
+
+struct Recording {
+    dir: tempfile::TempDir,
+    log: PathBuf,
+    console: String,
+    frames: Vec<Vec<u8>>,
+}
+
+/// Records `ftvm record` while `workload` runs against it, then stops it
+/// with SIGTERM (which must close the log cleanly).
+fn record(name: &str, workload: impl FnOnce(std::net::SocketAddr)) -> Recording {
+    let dir = tempfile::tempdir().expect("dir");
+    let log = dir.path().join(format!("{name}.log"));
+    let pcap = dir.path().join(format!("{name}.pcap"));
+    let vmm = Vmm::start_command(
+        "record",
+        &["--log", &log.to_string_lossy(), "--capture", &pcap.to_string_lossy(), "--digest-interval", "512"],
+    );
+    workload(vmm.service);
+    let (status, stderr, console) = vmm.stop_with_console();
+    assert!(status.success(), "record failed: {stderr}");
+    let frames = read_frames(&std::fs::read(&pcap).expect("pcap")).expect("parse pcap");
+    Recording { dir, log, console, frames }
+}
+
+struct Replayed {
+    code: Option<i32>,
+    stderr: String,
+    console: String,
+    frames: Vec<Vec<u8>>,
+}
+
+fn replay(log: &Path, extra: &[&str]) -> Replayed {
+    let dir = tempfile::tempdir().expect("dir");
+    let serial = dir.path().join("console.txt");
+    let pcap = dir.path().join("replay.pcap");
+    let mut args = vec![
+        "replay".to_string(),
+        log.to_string_lossy().into_owned(),
+        "--serial".into(),
+        serial.to_string_lossy().into_owned(),
+        "--capture".into(),
+        pcap.to_string_lossy().into_owned(),
+        "--timeout".into(),
+        "60".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = ftvm(&refs, Duration::from_secs(90));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    Replayed {
+        code: out.status.code(),
+        stderr,
+        console: std::fs::read_to_string(&serial).unwrap_or_default(),
+        frames: std::fs::read(&pcap).ok().and_then(|b| read_frames(&b).ok()).unwrap_or_default(),
+    }
+}
+
+fn assert_reproduced(rec: &Recording, rep: &Replayed) {
+    assert_eq!(rep.code, Some(0), "replay failed:\n{}", rep.stderr);
+    assert!(rep.stderr.contains("every digest and output matched"), "{}", rep.stderr);
+    assert_eq!(rep.console, rec.console, "console output must be identical");
+    assert_eq!(rep.frames.len(), rec.frames.len(), "same number of reply frames");
+    assert!(rep.frames == rec.frames, "reply frames must be identical byte for byte");
+}
+
+fn client(service: std::net::SocketAddr) -> KvClient {
+    KvClient::connect(service, ClientConfig::default()).expect("client")
+}
+
+/// Several clients, puts, appends and gets, a few hundred requests.
+fn kv_load(service: std::net::SocketAddr) {
+    let handles: Vec<_> = (0..3)
+        .map(|c| {
+            std::thread::spawn(move || {
+                let mut kv = client(service);
+                for i in 0..100 {
+                    let key = format!("c{c}-{}", i % 10);
+                    match i % 3 {
+                        0 => kv.put(key.as_bytes(), format!("v{i}").as_bytes()).expect("put"),
+                        1 => kv.append(key.as_bytes(), b"+").expect("append"),
+                        _ => {
+                            kv.get(key.as_bytes()).expect("get");
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("client");
+    }
+}
+
+/// The shared recording the divergence tests edit: KV load plus entropy
+/// requests, so that it has rdtsc, rdrand, packets and interrupts.
+fn loaded_recording() -> &'static Recording {
+    static REC: OnceLock<Recording> = OnceLock::new();
+    REC.get_or_init(|| {
+        record("loaded", |service| {
+            kv_load(service);
+            let mut kv = client(service);
+            for _ in 0..3 {
+                kv.entropy(50).expect("entropy");
+            }
+        })
+    })
+}
+
+#[test]
+fn an_idle_guest_with_only_timer_ticks_replays_exactly() {
+    if !kvm_available() {
+        return;
+    }
+    let _g = vm_lock();
+    let rec = record("idle", |_| std::thread::sleep(Duration::from_secs(2)));
+    let rep = replay(&rec.log, &[]);
+    assert_reproduced(&rec, &rep);
+    assert!(rec.console.contains("ftvm-guest: booted"));
+}
+
+#[test]
+fn a_kv_load_from_several_clients_replays_exactly() {
+    if !kvm_available() {
+        return;
+    }
+    let _g = vm_lock();
+    let rec = loaded_recording();
+    assert!(rec.frames.len() >= 300, "{} frames", rec.frames.len());
+    let rep = replay(&rec.log, &[]);
+    assert_reproduced(rec, &rep);
+}
+
+#[test]
+fn a_guest_reading_rdtsc_and_rdrand_in_a_loop_replays_exactly() {
+    if !kvm_available() {
+        return;
+    }
+    let _g = vm_lock();
+    let rec = record("entropy", |service| {
+        let mut kv = client(service);
+        for n in [1, 100, 2000, 5000] {
+            kv.entropy(n).expect("entropy");
+        }
+    });
+    let rep = replay(&rec.log, &[]);
+    assert_reproduced(&rec, &rep);
+    let dump = ftvm(&["log", "dump", &rec.log.to_string_lossy()], Duration::from_secs(30));
+    let listing = String::from_utf8_lossy(&dump.stdout);
+    for kind in ["rdtsc ", "rdtscp ", "rdrand ", "rdseed "] {
+        assert!(listing.contains(kind), "no {kind} entry in the log");
+    }
+}
+
+/// Dumps the shared recording as JSON lines, lets `edit` change the entries
+/// (header excluded), loads them back and replays the result. Returns the
+/// replay and the sequence number `edit` reported as edited.
+fn replay_edited(name: &str, edit: impl FnOnce(&mut Vec<Value>) -> u64) -> (Replayed, u64) {
+    let rec = loaded_recording();
+    let dump = ftvm(&["log", "dump", "--json", &rec.log.to_string_lossy()], Duration::from_secs(30));
+    assert!(dump.status.success(), "{}", String::from_utf8_lossy(&dump.stderr));
+    let text = String::from_utf8(dump.stdout).expect("utf-8");
+    let mut lines = text.lines();
+    let header = lines.next().expect("header").to_string();
+    let mut entries: Vec<Value> = lines.map(|l| serde_json::from_str(l).expect("json")).collect();
+    let edited = edit(&mut entries);
+    for (i, e) in entries.iter_mut().enumerate() {
+        e["seq"] = Value::from(i as u64 + 1);
+    }
+    let mut out = header + "\n";
+    for e in &entries {
+        out += &serde_json::to_string(e).expect("json");
+        out += "\n";
+    }
+    let jsonl = rec.dir.path().join(format!("{name}.jsonl"));
+    let edited_log = rec.dir.path().join(format!("{name}.log"));
+    std::fs::write(&jsonl, out).expect("write jsonl");
+    let load = ftvm(
+        &["log", "load", &jsonl.to_string_lossy(), "-o", &edited_log.to_string_lossy()],
+        Duration::from_secs(30),
+    );
+    assert!(load.status.success(), "{}", String::from_utf8_lossy(&load.stderr));
+    (replay(&edited_log, &[]), edited)
+}
+
+fn kind(e: &Value) -> &str {
+    e["event"]["type"].as_str().unwrap_or("")
+}
+
+fn exits(e: &Value) -> u64 {
+    e["pos"]["exits"].as_u64().expect("exits")
+}
+
+/// The replay stopped with exit 3 at the edited entry or after it.
+fn assert_caught(rep: &Replayed, edited_seq: u64) {
+    assert_eq!(rep.code, Some(3), "the edit was not caught:\n{}", rep.stderr);
+    let seq: u64 = rep
+        .stderr
+        .split("first divergent entry: #")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no divergent entry named:\n{}", rep.stderr));
+    assert!(seq >= edited_seq, "divergence reported at #{seq}, before the edit at #{edited_seq}:\n{}", rep.stderr);
+    assert!(rep.stderr.contains("last matching entry"), "{}", rep.stderr);
+}
+
+/// The index of the `nth` entry of `kind`, well into the log.
+fn nth_of(entries: &[Value], wanted: &str, nth: usize) -> usize {
+    entries
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| kind(e) == wanted)
+        .nth(nth)
+        .map(|(i, _)| i)
+        .unwrap_or_else(|| panic!("fewer than {} {wanted} entries", nth + 1))
+}
+
+#[test]
+fn a_changed_rdtsc_value_is_caught() {
+    if !kvm_available() {
+        return;
+    }
+    let _g = vm_lock();
+    let (rep, seq) = replay_edited("rdtsc", |entries| {
+        let i = nth_of(entries, "rdtsc", 20);
+        entries[i]["event"]["value"] = Value::from("0x1234");
+        i as u64 + 1
+    });
+    assert_caught(&rep, seq);
+}
+
+#[test]
+fn a_changed_rdrand_value_is_caught() {
+    if !kvm_available() {
+        return;
+    }
+    let _g = vm_lock();
+    let (rep, seq) = replay_edited("rdrand", |entries| {
+        let i = nth_of(entries, "rdrand", 20);
+        entries[i]["event"]["value"] = Value::from("0x5555");
+        i as u64 + 1
+    });
+    assert_caught(&rep, seq);
+}
+
+#[test]
+fn an_interrupt_moved_by_one_exit_is_caught() {
+    if !kvm_available() {
+        return;
+    }
+    let _g = vm_lock();
+    let (rep, seq) = replay_edited("moved", |entries| {
+        // An interrupt whose next entry is at a later exit, so that moving
+        // it one exit later keeps the log in order.
+        let movable: Vec<usize> = (0..entries.len() - 1)
+            .filter(|&i| kind(&entries[i]) == "interrupt" && exits(&entries[i + 1]) > exits(&entries[i]))
+            .collect();
+        assert!(!movable.is_empty(), "no interrupt to move");
+        let i = movable[movable.len() / 2];
+        entries[i]["pos"]["exits"] = Value::from(exits(&entries[i]) + 1);
+        i as u64 + 1
+    });
+    assert_caught(&rep, seq);
+}
+
+#[test]
+fn a_dropped_interrupt_is_caught() {
+    if !kvm_available() {
+        return;
+    }
+    let _g = vm_lock();
+    let (rep, seq) = replay_edited("dropped", |entries| {
+        let i = nth_of(entries, "interrupt", 40);
+        entries.remove(i);
+        i as u64 + 1
+    });
+    assert_caught(&rep, seq);
+}
+
+#[test]
+fn a_changed_packet_byte_is_caught() {
+    if !kvm_available() {
+        return;
+    }
+    let _g = vm_lock();
+    let (rep, seq) = replay_edited("packet", |entries| {
+        let i = nth_of(entries, "packet", 10);
+        let frame = entries[i]["event"]["frame"].as_str().expect("frame hex").to_string();
+        // Change one byte of the UDP payload (the value of a request),
+        // keeping the hex string valid.
+        let at = frame.len() - 2;
+        let byte = u8::from_str_radix(&frame[at..], 16).expect("hex");
+        let changed = format!("{}{:02x}", &frame[..at], byte ^ 0x01);
+        entries[i]["event"]["frame"] = Value::from(changed);
+        i as u64 + 1
+    });
+    assert_caught(&rep, seq);
+}
+
+#[test]
+fn replay_without_patching_diverges() {
+    if !kvm_available() {
+        return;
+    }
+    let _g = vm_lock();
+    let rep = replay(&loaded_recording().log, &["--no-patch"]);
+    assert_eq!(rep.code, Some(3), "an unpatched replay must diverge:\n{}", rep.stderr);
+}
+
+#[test]
+fn corrupt_and_truncated_logs_are_refused_with_the_offset() {
+    if !kvm_available() {
+        return;
+    }
+    let _g = vm_lock();
+    let rec = loaded_recording();
+    let bytes = std::fs::read(&rec.log).expect("log");
+    let mut corrupt = bytes.clone();
+    let middle = corrupt.len() / 2;
+    corrupt[middle] ^= 0x40;
+    let path = rec.dir.path().join("corrupt.log");
+    std::fs::write(&path, &corrupt).expect("write");
+    let rep = replay(&path, &[]);
+    assert_eq!(rep.code, Some(1), "{}", rep.stderr);
+    assert!(rep.stderr.contains("offset"), "{}", rep.stderr);
+
+    let path = rec.dir.path().join("truncated.log");
+    std::fs::write(&path, &bytes[..bytes.len() - 7]).expect("write");
+    let rep = replay(&path, &[]);
+    assert_eq!(rep.code, Some(1), "{}", rep.stderr);
+    assert!(rep.stderr.contains("offset"), "{}", rep.stderr);
+
+    let path = rec.dir.path().join("foreign.log");
+    std::fs::write(&path, b"GIF89a this is not a log at all").expect("write");
+    let rep = replay(&path, &[]);
+    assert_eq!(rep.code, Some(1), "{}", rep.stderr);
+}
+
+#[test]
+fn a_log_for_another_image_or_memory_size_is_refused_before_running() {
+    if !kvm_available() {
+        return;
+    }
+    let _g = vm_lock();
+    let rec = loaded_recording();
+    let other = rec.dir.path().join("other.elf");
+    std::fs::write(&other, ftvm::loader::flat_elf(&[0xf4])).expect("image");
+    let rep = replay(&rec.log, &["--kernel", &other.to_string_lossy()]);
+    assert_eq!(rep.code, Some(1), "{}", rep.stderr);
+    assert!(rep.stderr.contains("another guest image"), "{}", rep.stderr);
+    let rep = replay(&rec.log, &["--mem", "128M"]);
+    assert_eq!(rep.code, Some(1), "{}", rep.stderr);
+    assert!(rep.stderr.contains("bytes of guest memory"), "{}", rep.stderr);
+}
+
+#[test]
+fn sigint_closes_the_log_cleanly() {
+    if !kvm_available() {
+        return;
+    }
+    let _g = vm_lock();
+    let dir = tempfile::tempdir().expect("dir");
+    let log = dir.path().join("int.log");
+    let service = ftvm_tests::free_udp_addr().to_string();
+    let mut child = Command::new(ftvm_tests::ftvm_bin())
+        .args(["record", "--log", &log.to_string_lossy(), "--service", &service, "--timeout", "60", "--serial", "/dev/null"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    std::thread::sleep(Duration::from_millis(1500));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).expect("kill");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while child.try_wait().expect("wait").is_none() {
+        assert!(std::time::Instant::now() < deadline, "record did not stop on SIGINT");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(child.wait().expect("status").success());
+    let dump = ftvm(&["log", "dump", &log.to_string_lossy()], Duration::from_secs(30));
+    assert!(dump.status.success(), "{}", String::from_utf8_lossy(&dump.stderr));
+    assert!(String::from_utf8_lossy(&dump.stdout).contains("end at exit"));
+}
