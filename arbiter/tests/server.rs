@@ -310,6 +310,47 @@ fn decisions_survive_a_restart() {
 }
 
 #[test]
+fn unsaved_decision_is_not_made() {
+    within(Duration::from_secs(20), || {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("state");
+        let server = start(&dir);
+        let c = client(&server);
+        let (a, b) = (member("a", 1), member("b", 2));
+        assert_eq!(c.ping("vm", &a, 0).unwrap(), view(1, &a, None));
+        std::fs::remove_dir_all(&dir).unwrap();
+        match c.test_and_set("vm", 1, &a) {
+            Err(ArbiterError::Rejected {
+                kind: ErrorKind::Storage,
+                message,
+                ..
+            }) => assert!(message.contains("did not make it"), "{message}"),
+            other => panic!("expected a storage error, got {other:?}"),
+        }
+        assert!(
+            c.ping("vm", &b, 0).is_ok(),
+            "pings that decide nothing go on"
+        );
+        match c.ping("vm", &a, 1) {
+            Err(ArbiterError::Rejected {
+                kind: ErrorKind::Storage,
+                ..
+            }) => {}
+            other => panic!("an acknowledgement is a decision too: {other:?}"),
+        }
+        assert_eq!(c.query("vm").unwrap(), view(1, &a, None));
+        std::fs::create_dir(&dir).unwrap();
+        assert_eq!(
+            c.test_and_set("vm", 1, &a).unwrap(),
+            TasOutcome::Won {
+                view: view(2, &a, None)
+            }
+        );
+        server.stop().unwrap();
+    })
+}
+
+#[test]
 fn corrupt_state_is_refused_by_name() {
     within(Duration::from_secs(20), || {
         let dir = tempfile::tempdir().unwrap();
@@ -612,12 +653,13 @@ fn random_history(seed: u64) {
     let mut current = View::default();
     let mut acked = false;
     let mut winners: BTreeMap<u64, Member> = BTreeMap::new();
-    let (mut won, mut promoted) = (0, 0);
+    let (mut won, mut promoted, mut restarts) = (0, 0, 0);
     for step in 0..250 {
         let context = format!("seed {seed} step {step}");
         if rng.random_ratio(1, 60) {
             server.stop().unwrap();
             server = start(dir.path());
+            restarts += 1;
             continue;
         }
         let c = client(&server);
@@ -707,6 +749,8 @@ fn random_history(seed: u64) {
         assert!(current.number >= before.number, "{context}");
         assert_eq!(c.query("vm").unwrap(), current, "{context}");
     }
-    println!("seed {seed}: {won} wins, {promoted} spares named, final {current}");
+    println!(
+        "seed {seed}: {won} wins, {promoted} spares named, {restarts} restarts, final {current}"
+    );
     server.stop().unwrap();
 }
