@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
-    let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest = PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"),
+    );
     let guest = manifest.join("../guest");
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let target_dir = out.join("guest-target");
@@ -30,8 +32,16 @@ fn main() {
         .env_remove("CARGO_MAKEFLAGS")
         .status()
         .expect("cannot run cargo to build the guest");
-    assert!(status.success(), "building the guest in {} failed", guest.display());
+    assert!(
+        status.success(),
+        "building the guest in {} failed",
+        guest.display()
+    );
     let elf = target_dir.join("release/ftvm-guest");
-    assert!(elf.is_file(), "the guest build produced no {}", elf.display());
+    assert!(
+        elf.is_file(),
+        "the guest build produced no {}",
+        elf.display()
+    );
     println!("cargo:rustc-env=FTVM_GUEST_ELF={}", elf.display());
 }

@@ -34,7 +34,11 @@ pub fn ftvm_bin() -> PathBuf {
 /// Whether KVM tests run here. Without /dev/kvm they fail loudly, unless
 /// FTVM_SKIP_KVM_TESTS=1 says explicitly to skip them.
 pub fn kvm_available() -> bool {
-    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         Ok(_) => true,
         Err(e) => {
             if std::env::var("FTVM_SKIP_KVM_TESTS").as_deref() == Ok("1") {
@@ -134,7 +138,10 @@ impl Vmm {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("`{needle}` did not appear within {within:?}; console:\n{}", self.console());
+        panic!(
+            "`{needle}` did not appear within {within:?}; console:\n{}",
+            self.console()
+        );
     }
 
     /// SIGTERM and wait; returns the exit status and stderr.
@@ -197,8 +204,18 @@ pub fn ftvm(args: &[&str], limit: Duration) -> Output {
             bytes
         })
     };
-    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
-    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
     let deadline = Instant::now() + limit;
     let status = loop {
         match child.try_wait() {

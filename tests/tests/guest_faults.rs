@@ -14,12 +14,24 @@ fn run_code(code: &[u8]) -> (Option<i32>, String, String) {
     std::fs::write(&path, flat_elf(code)).expect("write image");
     let service = ftvm_tests::free_udp_addr().to_string();
     let out = ftvm(
-        &["run", "--kernel", &path.to_string_lossy(), "--service", &service, "--timeout", "20"],
+        &[
+            "run",
+            "--kernel",
+            &path.to_string_lossy(),
+            "--service",
+            &service,
+            "--timeout",
+            "20",
+        ],
         Duration::from_secs(40),
     );
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!stderr.contains("panicked"), "{stderr}");
-    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), stderr)
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr,
+    )
 }
 
 /// mov dx, 0x3f8; mov al, c; out dx, al ... ; mov dx, 0x501; xor eax, eax; out dx, al
@@ -64,10 +76,20 @@ fn a_triple_fault_names_the_exit_rip_and_code() {
     // ud2 with no IDT: #UD, then #DF, then a triple fault.
     let (code, _, stderr) = run_code(&[0x0f, 0x0b]);
     assert_eq!(code, Some(1), "{stderr}");
-    assert!(stderr.contains("KVM_EXIT_SHUTDOWN") || stderr.contains("KVM_EXIT_INTERNAL_ERROR"), "{stderr}");
+    assert!(
+        stderr.contains("KVM_EXIT_SHUTDOWN") || stderr.contains("KVM_EXIT_INTERNAL_ERROR"),
+        "{stderr}"
+    );
     assert!(stderr.contains("RIP 0x100000"), "{stderr}");
     assert!(stderr.contains("0f 0b"), "{stderr}");
-    assert_eq!(stderr.lines().filter(|l| l.starts_with("ftvm: the guest")).count(), 1, "{stderr}");
+    assert_eq!(
+        stderr
+            .lines()
+            .filter(|l| l.starts_with("ftvm: the guest"))
+            .count(),
+        1,
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -21,7 +21,10 @@ fn boots_prints_a_banner_and_stops_cleanly_on_sigterm() {
     let _g = vm_lock();
     let vmm = Vmm::start(&[]);
     let console = vmm.console();
-    assert!(console.contains("ftvm-guest: booted"), "console:\n{console}");
+    assert!(
+        console.contains("ftvm-guest: booted"),
+        "console:\n{console}"
+    );
     let (status, stderr) = vmm.stop();
     assert!(status.success(), "exit {status}, stderr:\n{stderr}");
     assert!(stderr.contains("stopped (Requested)"), "stderr:\n{stderr}");
@@ -37,14 +40,23 @@ fn put_get_append_round_trip() {
     let mut c = client(&vmm);
     assert_eq!(c.get(b"missing").expect("get"), None);
     c.put(b"greeting", b"hello").expect("put");
-    assert_eq!(c.get(b"greeting").expect("get").as_deref(), Some(&b"hello"[..]));
+    assert_eq!(
+        c.get(b"greeting").expect("get").as_deref(),
+        Some(&b"hello"[..])
+    );
     c.append(b"greeting", b", world").expect("append");
-    assert_eq!(c.get(b"greeting").expect("get").as_deref(), Some(&b"hello, world"[..]));
+    assert_eq!(
+        c.get(b"greeting").expect("get").as_deref(),
+        Some(&b"hello, world"[..])
+    );
     c.append(b"fresh", b"abc").expect("append to a missing key");
     assert_eq!(c.get(b"fresh").expect("get").as_deref(), Some(&b"abc"[..]));
     let max = vec![b'v'; 1024];
     c.put(b"big", &max).expect("put 1024 bytes");
-    assert!(c.append(b"big", b"x").is_err(), "append past 1024 bytes must be refused");
+    assert!(
+        c.append(b"big", b"x").is_err(),
+        "append past 1024 bytes must be refused"
+    );
     assert_eq!(c.get(b"big").expect("get").as_deref(), Some(&max[..]));
     let (status, stderr) = vmm.stop();
     assert!(status.success(), "{stderr}");
@@ -60,9 +72,20 @@ fn the_kv_command_prints_values_and_reports_missing_keys() {
     let server = vmm.service.to_string();
     let limit = Duration::from_secs(30);
     let put = ftvm(&["kv", "--server", &server, "put", "colour", "blue"], limit);
-    assert!(put.status.success(), "{}", String::from_utf8_lossy(&put.stderr));
-    let append = ftvm(&["kv", "--server", &server, "append", "colour", "-green"], limit);
-    assert!(append.status.success(), "{}", String::from_utf8_lossy(&append.stderr));
+    assert!(
+        put.status.success(),
+        "{}",
+        String::from_utf8_lossy(&put.stderr)
+    );
+    let append = ftvm(
+        &["kv", "--server", &server, "append", "colour", "-green"],
+        limit,
+    );
+    assert!(
+        append.status.success(),
+        "{}",
+        String::from_utf8_lossy(&append.stderr)
+    );
     let get = ftvm(&["kv", "--server", &server, "get", "colour"], limit);
     assert_eq!(get.status.code(), Some(0));
     assert_eq!(String::from_utf8_lossy(&get.stdout), "blue-green\n");
@@ -81,7 +104,8 @@ fn a_retried_request_is_executed_once() {
     let _g = vm_lock();
     let vmm = Vmm::start(&[]);
     let sock = UdpSocket::bind("127.0.0.1:0").expect("socket");
-    sock.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    sock.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
     let req = Request {
         op: Op::Append,
         client_id: 0x5eed_0001,
@@ -112,10 +136,14 @@ fn a_retried_request_is_executed_once() {
         key: b"counter".to_vec(),
         value: b"+1".to_vec(),
     };
-    sock.send_to(&stale.encode().expect("encode"), vmm.service).expect("send");
+    sock.send_to(&stale.encode().expect("encode"), vmm.service)
+        .expect("send");
     let mut buf = [0u8; 2048];
     let (n, _) = sock.recv_from(&mut buf).expect("reply");
-    assert_eq!(Reply::decode(&buf[..n]).expect("decode").status, Status::Stale);
+    assert_eq!(
+        Reply::decode(&buf[..n]).expect("decode").status,
+        Status::Stale
+    );
     assert_eq!(c.get(b"counter").expect("get").as_deref(), Some(&b"+1"[..]));
 }
 
@@ -146,7 +174,11 @@ fn random_operations_from_concurrent_clients_agree_with_a_model() {
                     match rng.random_range(0..3) {
                         0 => {
                             let got = kv.get(&key).expect("get");
-                            assert_eq!(got.as_ref(), model.get(&key), "client {c} op {i} get {key:?}");
+                            assert_eq!(
+                                got.as_ref(),
+                                model.get(&key),
+                                "client {c} op {i} get {key:?}"
+                            );
                         }
                         1 => {
                             let len = rng.random_range(0..40);
@@ -155,7 +187,8 @@ fn random_operations_from_concurrent_clients_agree_with_a_model() {
                             model.insert(key, v);
                         }
                         _ => {
-                            let v: Vec<u8> = (0..rng.random_range(1..8)).map(|_| rng.random()).collect();
+                            let v: Vec<u8> =
+                                (0..rng.random_range(1..8)).map(|_| rng.random()).collect();
                             kv.append(&key, &v).expect("append");
                             model.entry(key).or_default().extend_from_slice(&v);
                         }
@@ -165,7 +198,10 @@ fn random_operations_from_concurrent_clients_agree_with_a_model() {
             })
         })
         .collect();
-    let models: Vec<_> = handles.into_iter().map(|h| h.join().expect("client thread")).collect();
+    let models: Vec<_> = handles
+        .into_iter()
+        .map(|h| h.join().expect("client thread"))
+        .collect();
     let mut kv = client(&vmm);
     for model in models {
         for (k, v) in model {
@@ -186,7 +222,8 @@ fn malformed_datagrams_do_not_disturb_the_service() {
     let mut c = client(&vmm);
     c.put(b"safe", b"value").expect("put");
     let sock = UdpSocket::bind("127.0.0.1:0").expect("socket");
-    sock.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
     let good = Request {
         op: Op::Put,
         client_id: 77,
@@ -206,7 +243,11 @@ fn malformed_datagrams_do_not_disturb_the_service() {
     short.truncate(good.len() - 3);
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let mut garbage: Vec<Vec<u8>> = (0..50)
-        .map(|_| (0..rng.random_range(0..1400)).map(|_| rng.random()).collect())
+        .map(|_| {
+            (0..rng.random_range(0..1400))
+                .map(|_| rng.random())
+                .collect()
+        })
         .collect();
     garbage.extend([vec![], b"FT".to_vec(), vec![0xff; 1472]]);
     for g in &garbage {
@@ -216,7 +257,10 @@ fn malformed_datagrams_do_not_disturb_the_service() {
         sock.send_to(bad, vmm.service).expect("send");
         let mut buf = [0u8; 2048];
         let (n, _) = sock.recv_from(&mut buf).expect("a BadRequest reply");
-        assert_eq!(Reply::decode(&buf[..n]).expect("decode").status, Status::BadRequest);
+        assert_eq!(
+            Reply::decode(&buf[..n]).expect("decode").status,
+            Status::BadRequest
+        );
     }
     assert_eq!(c.get(b"safe").expect("get").as_deref(), Some(&b"value"[..]));
     c.put(b"after", b"ok").expect("service still works");

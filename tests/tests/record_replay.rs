@@ -26,13 +26,25 @@ fn record(name: &str, workload: impl FnOnce(std::net::SocketAddr)) -> Recording 
     let pcap = dir.path().join(format!("{name}.pcap"));
     let vmm = Vmm::start_command(
         "record",
-        &["--log", &log.to_string_lossy(), "--capture", &pcap.to_string_lossy(), "--digest-interval", "512"],
+        &[
+            "--log",
+            &log.to_string_lossy(),
+            "--capture",
+            &pcap.to_string_lossy(),
+            "--digest-interval",
+            "512",
+        ],
     );
     workload(vmm.service);
     let (status, stderr, console) = vmm.stop_with_console();
     assert!(status.success(), "record failed: {stderr}");
     let frames = read_frames(&std::fs::read(&pcap).expect("pcap")).expect("parse pcap");
-    Recording { dir, log, console, frames }
+    Recording {
+        dir,
+        log,
+        console,
+        frames,
+    }
 }
 
 struct Replayed {
@@ -65,16 +77,30 @@ fn replay(log: &Path, extra: &[&str]) -> Replayed {
         code: out.status.code(),
         stderr,
         console: std::fs::read_to_string(&serial).unwrap_or_default(),
-        frames: std::fs::read(&pcap).ok().and_then(|b| read_frames(&b).ok()).unwrap_or_default(),
+        frames: std::fs::read(&pcap)
+            .ok()
+            .and_then(|b| read_frames(&b).ok())
+            .unwrap_or_default(),
     }
 }
 
 fn assert_reproduced(rec: &Recording, rep: &Replayed) {
     assert_eq!(rep.code, Some(0), "replay failed:\n{}", rep.stderr);
-    assert!(rep.stderr.contains("every digest and output matched"), "{}", rep.stderr);
+    assert!(
+        rep.stderr.contains("every digest and output matched"),
+        "{}",
+        rep.stderr
+    );
     assert_eq!(rep.console, rec.console, "console output must be identical");
-    assert_eq!(rep.frames.len(), rec.frames.len(), "same number of reply frames");
-    assert!(rep.frames == rec.frames, "reply frames must be identical byte for byte");
+    assert_eq!(
+        rep.frames.len(),
+        rec.frames.len(),
+        "same number of reply frames"
+    );
+    assert!(
+        rep.frames == rec.frames,
+        "reply frames must be identical byte for byte"
+    );
 }
 
 fn client(service: std::net::SocketAddr) -> KvClient {
@@ -90,7 +116,9 @@ fn kv_load(service: std::net::SocketAddr) {
                 for i in 0..100 {
                     let key = format!("c{c}-{}", i % 10);
                     match i % 3 {
-                        0 => kv.put(key.as_bytes(), format!("v{i}").as_bytes()).expect("put"),
+                        0 => kv
+                            .put(key.as_bytes(), format!("v{i}").as_bytes())
+                            .expect("put"),
                         1 => kv.append(key.as_bytes(), b"+").expect("append"),
                         _ => {
                             kv.get(key.as_bytes()).expect("get");
@@ -158,7 +186,10 @@ fn a_guest_reading_rdtsc_and_rdrand_in_a_loop_replays_exactly() {
     });
     let rep = replay(&rec.log, &[]);
     assert_reproduced(&rec, &rep);
-    let dump = ftvm(&["log", "dump", &rec.log.to_string_lossy()], Duration::from_secs(30));
+    let dump = ftvm(
+        &["log", "dump", &rec.log.to_string_lossy()],
+        Duration::from_secs(30),
+    );
     let listing = String::from_utf8_lossy(&dump.stdout);
     for kind in ["rdtsc ", "rdtscp ", "rdrand ", "rdseed "] {
         assert!(listing.contains(kind), "no {kind} entry in the log");
@@ -170,12 +201,21 @@ fn a_guest_reading_rdtsc_and_rdrand_in_a_loop_replays_exactly() {
 /// replay and the sequence number `edit` reported as edited.
 fn replay_edited(name: &str, edit: impl FnOnce(&mut Vec<Value>) -> u64) -> (Replayed, u64) {
     let rec = loaded_recording();
-    let dump = ftvm(&["log", "dump", "--json", &rec.log.to_string_lossy()], Duration::from_secs(30));
-    assert!(dump.status.success(), "{}", String::from_utf8_lossy(&dump.stderr));
+    let dump = ftvm(
+        &["log", "dump", "--json", &rec.log.to_string_lossy()],
+        Duration::from_secs(30),
+    );
+    assert!(
+        dump.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dump.stderr)
+    );
     let text = String::from_utf8(dump.stdout).expect("utf-8");
     let mut lines = text.lines();
     let header = lines.next().expect("header").to_string();
-    let mut entries: Vec<Value> = lines.map(|l| serde_json::from_str(l).expect("json")).collect();
+    let mut entries: Vec<Value> = lines
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
     let edited = edit(&mut entries);
     for (i, e) in entries.iter_mut().enumerate() {
         e["seq"] = Value::from(i as u64 + 1);
@@ -189,10 +229,20 @@ fn replay_edited(name: &str, edit: impl FnOnce(&mut Vec<Value>) -> u64) -> (Repl
     let edited_log = rec.dir.path().join(format!("{name}.log"));
     std::fs::write(&jsonl, out).expect("write jsonl");
     let load = ftvm(
-        &["log", "load", &jsonl.to_string_lossy(), "-o", &edited_log.to_string_lossy()],
+        &[
+            "log",
+            "load",
+            &jsonl.to_string_lossy(),
+            "-o",
+            &edited_log.to_string_lossy(),
+        ],
         Duration::from_secs(30),
     );
-    assert!(load.status.success(), "{}", String::from_utf8_lossy(&load.stderr));
+    assert!(
+        load.status.success(),
+        "{}",
+        String::from_utf8_lossy(&load.stderr)
+    );
     (replay(&edited_log, &[]), edited)
 }
 
@@ -206,7 +256,12 @@ fn exits(e: &Value) -> u64 {
 
 /// The replay stopped with exit 3 at the edited entry or after it.
 fn assert_caught(rep: &Replayed, edited_seq: u64) {
-    assert_eq!(rep.code, Some(3), "the edit was not caught:\n{}", rep.stderr);
+    assert_eq!(
+        rep.code,
+        Some(3),
+        "the edit was not caught:\n{}",
+        rep.stderr
+    );
     let seq: u64 = rep
         .stderr
         .split("first divergent entry: #")
@@ -214,7 +269,11 @@ fn assert_caught(rep: &Replayed, edited_seq: u64) {
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no divergent entry named:\n{}", rep.stderr));
-    assert!(seq >= edited_seq, "divergence reported at #{seq}, before the edit at #{edited_seq}:\n{}", rep.stderr);
+    assert!(
+        seq >= edited_seq,
+        "divergence reported at #{seq}, before the edit at #{edited_seq}:\n{}",
+        rep.stderr
+    );
     assert!(rep.stderr.contains("last matching entry"), "{}", rep.stderr);
 }
 
@@ -267,7 +326,9 @@ fn an_interrupt_moved_by_one_exit_is_caught() {
         // An interrupt whose next entry is at a later exit, so that moving
         // it one exit later keeps the log in order.
         let movable: Vec<usize> = (0..entries.len() - 1)
-            .filter(|&i| kind(&entries[i]) == "interrupt" && exits(&entries[i + 1]) > exits(&entries[i]))
+            .filter(|&i| {
+                kind(&entries[i]) == "interrupt" && exits(&entries[i + 1]) > exits(&entries[i])
+            })
             .collect();
         assert!(!movable.is_empty(), "no interrupt to move");
         let i = movable[movable.len() / 2];
@@ -299,7 +360,10 @@ fn a_changed_packet_byte_is_caught() {
     let _g = vm_lock();
     let (rep, seq) = replay_edited("packet", |entries| {
         let i = nth_of(entries, "packet", 10);
-        let frame = entries[i]["event"]["frame"].as_str().expect("frame hex").to_string();
+        let frame = entries[i]["event"]["frame"]
+            .as_str()
+            .expect("frame hex")
+            .to_string();
         // Change one byte of the UDP payload (the value of a request),
         // keeping the hex string valid.
         let at = frame.len() - 2;
@@ -318,7 +382,12 @@ fn replay_without_patching_diverges() {
     }
     let _g = vm_lock();
     let rep = replay(&loaded_recording().log, &["--no-patch"]);
-    assert_eq!(rep.code, Some(3), "an unpatched replay must diverge:\n{}", rep.stderr);
+    assert_eq!(
+        rep.code,
+        Some(3),
+        "an unpatched replay must diverge:\n{}",
+        rep.stderr
+    );
 }
 
 #[test]
@@ -364,7 +433,11 @@ fn a_log_for_another_image_or_memory_size_is_refused_before_running() {
     assert!(rep.stderr.contains("another guest image"), "{}", rep.stderr);
     let rep = replay(&rec.log, &["--mem", "128M"]);
     assert_eq!(rep.code, Some(1), "{}", rep.stderr);
-    assert!(rep.stderr.contains("bytes of guest memory"), "{}", rep.stderr);
+    assert!(
+        rep.stderr.contains("bytes of guest memory"),
+        "{}",
+        rep.stderr
+    );
 }
 
 #[test]
@@ -377,21 +450,45 @@ fn sigint_closes_the_log_cleanly() {
     let log = dir.path().join("int.log");
     let service = ftvm_tests::free_udp_addr().to_string();
     let mut child = Command::new(ftvm_tests::ftvm_bin())
-        .args(["record", "--log", &log.to_string_lossy(), "--service", &service, "--timeout", "60", "--serial", "/dev/null"])
+        .args([
+            "record",
+            "--log",
+            &log.to_string_lossy(),
+            "--service",
+            &service,
+            "--timeout",
+            "60",
+            "--serial",
+            "/dev/null",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
     std::thread::sleep(Duration::from_millis(1500));
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).expect("kill");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("kill");
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     while child.try_wait().expect("wait").is_none() {
-        assert!(std::time::Instant::now() < deadline, "record did not stop on SIGINT");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "record did not stop on SIGINT"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(child.wait().expect("status").success());
-    let dump = ftvm(&["log", "dump", &log.to_string_lossy()], Duration::from_secs(30));
-    assert!(dump.status.success(), "{}", String::from_utf8_lossy(&dump.stderr));
+    let dump = ftvm(
+        &["log", "dump", &log.to_string_lossy()],
+        Duration::from_secs(30),
+    );
+    assert!(
+        dump.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dump.stderr)
+    );
     assert!(String::from_utf8_lossy(&dump.stdout).contains("end at exit"));
 }

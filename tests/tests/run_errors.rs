@@ -13,9 +13,18 @@ fn stderr_of(args: &[&str]) -> (Option<i32>, String) {
 
 #[test]
 fn a_missing_guest_image_is_named() {
-    let (code, err) = stderr_of(&["run", "--kernel", "/nonexistent/guest.elf", "--timeout", "5"]);
+    let (code, err) = stderr_of(&[
+        "run",
+        "--kernel",
+        "/nonexistent/guest.elf",
+        "--timeout",
+        "5",
+    ]);
     assert_eq!(code, Some(1));
-    assert!(err.contains("cannot read guest image /nonexistent/guest.elf"), "{err}");
+    assert!(
+        err.contains("cannot read guest image /nonexistent/guest.elf"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -64,7 +73,10 @@ fn a_service_port_in_use_is_refused() {
 #[test]
 fn the_kv_client_times_out_with_a_clear_message() {
     let addr = free_udp_addr().to_string();
-    let out = ftvm(&["kv", "--server", &addr, "--timeout", "1s", "get", "k"], Duration::from_secs(30));
+    let out = ftvm(
+        &["kv", "--server", &addr, "--timeout", "1s", "get", "k"],
+        Duration::from_secs(30),
+    );
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.starts_with("ftvm kv: "), "{err}");

@@ -23,6 +23,38 @@ pub struct BenchArgs {
 pub enum BenchWhat {
     /// Closed-loop KV load against `ftvm run`: ops/s, latency, exit rates.
     Kv(KvBenchArgs),
+    /// Record overhead (`record` vs `run`), replay speed (replay vs
+    /// recorded wall time, idle and loaded) and log size.
+    Record(RecordBenchArgs),
+}
+
+#[derive(clap::Args)]
+pub struct RecordBenchArgs {
+    /// Closed-loop clients during the loaded runs.
+    #[arg(long, default_value_t = 4)]
+    pub clients: usize,
+    /// Seconds of each run.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Alternating run/record pairs; the overhead ratio is the median
+    /// over them, which keeps a noisy neighbour from deciding it.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Guest memory size.
+    #[arg(long, default_value = "64M")]
+    pub mem: String,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
 }
 
 #[derive(clap::Args)]
@@ -70,11 +102,26 @@ struct VmmProcess {
 }
 
 impl VmmProcess {
-    fn start(service: SocketAddr, mem: &str, limit: Duration, dir: &Path) -> Result<Self, String> {
-        let exe = std::env::current_exe().map_err(|e| format!("cannot find the ftvm binary: {e}"))?;
+    fn start(
+        command: &[&str],
+        service: SocketAddr,
+        mem: &str,
+        limit: Duration,
+        dir: &Path,
+    ) -> Result<Self, String> {
+        let exe =
+            std::env::current_exe().map_err(|e| format!("cannot find the ftvm binary: {e}"))?;
         let stats = dir.join(format!("stats-{}.json", service.port()));
         let child = Command::new(exe)
-            .args(["run", "--service", &service.to_string(), "--mem", mem, "--serial", "/dev/null"])
+            .args(command)
+            .args([
+                "--service",
+                &service.to_string(),
+                "--mem",
+                mem,
+                "--serial",
+                "/dev/null",
+            ])
             .arg("--timeout")
             .arg(format!("{:.0}", limit.as_secs_f64()))
             .arg("--stats-json")
@@ -102,14 +149,17 @@ impl VmmProcess {
         loop {
             match self.child.try_wait() {
                 Ok(Some(_)) => break,
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
                 _ => {
                     let _ = self.child.kill();
                     return Err("ftvm run did not stop within 10 s of SIGTERM".into());
                 }
             }
         }
-        let text = std::fs::read_to_string(&self.stats).map_err(|e| format!("no stats from ftvm run: {e}"))?;
+        let text = std::fs::read_to_string(&self.stats)
+            .map_err(|e| format!("no stats from ftvm run: {e}"))?;
         serde_json::from_str(&text).map_err(|e| format!("bad stats from ftvm run: {e}"))
     }
 }
@@ -145,35 +195,46 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
 
 /// Runs `clients` closed-loop clients (half puts, half gets over 64 keys)
 /// for `duration`; returns (ops, latencies in ns sorted, retries).
-fn closed_loop(service: SocketAddr, clients: usize, duration: Duration) -> Result<(u64, Vec<u64>, u64), String> {
+fn closed_loop(
+    service: SocketAddr,
+    clients: usize,
+    duration: Duration,
+) -> Result<(u64, Vec<u64>, u64), String> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::new();
     for c in 0..clients {
         let stop = stop.clone();
-        handles.push(std::thread::spawn(move || -> Result<(Vec<u64>, u64), String> {
-            let mut client = KvClient::connect(service, ClientConfig::default()).map_err(|e| e.to_string())?;
-            let mut lat = Vec::new();
-            let mut i = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let key = format!("k{}", (i * 7 + c as u64) % 64);
-                let t = Instant::now();
-                if i % 2 == 0 {
-                    client.put(key.as_bytes(), b"0123456789abcdef").map_err(|e| e.to_string())?;
-                } else {
-                    client.get(key.as_bytes()).map_err(|e| e.to_string())?;
+        handles.push(std::thread::spawn(
+            move || -> Result<(Vec<u64>, u64), String> {
+                let mut client = KvClient::connect(service, ClientConfig::default())
+                    .map_err(|e| e.to_string())?;
+                let mut lat = Vec::new();
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let key = format!("k{}", (i * 7 + c as u64) % 64);
+                    let t = Instant::now();
+                    if i.is_multiple_of(2) {
+                        client
+                            .put(key.as_bytes(), b"0123456789abcdef")
+                            .map_err(|e| e.to_string())?;
+                    } else {
+                        client.get(key.as_bytes()).map_err(|e| e.to_string())?;
+                    }
+                    lat.push(t.elapsed().as_nanos() as u64);
+                    i += 1;
                 }
-                lat.push(t.elapsed().as_nanos() as u64);
-                i += 1;
-            }
-            Ok((lat, client.stats().retries))
-        }));
+                Ok((lat, client.stats().retries))
+            },
+        ));
     }
     std::thread::sleep(duration);
     stop.store(true, Ordering::Relaxed);
     let mut all = Vec::new();
     let mut retries = 0;
     for h in handles {
-        let (lat, r) = h.join().map_err(|_| "a client thread panicked".to_string())??;
+        let (lat, r) = h
+            .join()
+            .map_err(|_| "a client thread panicked".to_string())??;
         all.extend(lat);
         retries += r;
     }
@@ -184,7 +245,13 @@ fn closed_loop(service: SocketAddr, clients: usize, duration: Duration) -> Resul
 fn kv_point(args: &KvBenchArgs, clients: usize, dir: &Path) -> Result<KvPoint, String> {
     let service = free_udp_port()?;
     let duration = Duration::from_secs_f64(args.duration);
-    let vmm = VmmProcess::start(service, &args.mem, duration + Duration::from_secs(60), dir)?;
+    let vmm = VmmProcess::start(
+        &["run"],
+        service,
+        &args.mem,
+        duration + Duration::from_secs(60),
+        dir,
+    )?;
     wait_ready(service, Duration::from_secs(30))?;
     let t = Instant::now();
     let (ops, lat, retries) = closed_loop(service, clients, duration)?;
@@ -213,13 +280,219 @@ fn kv_point(args: &KvBenchArgs, clients: usize, dir: &Path) -> Result<KvPoint, S
 pub fn run(args: &BenchArgs) -> Result<(), String> {
     match &args.what {
         BenchWhat::Kv(kv) => bench_kv(kv),
+        BenchWhat::Record(r) => bench_record(r),
     }
 }
 
-fn bench_kv(args: &KvBenchArgs) -> Result<(), String> {
-    if !(args.duration.is_finite() && args.duration > 0.0 && args.duration <= 3600.0) {
-        return Err(format!("--duration {} must be in (0, 3600] seconds", args.duration));
+fn check_duration(d: f64) -> Result<Duration, String> {
+    if !(d.is_finite() && d > 0.0 && d <= 3600.0) {
+        return Err(format!("--duration {d} must be in (0, 3600] seconds"));
     }
+    Ok(Duration::from_secs_f64(d))
+}
+
+/// One `ftvm run` or `ftvm record` under `clients` closed-loop clients (none:
+/// idle); returns (ops/s, the VMM's counters).
+fn serve_under_load(
+    command: &[&str],
+    clients: usize,
+    duration: Duration,
+    mem: &str,
+    dir: &Path,
+) -> Result<(f64, serde_json::Value), String> {
+    let service = free_udp_port()?;
+    let vmm = VmmProcess::start(
+        command,
+        service,
+        mem,
+        duration + Duration::from_secs(60),
+        dir,
+    )?;
+    wait_ready(service, Duration::from_secs(30))?;
+    let t = Instant::now();
+    let ops = if clients == 0 {
+        std::thread::sleep(duration);
+        0
+    } else {
+        closed_loop(service, clients, duration)?.0
+    };
+    let rate = ops as f64 / t.elapsed().as_secs_f64();
+    Ok((rate, vmm.stop()?))
+}
+
+/// Replays `log` with `ftvm replay`; returns its wall time in seconds.
+fn replay_seconds(log: &Path, dir: &Path) -> Result<f64, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find the ftvm binary: {e}"))?;
+    let summary = dir.join("replay-summary.json");
+    let out = Command::new(exe)
+        .arg("replay")
+        .arg(log)
+        .args([
+            "--serial",
+            "/dev/null",
+            "--timeout",
+            "600",
+            "--summary-json",
+        ])
+        .arg(&summary)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|e| format!("cannot run ftvm replay: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "replay of {} failed: {}",
+            log.display(),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let text = std::fs::read_to_string(&summary).map_err(|e| format!("no replay summary: {e}"))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    v["seconds"]
+        .as_f64()
+        .ok_or_else(|| "replay summary has no seconds".into())
+}
+
+#[derive(Debug, Serialize)]
+pub struct RecordReport {
+    pub clients: usize,
+    pub seconds: f64,
+    pub rounds: usize,
+    /// Median over the rounds.
+    pub run_ops_per_sec: f64,
+    pub record_ops_per_sec: f64,
+    /// Median of the per-round ratios.
+    pub record_overhead_ratio: f64,
+    pub round_ratios: Vec<f64>,
+    pub loaded_recorded_secs: f64,
+    pub loaded_replay_secs: f64,
+    pub loaded_replay_ratio: f64,
+    pub idle_recorded_secs: f64,
+    pub idle_replay_secs: f64,
+    pub idle_replay_ratio: f64,
+    pub log_bytes: u64,
+    pub log_entries: u64,
+    pub log_bytes_per_sec: f64,
+    pub avg_entry_bytes: f64,
+    pub avg_entry_bytes_excluding_packet_payload: f64,
+    pub by_kind: Vec<(String, u64, f64)>,
+}
+
+fn log_sizes(log: &Path) -> Result<(logchannel::LogStats, u64), String> {
+    let file =
+        std::fs::File::open(log).map_err(|e| format!("cannot open {}: {e}", log.display()))?;
+    let mut reader =
+        logchannel::LogReader::new(std::io::BufReader::new(file)).map_err(|e| e.to_string())?;
+    let mut payload = 0u64;
+    for entry in reader.by_ref() {
+        if let logchannel::Event::Packet { frame, .. } = entry.map_err(|e| e.to_string())?.event {
+            payload += frame.len() as u64;
+        }
+    }
+    Ok((reader.stats().clone(), payload))
+}
+
+fn bench_record(args: &RecordBenchArgs) -> Result<(), String> {
+    let duration = check_duration(args.duration)?;
+    let dir = std::env::temp_dir().join(format!("ftvm-bench-record-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let loaded_log = dir.join("loaded.log");
+    let idle_log = dir.join("idle.log");
+    let loaded = loaded_log.to_string_lossy().into_owned();
+    let idle = idle_log.to_string_lossy().into_owned();
+    let rounds = args.rounds.max(1);
+    println!(
+        "measuring: {rounds} x (run, record), an idle record, two replays ({} s each run)",
+        args.duration
+    );
+    let mut run_rates = Vec::new();
+    let mut record_rates = Vec::new();
+    let mut ratios = Vec::new();
+    let mut record_stats = serde_json::Value::Null;
+    for _ in 0..rounds {
+        let (run_rate, _) = serve_under_load(&["run"], args.clients, duration, &args.mem, &dir)?;
+        let (record_rate, stats) = serve_under_load(
+            &["record", "--log", &loaded],
+            args.clients,
+            duration,
+            &args.mem,
+            &dir,
+        )?;
+        println!("  round: run {run_rate:.0} ops/s, record {record_rate:.0} ops/s");
+        run_rates.push(run_rate);
+        record_rates.push(record_rate);
+        ratios.push(record_rate / run_rate.max(f64::MIN_POSITIVE));
+        record_stats = stats;
+    }
+    let round_ratios = ratios.clone();
+    let (_, idle_stats) =
+        serve_under_load(&["record", "--log", &idle], 0, duration, &args.mem, &dir)?;
+    let loaded_secs = record_stats["elapsed_secs"].as_f64().unwrap_or(0.0);
+    let idle_secs = idle_stats["elapsed_secs"].as_f64().unwrap_or(0.0);
+    let loaded_replay = replay_seconds(&loaded_log, &dir)?;
+    let idle_replay = replay_seconds(&idle_log, &dir)?;
+    let (stats, payload) = log_sizes(&loaded_log)?;
+    let entries = stats.entries().max(1);
+    let by_kind = stats
+        .by_kind
+        .iter()
+        .map(|(k, s)| (k.to_string(), s.entries, s.average()))
+        .collect();
+    let report = RecordReport {
+        clients: args.clients,
+        seconds: args.duration,
+        rounds,
+        run_ops_per_sec: median(&mut run_rates),
+        record_ops_per_sec: median(&mut record_rates),
+        record_overhead_ratio: median(&mut ratios),
+        round_ratios,
+        loaded_recorded_secs: loaded_secs,
+        loaded_replay_secs: loaded_replay,
+        loaded_replay_ratio: loaded_replay / loaded_secs.max(f64::MIN_POSITIVE),
+        idle_recorded_secs: idle_secs,
+        idle_replay_secs: idle_replay,
+        idle_replay_ratio: idle_replay / idle_secs.max(f64::MIN_POSITIVE),
+        log_bytes: stats.total_bytes,
+        log_entries: stats.entries(),
+        log_bytes_per_sec: stats.total_bytes as f64 / loaded_secs.max(f64::MIN_POSITIVE),
+        avg_entry_bytes: stats.total_bytes as f64 / entries as f64,
+        avg_entry_bytes_excluding_packet_payload: (stats.total_bytes - payload) as f64
+            / entries as f64,
+        by_kind,
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    println!(
+        "record overhead: median {:.0} ops/s recorded / median {:.0} ops/s run; median ratio {:.3} (rounds: {})",
+        report.record_ops_per_sec,
+        report.run_ops_per_sec,
+        report.record_overhead_ratio,
+        report.round_ratios.iter().map(|r| format!("{r:.3}")).collect::<Vec<_>>().join(", ")
+    );
+    println!(
+        "replay speed (loaded): {:.2} s / {:.2} s recorded = {:.3}",
+        report.loaded_replay_secs, report.loaded_recorded_secs, report.loaded_replay_ratio
+    );
+    println!(
+        "replay speed (idle):   {:.3} s / {:.2} s recorded = {:.4}",
+        report.idle_replay_secs, report.idle_recorded_secs, report.idle_replay_ratio
+    );
+    println!(
+        "log: {} entries, {} bytes, {:.0} bytes/s; {:.2} bytes/entry, {:.2} without packet payloads",
+        report.log_entries, report.log_bytes, report.log_bytes_per_sec, report.avg_entry_bytes, report.avg_entry_bytes_excluding_packet_payload
+    );
+    for (kind, n, avg) in &report.by_kind {
+        println!("  {kind:<10} {n:>9} entries {avg:>8.2} bytes each");
+    }
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        std::fs::write(path, json).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn bench_kv(args: &KvBenchArgs) -> Result<(), String> {
+    check_duration(args.duration)?;
     let dir = std::env::temp_dir().join(format!("ftvm-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     println!("clients  ops/s     p50 µs   p99 µs   exits/req  exits/s   VMM max RSS (guest mem)");
@@ -228,7 +501,14 @@ fn bench_kv(args: &KvBenchArgs) -> Result<(), String> {
         let p = kv_point(args, clients.max(1), &dir)?;
         println!(
             "{:<8} {:<9.0} {:<8.0} {:<8.0} {:<10.2} {:<9.0} {:.1} MiB ({:.0} MiB)",
-            p.clients, p.ops_per_sec, p.p50_us, p.p99_us, p.exits_per_request, p.exits_per_sec, p.vmm_max_rss_mib, p.guest_mem_mib
+            p.clients,
+            p.ops_per_sec,
+            p.p50_us,
+            p.p99_us,
+            p.exits_per_request,
+            p.exits_per_sec,
+            p.vmm_max_rss_mib,
+            p.guest_mem_mib
         );
         points.push(p);
     }

@@ -70,7 +70,7 @@ const GDT: [u64; 4] = [
 ];
 
 fn segment_from_gdt(entry: u64, index: u16) -> kvm_segment {
-    let base = (((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000)) as u64;
+    let base = ((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000);
     let mut limit = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
     let g = ((entry >> 55) & 1) as u8;
     if g == 1 {
@@ -166,7 +166,8 @@ pub fn setup_vcpu(kvm: &Kvm, vcpu: &VcpuFd, entry: u64) -> Result<(), BootError>
     sregs.cr4 = CR4_PAE;
     sregs.cr0 = CR0_PE | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
     sregs.efer = EFER_LME | EFER_LMA;
-    vcpu.set_sregs(&sregs).map_err(kvm_err("segment registers"))?;
+    vcpu.set_sregs(&sregs)
+        .map_err(kvm_err("segment registers"))?;
 
     let fpu = kvm_fpu {
         fcw: 0x37f,
@@ -194,7 +195,10 @@ mod tests {
     #[test]
     fn gdt_entries_decode_to_long_mode_segments() {
         let cs = segment_from_gdt(GDT[1], 1);
-        assert_eq!((cs.selector, cs.l, cs.db, cs.present, cs.type_), (8, 1, 0, 1, 0xb));
+        assert_eq!(
+            (cs.selector, cs.l, cs.db, cs.present, cs.type_),
+            (8, 1, 0, 1, 0xb)
+        );
         assert_eq!(cs.limit, 0xffff_ffff);
         let ds = segment_from_gdt(GDT[2], 2);
         assert_eq!((ds.selector, ds.l, ds.db, ds.type_), (0x10, 0, 1, 3));
@@ -207,7 +211,9 @@ mod tests {
         let mem = crate::memory::create(16 << 20).expect("memory");
         write_boot_structures(&mem, 100).expect("boot structures");
         let walk = |va: u64| -> u64 {
-            let pml4e: u64 = mem.read_obj(GuestAddress(PML4_ADDR + ((va >> 39) & 511) * 8)).expect("pml4");
+            let pml4e: u64 = mem
+                .read_obj(GuestAddress(PML4_ADDR + ((va >> 39) & 511) * 8))
+                .expect("pml4");
             let pdpte: u64 = mem
                 .read_obj(GuestAddress((pml4e & !0xfff) + ((va >> 30) & 511) * 8))
                 .expect("pdpt");
@@ -217,12 +223,21 @@ mod tests {
             assert_eq!(pde & 0x81, 0x81, "2 MiB page present at {va:#x}");
             (pde & !0x1f_ffff & !0x8000_0000_0000_0fff) | (va & 0x1f_ffff)
         };
-        for va in [0u64, 0x10_0000, 0x7fff8, 0xff_ffff, NET_MMIO_BASE, NET_MMIO_BASE + 0x100] {
+        for va in [
+            0u64,
+            0x10_0000,
+            0x7fff8,
+            0xff_ffff,
+            NET_MMIO_BASE,
+            NET_MMIO_BASE + 0x100,
+        ] {
             assert_eq!(walk(va), va);
         }
         let magic: u64 = mem.read_obj(GuestAddress(BOOT_INFO_ADDR)).expect("magic");
         assert_eq!(magic.to_le_bytes(), *b"FTVMBOOT");
-        let size: u64 = mem.read_obj(GuestAddress(BOOT_INFO_ADDR + 16)).expect("size");
+        let size: u64 = mem
+            .read_obj(GuestAddress(BOOT_INFO_ADDR + 16))
+            .expect("size");
         assert_eq!(size, 16 << 20);
     }
 }

@@ -29,7 +29,9 @@ impl Capture {
     }
 
     pub fn write(&mut self, frame: &[u8]) -> std::io::Result<()> {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
         self.out.write_all(&(now.as_secs() as u32).to_le_bytes())?;
         self.out.write_all(&now.subsec_micros().to_le_bytes())?;
         let len = frame.len() as u32;

@@ -80,8 +80,8 @@ impl MemoryHasher {
 
 pub fn registers(r: &kvm_regs) -> Registers {
     Registers::from_array([
-        r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.rsp, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13,
-        r.r14, r.r15, r.rip, r.rflags,
+        r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.rsp, r.r8, r.r9, r.r10, r.r11, r.r12,
+        r.r13, r.r14, r.r15, r.rip, r.rflags,
     ])
 }
 
@@ -95,6 +95,11 @@ pub fn state_hash(regs: &Registers, mem_hash: u64) -> u32 {
     xxh3_64(&bytes) as u32
 }
 
+/// Whether exit `exits` takes a periodic digest (interval 0: never).
+pub fn periodic_due(interval: u64, exits: u64) -> bool {
+    interval > 0 && exits.is_multiple_of(interval)
+}
+
 pub fn output_hash(bytes: &[u8]) -> u32 {
     xxh3_64(bytes) as u32
 }
@@ -104,7 +109,9 @@ pub fn output_hash(bytes: &[u8]) -> u32 {
 pub fn pages_in_bitmap(bitmap: &[u64]) -> impl Iterator<Item = u64> + '_ {
     bitmap.iter().enumerate().flat_map(|(i, word)| {
         let base = i as u64 * 64;
-        (0..64u64).filter(move |b| word & (1 << b) != 0).map(move |b| base + b)
+        (0..64u64)
+            .filter(move |b| word & (1 << b) != 0)
+            .map(move |b| base + b)
     })
 }
 
@@ -117,12 +124,14 @@ mod tests {
         let mem = crate::memory::create(2 << 20).expect("mem");
         let mut h = MemoryHasher::new(&mem, 2 << 20);
         let start = h.mem_hash();
-        mem.write_obj(0xabu8, GuestAddress(5 * PAGE_SIZE + 7)).expect("write");
+        mem.write_obj(0xabu8, GuestAddress(5 * PAGE_SIZE + 7))
+            .expect("write");
         h.refresh(&mem, [5]);
         assert_ne!(h.mem_hash(), start);
         let fresh = MemoryHasher::new(&mem, 2 << 20);
         assert_eq!(h.mem_hash(), fresh.mem_hash(), "incremental equals full");
-        mem.write_obj(0u8, GuestAddress(5 * PAGE_SIZE + 7)).expect("write");
+        mem.write_obj(0u8, GuestAddress(5 * PAGE_SIZE + 7))
+            .expect("write");
         h.refresh(&mem, [5]);
         assert_eq!(h.mem_hash(), start);
         let dirty = h.take_dirty();

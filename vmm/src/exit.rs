@@ -48,9 +48,17 @@ impl Exit<'_> {
 
 /// Applies one synchronous exit to the devices. `now_ns` is the only notion
 /// of time a device gets, so that replay can supply the recorded one.
-pub fn handle_exit(devices: &mut Devices, mem: &GuestMemory, now_ns: u64, exit: Exit<'_>) -> Action {
+pub fn handle_exit(
+    devices: &mut Devices,
+    mem: &GuestMemory,
+    now_ns: u64,
+    exit: Exit<'_>,
+) -> Action {
     match exit {
-        Exit::IoOut { port: EXIT_PORT, data } => {
+        Exit::IoOut {
+            port: EXIT_PORT,
+            data,
+        } => {
             let mut code = [0u8; 4];
             let n = data.len().min(4);
             code[..n].copy_from_slice(&data[..n]);
@@ -88,14 +96,25 @@ mod tests {
     use crate::devices::virtio_net::NET_MMIO_BASE;
 
     fn setup() -> (Devices, GuestMemory) {
-        (Devices::new(), crate::memory::create(4 << 20).expect("memory"))
+        (
+            Devices::new(),
+            crate::memory::create(4 << 20).expect("memory"),
+        )
     }
 
     #[test]
     fn console_bytes_reach_the_serial_output() {
         let (mut d, mem) = setup();
         for b in b"ok\n" {
-            let a = handle_exit(&mut d, &mem, 0, Exit::IoOut { port: 0x3f8, data: &[*b] });
+            let a = handle_exit(
+                &mut d,
+                &mem,
+                0,
+                Exit::IoOut {
+                    port: 0x3f8,
+                    data: &[*b],
+                },
+            );
             assert_eq!(a, Action::Resume);
         }
         assert_eq!(d.serial.take_output(), b"ok\n");
@@ -104,9 +123,25 @@ mod tests {
     #[test]
     fn the_exit_port_ends_the_run_with_the_guest_code() {
         let (mut d, mem) = setup();
-        let a = handle_exit(&mut d, &mem, 0, Exit::IoOut { port: EXIT_PORT, data: &[7, 0, 0, 0] });
+        let a = handle_exit(
+            &mut d,
+            &mem,
+            0,
+            Exit::IoOut {
+                port: EXIT_PORT,
+                data: &[7, 0, 0, 0],
+            },
+        );
         assert_eq!(a, Action::GuestExit { code: 7 });
-        let a = handle_exit(&mut d, &mem, 0, Exit::IoOut { port: EXIT_PORT, data: &[0] });
+        let a = handle_exit(
+            &mut d,
+            &mem,
+            0,
+            Exit::IoOut {
+                port: EXIT_PORT,
+                data: &[0],
+            },
+        );
         assert_eq!(a, Action::GuestExit { code: 0 });
     }
 
@@ -114,32 +149,74 @@ mod tests {
     fn unknown_ports_read_all_ones_and_are_counted() {
         let (mut d, mem) = setup();
         let mut data = [0u8; 2];
-        handle_exit(&mut d, &mem, 0, Exit::IoIn { port: 0x1234, data: &mut data });
+        handle_exit(
+            &mut d,
+            &mem,
+            0,
+            Exit::IoIn {
+                port: 0x1234,
+                data: &mut data,
+            },
+        );
         assert_eq!(data, [0xff, 0xff]);
-        handle_exit(&mut d, &mem, 0, Exit::IoOut { port: 0x80, data: &[1] });
+        handle_exit(
+            &mut d,
+            &mem,
+            0,
+            Exit::IoOut {
+                port: 0x80,
+                data: &[1],
+            },
+        );
         assert_eq!(d.unknown_pio, 3);
     }
 
     #[test]
     fn pic_programming_through_exits_makes_the_timer_deliverable() {
         let (mut d, mem) = setup();
-        for (port, v) in [(0x20, 0x11), (0x21, 0x20), (0x21, 0x04), (0x21, 0x03), (0x21, 0xfe)] {
+        for (port, v) in [
+            (0x20, 0x11),
+            (0x21, 0x20),
+            (0x21, 0x04),
+            (0x21, 0x03),
+            (0x21, 0xfe),
+        ] {
             handle_exit(&mut d, &mem, 0, Exit::IoOut { port, data: &[v] });
         }
         d.pic.raise_irq(0);
         assert_eq!(d.pic.acknowledge(), Some(0x20));
         d.pic.raise_irq(3);
-        assert_eq!(d.pic.pending_vector(), None, "masked IRQ must not be delivered");
+        assert_eq!(
+            d.pic.pending_vector(),
+            None,
+            "masked IRQ must not be delivered"
+        );
     }
 
     #[test]
     fn virtio_mmio_reads_reach_the_device() {
         let (mut d, mem) = setup();
         let mut magic = [0u8; 4];
-        handle_exit(&mut d, &mem, 0, Exit::MmioRead { addr: NET_MMIO_BASE, data: &mut magic });
+        handle_exit(
+            &mut d,
+            &mem,
+            0,
+            Exit::MmioRead {
+                addr: NET_MMIO_BASE,
+                data: &mut magic,
+            },
+        );
         assert_eq!(&magic, b"virt");
         let mut other = [0xaau8; 4];
-        handle_exit(&mut d, &mem, 0, Exit::MmioRead { addr: 0xfee0_0000, data: &mut other });
+        handle_exit(
+            &mut d,
+            &mem,
+            0,
+            Exit::MmioRead {
+                addr: 0xfee0_0000,
+                data: &mut other,
+            },
+        );
         assert_eq!(other, [0; 4]);
         assert_eq!(d.unknown_mmio, 1);
     }

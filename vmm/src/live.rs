@@ -38,7 +38,12 @@ pub struct Live<'a> {
 }
 
 impl<'a> Live<'a> {
-    pub fn new(io: &'a mut LiveIo, recorder: Option<Recorder>, stop: StopSignal, timeout: Option<Duration>) -> Self {
+    pub fn new(
+        io: &'a mut LiveIo,
+        recorder: Option<Recorder>,
+        stop: StopSignal,
+        timeout: Option<Duration>,
+    ) -> Self {
         let start = Instant::now();
         Live {
             io,
@@ -82,7 +87,9 @@ impl<'a> Live<'a> {
 fn delivery_changed_nothing(e: &VirtioNetError) -> bool {
     matches!(
         e,
-        VirtioNetError::NotActive | VirtioNetError::NoRxBuffer | VirtioNetError::FrameTooLong { .. }
+        VirtioNetError::NotActive
+            | VirtioNetError::NoRxBuffer
+            | VirtioNetError::FrameTooLong { .. }
     )
 }
 
@@ -91,7 +98,11 @@ impl Mode for Live<'_> {
         self.start.elapsed().as_nanos() as u64
     }
 
-    fn should_stop(&mut self, _m: &mut Machine, _pos: Position) -> Result<Option<StopReason>, RunError> {
+    fn should_stop(
+        &mut self,
+        _m: &mut Machine,
+        _pos: Position,
+    ) -> Result<Option<StopReason>, RunError> {
         if self.stop.is_requested() {
             return Ok(Some(StopReason::Requested));
         }
@@ -105,19 +116,44 @@ impl Mode for Live<'_> {
         // SAFETY: rdtsc has no preconditions; this VMM only runs on x86_64.
         let tsc = unsafe { core::arch::x86_64::_rdtsc() };
         let (result, event) = match site.kind {
-            NondetKind::Rdtsc => (TrapResult { value: tsc, aux: 0, ok: true }, Event::Rdtsc { value: tsc }),
+            NondetKind::Rdtsc => (
+                TrapResult {
+                    value: tsc,
+                    aux: 0,
+                    ok: true,
+                },
+                Event::Rdtsc { value: tsc },
+            ),
             // The guest never writes IA32_TSC_AUX, which stays 0.
             NondetKind::Rdtscp => (
-                TrapResult { value: tsc, aux: 0, ok: true },
+                TrapResult {
+                    value: tsc,
+                    aux: 0,
+                    ok: true,
+                },
                 Event::Rdtscp { value: tsc, aux: 0 },
             ),
             NondetKind::Rdrand => {
                 let value = Self::host_random();
-                (TrapResult { value, aux: 0, ok: true }, Event::Rdrand { value, ok: true })
+                (
+                    TrapResult {
+                        value,
+                        aux: 0,
+                        ok: true,
+                    },
+                    Event::Rdrand { value, ok: true },
+                )
             }
             NondetKind::Rdseed => {
                 let value = Self::host_random();
-                (TrapResult { value, aux: 0, ok: true }, Event::Rdseed { value, ok: true })
+                (
+                    TrapResult {
+                        value,
+                        aux: 0,
+                        ok: true,
+                    },
+                    Event::Rdseed { value, ok: true },
+                )
             }
         };
         self.log(pos, event)?;
@@ -129,7 +165,13 @@ impl Mode for Live<'_> {
         Ok(value)
     }
 
-    fn output(&mut self, m: &mut Machine, pos: Position, kind: OutputKind, bytes: &[u8]) -> Result<(), RunError> {
+    fn output(
+        &mut self,
+        m: &mut Machine,
+        pos: Position,
+        kind: OutputKind,
+        bytes: &[u8],
+    ) -> Result<(), RunError> {
         if self.recorder.is_some() {
             let (regs, mem_hash) = m.state()?;
             self.log(
@@ -143,7 +185,12 @@ impl Mode for Live<'_> {
         }
         match kind {
             OutputKind::Console => {
-                if let Err(e) = self.io.console.write_all(bytes).and_then(|_| self.io.console.flush()) {
+                if let Err(e) = self
+                    .io
+                    .console
+                    .write_all(bytes)
+                    .and_then(|_| self.io.console.flush())
+                {
                     tracing::warn!("writing the guest console failed: {e}");
                 }
             }
@@ -181,7 +228,9 @@ impl Mode for Live<'_> {
         }
         self.collect_datagrams();
         while !self.pending.is_empty() && m.vm.devices.net.rx_buffers_available(&m.vm.mem) > 0 {
-            let Some(datagram) = self.pending.pop_front() else { break };
+            let Some(datagram) = self.pending.pop_front() else {
+                break;
+            };
             let frame = match datagram.to_frame() {
                 Ok(f) => f,
                 Err(e) => {
@@ -205,7 +254,13 @@ impl Mode for Live<'_> {
                     crate::replay::FAILED_DELIVERY
                 }
             };
-            self.log(pos, Event::Packet { desc_head: head, frame })?;
+            self.log(
+                pos,
+                Event::Packet {
+                    desc_head: head,
+                    frame,
+                },
+            )?;
         }
         m.raise_device_irqs();
         match m.inject_pending()? {
@@ -223,12 +278,11 @@ impl Mode for Live<'_> {
             r.flush()?;
         }
         let now = self.now_ns();
-        let mut wake_at = m
-            .vm
-            .devices
-            .pit
-            .next_irq0_ns()
-            .map(|ns| self.start + Duration::from_nanos(ns.max(now)));
+        let mut wake_at =
+            m.vm.devices
+                .pit
+                .next_irq0_ns()
+                .map(|ns| self.start + Duration::from_nanos(ns.max(now)));
         if let Some(deadline) = self.deadline {
             wake_at = Some(wake_at.map_or(deadline, |w| w.min(deadline)));
         }
@@ -250,7 +304,13 @@ impl Mode for Live<'_> {
         Ok(())
     }
 
-    fn finish(&mut self, m: &mut Machine, pos: Position, reason: StopReason, at_position: bool) -> Result<(), RunError> {
+    fn finish(
+        &mut self,
+        m: &mut Machine,
+        pos: Position,
+        reason: StopReason,
+        at_position: bool,
+    ) -> Result<(), RunError> {
         if let Some(c) = &mut self.io.capture {
             c.flush().map_err(RunError::Capture)?;
         }
@@ -268,7 +328,8 @@ impl Mode for Live<'_> {
             use std::sync::atomic::Ordering::Relaxed;
             let c = &net.counters;
             m.summary.datagrams_received = c.received.load(Relaxed);
-            m.summary.datagrams_dropped += c.dropped_full.load(Relaxed) + c.dropped_unusable.load(Relaxed);
+            m.summary.datagrams_dropped +=
+                c.dropped_full.load(Relaxed) + c.dropped_unusable.load(Relaxed);
             m.summary.tx_frames_unparseable = c.tx_unparseable.load(Relaxed);
         }
         Ok(())
@@ -278,7 +339,11 @@ impl Mode for Live<'_> {
 /// Registers, the memory hash and the pages dirtied since the last digest.
 pub fn full_digest(m: &mut Machine, reason: DigestReason) -> Result<Digest, RunError> {
     let (regs, mem_hash) = m.state()?;
-    let dirty_pages = m.hasher.as_mut().map(|h| h.take_dirty()).unwrap_or_default();
+    let dirty_pages = m
+        .hasher
+        .as_mut()
+        .map(|h| h.take_dirty())
+        .unwrap_or_default();
     Ok(Digest {
         reason,
         regs,

@@ -39,7 +39,11 @@ pub enum LoaderError {
         len: usize,
     },
     #[error("segment {index} is malformed: file size {filesz} exceeds memory size {memsz}")]
-    FileSizeOverMemSize { index: usize, filesz: u64, memsz: u64 },
+    FileSizeOverMemSize {
+        index: usize,
+        filesz: u64,
+        memsz: u64,
+    },
     #[error("segment {index} loads at {addr:#x}, below {IMAGE_MIN_ADDR:#x} where the VMM's boot structures live")]
     BelowImageBase { index: usize, addr: u64 },
     #[error("segment {index} ({addr:#x}..{end:#x}) does not fit in {mem_size} bytes of guest memory (use a larger --mem)")]
@@ -124,7 +128,9 @@ impl ElfImage {
             });
         }
         let table_len = (phnum * PHDR_LEN) as u64;
-        let table = slice(image, phoff, table_len, || "the program header table".into())?;
+        let table = slice(image, phoff, table_len, || {
+            "the program header table".into()
+        })?;
 
         let mut segments = Vec::new();
         for index in 0..phnum {
@@ -151,7 +157,7 @@ impl ElfImage {
             if paddr < IMAGE_MIN_ADDR {
                 return Err(LoaderError::BelowImageBase { index, addr: paddr });
             }
-            let end = paddr.checked_add(memsz).unwrap_or(u64::MAX);
+            let end = paddr.saturating_add(memsz);
             if end > mem_size {
                 return Err(LoaderError::DoesNotFit {
                     index,
@@ -242,7 +248,7 @@ fn slice(
     len: u64,
     what: impl FnOnce() -> String,
 ) -> Result<&[u8], LoaderError> {
-    let end = start.checked_add(len).unwrap_or(u64::MAX);
+    let end = start.saturating_add(len);
     if end > image.len() as u64 {
         return Err(LoaderError::Truncated {
             what: what(),
@@ -265,10 +271,12 @@ mod tests {
         assert_eq!(img.entry, 0x10_0000);
         assert_eq!(img.segments.len(), 1);
         let mem = crate::memory::create(4 << 20).expect("memory");
-        mem.write_slice(&[0xaa; 16], GuestAddress(0x10_0003)).expect("dirty");
+        mem.write_slice(&[0xaa; 16], GuestAddress(0x10_0003))
+            .expect("dirty");
         img.load(&elf, &mem).expect("load");
         let mut back = [0u8; 8];
-        mem.read_slice(&mut back, GuestAddress(0x10_0000)).expect("read");
+        mem.read_slice(&mut back, GuestAddress(0x10_0000))
+            .expect("read");
         assert_eq!(back, [0xf4, 0xeb, 0xfd, 0, 0, 0, 0, 0]);
     }
 

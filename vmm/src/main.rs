@@ -27,7 +27,11 @@ const DEFAULT_DIGEST_INTERVAL: u64 = 4096;
 const VM_ID: &str = "ftvm";
 
 #[derive(Parser)]
-#[command(name = "ftvm", version, about = "A fault-tolerant virtual machine on KVM")]
+#[command(
+    name = "ftvm",
+    version,
+    about = "A fault-tolerant virtual machine on KVM"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -169,7 +173,8 @@ fn stop_on_signals(stop: StopSignal) -> Result<(), String> {
     let mut set = SigSet::empty();
     set.add(Signal::SIGINT);
     set.add(Signal::SIGTERM);
-    set.thread_block().map_err(|e| format!("cannot block SIGINT/SIGTERM: {e}"))?;
+    set.thread_block()
+        .map_err(|e| format!("cannot block SIGINT/SIGTERM: {e}"))?;
     std::thread::Builder::new()
         .name("ftvm-signals".into())
         .spawn(move || {
@@ -184,7 +189,9 @@ fn stop_on_signals(stop: StopSignal) -> Result<(), String> {
 
 fn seconds(arg: &str, value: Option<f64>) -> Result<Option<Duration>, String> {
     match value {
-        Some(t) if !(t.is_finite() && t > 0.0) => Err(format!("{arg} {t} must be a positive number of seconds")),
+        Some(t) if !(t.is_finite() && t > 0.0) => {
+            Err(format!("{arg} {t} must be a positive number of seconds"))
+        }
         Some(t) => Ok(Some(Duration::from_secs_f64(t))),
         None => Ok(None),
     }
@@ -192,7 +199,8 @@ fn seconds(arg: &str, value: Option<f64>) -> Result<Option<Duration>, String> {
 
 fn read_image(guest: &GuestArgs) -> Result<Vec<u8>, String> {
     match &guest.kernel {
-        Some(path) => std::fs::read(path).map_err(|e| format!("cannot read guest image {}: {e}", path.display())),
+        Some(path) => std::fs::read(path)
+            .map_err(|e| format!("cannot read guest image {}: {e}", path.display())),
         None => Ok(GUEST_ELF.to_vec()),
     }
 }
@@ -200,7 +208,8 @@ fn read_image(guest: &GuestArgs) -> Result<Vec<u8>, String> {
 fn console(guest: &GuestArgs) -> Result<Box<dyn Write + Send>, String> {
     Ok(match &guest.serial {
         Some(path) => Box::new(
-            File::create(path).map_err(|e| format!("cannot create the serial file {}: {e}", path.display()))?,
+            File::create(path)
+                .map_err(|e| format!("cannot create the serial file {}: {e}", path.display()))?,
         ),
         None => Box::new(std::io::stdout()),
     })
@@ -210,7 +219,10 @@ fn capture(guest: &GuestArgs) -> Result<Option<Capture>, String> {
     guest
         .capture
         .as_ref()
-        .map(|p| Capture::create(p).map_err(|e| format!("cannot create the capture {}: {e}", p.display())))
+        .map(|p| {
+            Capture::create(p)
+                .map_err(|e| format!("cannot create the capture {}: {e}", p.display()))
+        })
         .transpose()
 }
 
@@ -276,7 +288,8 @@ fn cmd_run(args: &RunArgs, log: Option<(&PathBuf, u64)>) -> Result<ExitCode, Str
         "ftvm: booting the guest ({} MiB), service on {}{}",
         args.mem >> 20,
         net.local_addr(),
-        log.map(|(p, _)| format!(", recording to {}", p.display())).unwrap_or_default()
+        log.map(|(p, _)| format!(", recording to {}", p.display()))
+            .unwrap_or_default()
     );
     let mut io = LiveIo {
         net: Some(net),
@@ -300,7 +313,11 @@ fn cmd_run(args: &RunArgs, log: Option<(&PathBuf, u64)>) -> Result<ExitCode, Str
     print_summary(&summary);
     if let Some(r) = &recorder {
         let stats = r.stats();
-        eprintln!("ftvm: log: {} entries, {} bytes", stats.entries(), stats.total_bytes);
+        eprintln!(
+            "ftvm: log: {} entries, {} bytes",
+            stats.entries(),
+            stats.total_bytes
+        );
     }
     if let Some(path) = &args.stats_json {
         let json = serde_json::to_string_pretty(&summary).map_err(|e| e.to_string())?;
@@ -310,8 +327,10 @@ fn cmd_run(args: &RunArgs, log: Option<(&PathBuf, u64)>) -> Result<ExitCode, Str
 }
 
 fn open_log(path: &Path) -> Result<LogReader<BufReader<File>>, String> {
-    let file = File::open(path).map_err(|e| format!("cannot open the log {}: {e}", path.display()))?;
-    LogReader::new(BufReader::with_capacity(1 << 16, file)).map_err(|e| format!("{}: {e}", path.display()))
+    let file =
+        File::open(path).map_err(|e| format!("cannot open the log {}: {e}", path.display()))?;
+    LogReader::new(BufReader::with_capacity(1 << 16, file))
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn cmd_replay(args: &ReplayArgs) -> Result<ExitCode, String> {
@@ -336,7 +355,10 @@ fn cmd_replay(args: &ReplayArgs) -> Result<ExitCode, String> {
         ));
     }
     if !header.config.patching && !args.no_patch {
-        return Err(format!("{} was recorded without patching, which replay cannot reproduce", args.log.display()));
+        return Err(format!(
+            "{} was recorded without patching, which replay cannot reproduce",
+            args.log.display()
+        ));
     }
     let timeout = seconds("--timeout", args.timeout)?;
     let config = VmConfig {
@@ -346,7 +368,13 @@ fn cmd_replay(args: &ReplayArgs) -> Result<ExitCode, String> {
         patching: !args.no_patch,
     };
     let mut vm = Vm::new(&image, config).map_err(|e| e.to_string())?;
-    let mut replay = Replay::new(reader, console(&args.guest)?, capture(&args.guest)?, stop.clone()).map_err(|e| e.to_string())?;
+    let mut replay = Replay::new(
+        reader,
+        console(&args.guest)?,
+        capture(&args.guest)?,
+        stop.clone(),
+    )
+    .map_err(|e| e.to_string())?;
     if let Some(t) = timeout {
         let stop = stop.clone();
         std::thread::spawn(move || {
@@ -376,7 +404,8 @@ fn cmd_replay(args: &ReplayArgs) -> Result<ExitCode, String> {
                     "log_bytes": stats.total_bytes,
                     "entries": stats.entries(),
                 });
-                std::fs::write(path, json.to_string()).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+                std::fs::write(path, json.to_string())
+                    .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -446,17 +475,25 @@ fn cmd_dump(path: &Path, json: bool) -> Result<ExitCode, String> {
 
 fn cmd_load(jsonl: &Path, output: &Path) -> Result<ExitCode, String> {
     let file = File::open(jsonl).map_err(|e| format!("cannot open {}: {e}", jsonl.display()))?;
-    let (header, entries) = logchannel::from_json_lines(BufReader::new(file)).map_err(|e| format!("{}: {e}", jsonl.display()))?;
-    let out = File::create(output).map_err(|e| format!("cannot create {}: {e}", output.display()))?;
+    let (header, entries) = logchannel::from_json_lines(BufReader::new(file))
+        .map_err(|e| format!("{}: {e}", jsonl.display()))?;
+    let out =
+        File::create(output).map_err(|e| format!("cannot create {}: {e}", output.display()))?;
     let mut writer = LogWriter::new(BufWriter::new(out), &header).map_err(|e| e.to_string())?;
     let mut count = 0u64;
     for entry in entries {
         let entry = entry.map_err(|e| format!("{}: {e}", jsonl.display()))?;
-        writer.append_entry(&entry).map_err(|e| format!("{}: entry #{}: {e}", jsonl.display(), entry.seq))?;
+        writer
+            .append_entry(&entry)
+            .map_err(|e| format!("{}: entry #{}: {e}", jsonl.display(), entry.seq))?;
         count += 1;
     }
     let mut out = writer.into_inner().map_err(|e| e.to_string())?;
-    out.flush().map_err(|e| format!("writing {} failed: {e}", output.display()))?;
-    eprintln!("ftvm log load: {count} entries written to {}", output.display());
+    out.flush()
+        .map_err(|e| format!("writing {} failed: {e}", output.display()))?;
+    eprintln!(
+        "ftvm log load: {count} entries written to {}",
+        output.display()
+    );
     Ok(ExitCode::SUCCESS)
 }

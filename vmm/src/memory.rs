@@ -21,7 +21,7 @@ pub enum MemoryError {
 }
 
 pub fn create(size: u64) -> Result<GuestMemory, MemoryError> {
-    if !(MIN_MEM_SIZE..=MAX_MEM_SIZE).contains(&size) || size % 4096 != 0 {
+    if !(MIN_MEM_SIZE..=MAX_MEM_SIZE).contains(&size) || !size.is_multiple_of(4096) {
         return Err(MemoryError::BadSize { size });
     }
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)])
@@ -62,7 +62,10 @@ mod tests {
     fn sizes_outside_the_range_are_refused() {
         assert!(matches!(create(4096), Err(MemoryError::BadSize { .. })));
         assert!(matches!(create(4 << 30), Err(MemoryError::BadSize { .. })));
-        assert!(matches!(create((16 << 20) + 1), Err(MemoryError::BadSize { .. })));
+        assert!(matches!(
+            create((16 << 20) + 1),
+            Err(MemoryError::BadSize { .. })
+        ));
         assert!(create(16 << 20).is_ok());
     }
 }

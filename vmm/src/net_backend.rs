@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
-use crate::frame::{self, FrameError, GATEWAY_MAC, GUEST_IP, GUEST_MAC, GUEST_SERVICE_PORT, MAX_UDP_PAYLOAD};
+use crate::frame::{
+    self, FrameError, GATEWAY_MAC, GUEST_IP, GUEST_MAC, GUEST_SERVICE_PORT, MAX_UDP_PAYLOAD,
+};
 
 /// Datagrams waiting for the guest; past this the backend drops, as a NIC
 /// whose ring is full would.
@@ -140,12 +142,24 @@ impl Drop for NetBackend {
     }
 }
 
-fn receive_loop(socket: &UdpSocket, tx: &Sender<Datagram>, stop: &AtomicBool, counters: &NetCounters) {
+fn receive_loop(
+    socket: &UdpSocket,
+    tx: &Sender<Datagram>,
+    stop: &AtomicBool,
+    counters: &NetCounters,
+) {
     let mut buf = vec![0u8; 65536];
     while !stop.load(Ordering::Relaxed) {
         let (len, from) = match socket.recv_from(&mut buf) {
             Ok(v) => v,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue
+            }
             Err(e) => {
                 tracing::warn!("service socket receive failed: {e}");
                 std::thread::sleep(POLL_INTERVAL);
@@ -182,8 +196,12 @@ mod tests {
     fn a_datagram_round_trips_through_the_backend() {
         let backend = NetBackend::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
         let client = UdpSocket::bind("127.0.0.1:0").expect("client");
-        client.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-        client.send_to(b"hello", backend.local_addr()).expect("send");
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        client
+            .send_to(b"hello", backend.local_addr())
+            .expect("send");
         let d = backend
             .incoming()
             .recv_timeout(Duration::from_secs(5))
@@ -192,7 +210,8 @@ mod tests {
         let frame = d.to_frame().expect("frame");
         let udp = frame::unwrap_udp(&frame).expect("unwrap");
         assert_eq!(udp.dst, SocketAddrV4::new(GUEST_IP, GUEST_SERVICE_PORT));
-        let reply = frame::wrap_udp(GUEST_MAC, GATEWAY_MAC, udp.dst, udp.src, b"world").expect("reply");
+        let reply =
+            frame::wrap_udp(GUEST_MAC, GATEWAY_MAC, udp.dst, udp.src, b"world").expect("reply");
         backend.transmit(&reply);
         let mut buf = [0u8; 16];
         let (n, _) = client.recv_from(&mut buf).expect("reply");
@@ -212,6 +231,9 @@ mod tests {
     fn a_port_in_use_is_a_clear_error() {
         let first = NetBackend::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
         let err = NetBackend::bind(first.local_addr()).err().expect("in use");
-        assert!(err.to_string().contains("cannot bind the service address"), "{err}");
+        assert!(
+            err.to_string().contains("cannot bind the service address"),
+            "{err}"
+        );
     }
 }

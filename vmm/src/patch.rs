@@ -22,7 +22,9 @@ const FLAGS_CLEARED: u64 = (1 << 11) | (1 << 7) | (1 << 6) | (1 << 4) | (1 << 2)
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PatchError {
-    #[error("{kind:?} at {addr:#x} has no general-purpose destination register; it cannot be emulated")]
+    #[error(
+        "{kind:?} at {addr:#x} has no general-purpose destination register; it cannot be emulated"
+    )]
     NoDestination { kind: NondetKind, addr: u64 },
     #[error("patch site {addr:#x} is {len} bytes long; a site must be 2..=15 bytes")]
     BadLength { addr: u64, len: usize },
@@ -167,12 +169,20 @@ mod tests {
     use super::*;
 
     fn site(addr: u64, len: usize, kind: NondetKind, dest: Option<DestRegister>) -> NondetSite {
-        NondetSite { addr, len, kind, dest }
+        NondetSite {
+            addr,
+            len,
+            kind,
+            dest,
+        }
     }
 
     #[test]
     fn adjacent_sites_trap_as_one_run() {
-        let rax64 = Some(DestRegister { number: 0, width: 8 });
+        let rax64 = Some(DestRegister {
+            number: 0,
+            width: 8,
+        });
         let t = PatchTable::new(&[
             site(0x1000, 2, NondetKind::Rdtsc, None),
             site(0x1002, 4, NondetKind::Rdrand, rax64),
@@ -182,17 +192,29 @@ mod tests {
         let run: Vec<u64> = t.trapped_run(0x1001).iter().map(|s| s.addr).collect();
         assert_eq!(run, vec![0x1000, 0x1002]);
         assert_eq!(t.trapped_run(0x1011).len(), 1);
-        assert!(t.trapped_run(0x1003).is_empty(), "only a site's first byte traps");
+        assert!(
+            t.trapped_run(0x1003).is_empty(),
+            "only a site's first byte traps"
+        );
     }
 
     #[test]
     fn patching_writes_hlt_and_nops() {
         let mem = crate::memory::create(4 << 20).expect("mem");
-        let t = PatchTable::new(&[site(0x10_0000, 4, NondetKind::Rdrand, Some(DestRegister { number: 1, width: 4 }))])
-            .expect("table");
+        let t = PatchTable::new(&[site(
+            0x10_0000,
+            4,
+            NondetKind::Rdrand,
+            Some(DestRegister {
+                number: 1,
+                width: 4,
+            }),
+        )])
+        .expect("table");
         t.apply(&mem).expect("apply");
         let mut b = [0u8; 4];
-        mem.read_slice(&mut b, GuestAddress(0x10_0000)).expect("read");
+        mem.read_slice(&mut b, GuestAddress(0x10_0000))
+            .expect("read");
         assert_eq!(b, [0xf4, 0x90, 0x90, 0x90]);
     }
 
@@ -208,20 +230,54 @@ mod tests {
         emulate(
             &mut regs,
             &site(0x1000, 2, NondetKind::Rdtsc, None),
-            TrapResult { value: 0x1234_5678_9abc_def0, aux: 0, ok: true },
+            TrapResult {
+                value: 0x1234_5678_9abc_def0,
+                aux: 0,
+                ok: true,
+            },
         );
-        assert_eq!((regs.rax, regs.rdx, regs.rip), (0x9abc_def0, 0x1234_5678, 0x1002));
+        assert_eq!(
+            (regs.rax, regs.rdx, regs.rip),
+            (0x9abc_def0, 0x1234_5678, 0x1002)
+        );
         emulate(
             &mut regs,
-            &site(0x1002, 3, NondetKind::Rdrand, Some(DestRegister { number: 1, width: 2 })),
-            TrapResult { value: 0xaaaa_bbbb_cccc_dddd, aux: 0, ok: true },
+            &site(
+                0x1002,
+                3,
+                NondetKind::Rdrand,
+                Some(DestRegister {
+                    number: 1,
+                    width: 2,
+                }),
+            ),
+            TrapResult {
+                value: 0xaaaa_bbbb_cccc_dddd,
+                aux: 0,
+                ok: true,
+            },
         );
-        assert_eq!(regs.rcx, 0xdead_beef_0000_dddd, "16-bit write keeps the upper bits");
+        assert_eq!(
+            regs.rcx, 0xdead_beef_0000_dddd,
+            "16-bit write keeps the upper bits"
+        );
         assert_eq!(regs.rflags, 0x2 | FLAGS_CF, "CF set, ZF and OF cleared");
         emulate(
             &mut regs,
-            &site(0x1005, 4, NondetKind::Rdseed, Some(DestRegister { number: 3, width: 4 })),
-            TrapResult { value: 0x5555_6666_7777_8888, aux: 0, ok: false },
+            &site(
+                0x1005,
+                4,
+                NondetKind::Rdseed,
+                Some(DestRegister {
+                    number: 3,
+                    width: 4,
+                }),
+            ),
+            TrapResult {
+                value: 0x5555_6666_7777_8888,
+                aux: 0,
+                ok: false,
+            },
         );
         assert_eq!(regs.rbx, 0, "a failed rdseed writes zero");
         assert_eq!(regs.rflags & FLAGS_CF, 0);
@@ -229,7 +285,11 @@ mod tests {
         emulate(
             &mut regs,
             &site(0x1009, 3, NondetKind::Rdtscp, None),
-            TrapResult { value: 5, aux: 7, ok: true },
+            TrapResult {
+                value: 5,
+                aux: 7,
+                ok: true,
+            },
         );
         assert_eq!((regs.rax, regs.rdx, regs.rcx), (5, 0, 7));
     }

@@ -37,12 +37,13 @@ impl Recorder {
             path: path.to_path_buf(),
             source,
         })?;
-        let writer = LogWriter::new(BufWriter::with_capacity(1 << 16, file), header).map_err(|source| {
-            RecordError::Start {
-                path: path.to_path_buf(),
-                source,
-            }
-        })?;
+        let writer =
+            LogWriter::new(BufWriter::with_capacity(1 << 16, file), header).map_err(|source| {
+                RecordError::Start {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            })?;
         Ok(Recorder {
             writer: Some(writer),
             digest_interval: header.config.digest_interval,
@@ -60,7 +61,7 @@ impl Recorder {
     }
 
     pub fn digest_due(&self, pos: Position) -> bool {
-        self.digest_interval > 0 && pos.exits % self.digest_interval == 0
+        crate::digest::periodic_due(self.digest_interval, pos.exits)
     }
 
     pub fn flush(&mut self) -> Result<(), RunError> {
@@ -87,7 +88,9 @@ impl Recorder {
             let mut out = w.finish(pos, reason)?;
             use std::io::Write;
             out.flush().map_err(logchannel::LogError::Write)?;
-            out.get_ref().sync_all().map_err(logchannel::LogError::Write)?;
+            out.get_ref()
+                .sync_all()
+                .map_err(logchannel::LogError::Write)?;
         }
         Ok(())
     }

@@ -41,10 +41,21 @@ pub struct Divergence {
 impl fmt::Display for Divergence {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         match &self.entry {
-            Some(e) => writeln!(f, "  first divergent entry: #{} at exit {} rip {:#x}: {}", e.seq, e.pos.exits, e.pos.rip, e.event)?,
-            None => writeln!(f, "  first divergent entry: none (the log has no entry where the replay is)")?,
+            Some(e) => writeln!(
+                f,
+                "  first divergent entry: #{} at exit {} rip {:#x}: {}",
+                e.seq, e.pos.exits, e.pos.rip, e.event
+            )?,
+            None => writeln!(
+                f,
+                "  first divergent entry: none (the log has no entry where the replay is)"
+            )?,
         }
-        writeln!(f, "  replay was at: exit {} rip {:#x}", self.found_pos.exits, self.found_pos.rip)?;
+        writeln!(
+            f,
+            "  replay was at: exit {} rip {:#x}",
+            self.found_pos.exits, self.found_pos.rip
+        )?;
         writeln!(f, "  what: {}", self.what)?;
         writeln!(f, "  expected: {}", self.expected)?;
         writeln!(f, "  found:    {}", self.found)?;
@@ -52,10 +63,18 @@ impl fmt::Display for Divergence {
             writeln!(f, "  register {name}: recorded {rec:#x}, replayed {rep:#x}")?;
         }
         if let Some(page) = self.first_differing_page {
-            writeln!(f, "  first differing memory page: {page} (guest-physical {:#x})", page * digest::PAGE_SIZE)?;
+            writeln!(
+                f,
+                "  first differing memory page: {page} (guest-physical {:#x})",
+                page * digest::PAGE_SIZE
+            )?;
         }
         match self.last_matched {
-            Some((seq, pos)) => write!(f, "  last matching entry: #{seq} at exit {} rip {:#x}", pos.exits, pos.rip),
+            Some((seq, pos)) => write!(
+                f,
+                "  last matching entry: #{seq} at exit {} rip {:#x}",
+                pos.exits, pos.rip
+            ),
             None => write!(f, "  last matching entry: none"),
         }
     }
@@ -83,7 +102,12 @@ pub struct Replay<R: Read> {
 }
 
 impl<R: Read> Replay<R> {
-    pub fn new(reader: LogReader<R>, console: Box<dyn Write + Send>, capture: Option<Capture>, stop: StopSignal) -> Result<Self, RunError> {
+    pub fn new(
+        reader: LogReader<R>,
+        console: Box<dyn Write + Send>,
+        capture: Option<Capture>,
+        stop: StopSignal,
+    ) -> Result<Self, RunError> {
         let mut replay = Replay {
             reader,
             next: None,
@@ -111,7 +135,13 @@ impl<R: Read> Replay<R> {
         Ok(())
     }
 
-    fn diverge(&self, found_pos: Position, what: impl Into<String>, expected: impl Into<String>, found: impl Into<String>) -> RunError {
+    fn diverge(
+        &self,
+        found_pos: Position,
+        what: impl Into<String>,
+        expected: impl Into<String>,
+        found: impl Into<String>,
+    ) -> RunError {
         RunError::Diverged(Box::new(Divergence {
             entry: self.next.clone(),
             found_pos,
@@ -129,7 +159,12 @@ impl<R: Read> Replay<R> {
     }
 
     /// Takes the next entry, which must be at `pos` and satisfy `wanted`.
-    fn expect(&mut self, pos: Position, what: &str, wanted: impl Fn(&Event) -> bool) -> Result<Entry, RunError> {
+    fn expect(
+        &mut self,
+        pos: Position,
+        what: &str,
+        wanted: impl Fn(&Event) -> bool,
+    ) -> Result<Entry, RunError> {
         let describe = |e: &Option<Entry>| match e {
             Some(e) => format!("#{} at exit {}: {}", e.seq, e.pos.exits, e.event),
             None => "the end of the log".to_string(),
@@ -137,23 +172,45 @@ impl<R: Read> Replay<R> {
         match &self.next {
             Some(e) if e.pos.exits == pos.exits && wanted(&e.event) => {
                 if e.pos.rip != pos.rip {
-                    return Err(self.diverge(pos, format!("{what}: same exit, different RIP"), format!("rip {:#x}", e.pos.rip), format!("rip {:#x}", pos.rip)));
+                    return Err(self.diverge(
+                        pos,
+                        format!("{what}: same exit, different RIP"),
+                        format!("rip {:#x}", e.pos.rip),
+                        format!("rip {:#x}", pos.rip),
+                    ));
                 }
             }
             other => {
                 let expected = describe(other);
-                return Err(self.diverge(pos, format!("the guest produced {what} at exit {}", pos.exits), expected, format!("{what} at exit {} rip {:#x}", pos.exits, pos.rip)));
+                return Err(self.diverge(
+                    pos,
+                    format!("the guest produced {what} at exit {}", pos.exits),
+                    expected,
+                    format!("{what} at exit {} rip {:#x}", pos.exits, pos.rip),
+                ));
             }
         }
-        let entry = self.next.take().ok_or_else(|| self.diverge(pos, what, "an entry", "none"))?;
+        let entry = self
+            .next
+            .take()
+            .ok_or_else(|| self.diverge(pos, what, "an entry", "none"))?;
         self.last_matched = Some((entry.seq, entry.pos));
         self.counts.entries_applied += 1;
         self.advance()?;
         Ok(entry)
     }
 
-    fn check_digest(&mut self, m: &mut Machine, pos: Position, reason: DigestReason) -> Result<(), RunError> {
-        let entry = self.expect(pos, &format!("a {reason} digest"), |e| matches!(e, Event::Digest(d) if d.reason == reason))?;
+    fn check_digest(
+        &mut self,
+        m: &mut Machine,
+        pos: Position,
+        reason: DigestReason,
+    ) -> Result<(), RunError> {
+        let entry = self.expect(
+            pos,
+            &format!("a {reason} digest"),
+            |e| matches!(e, Event::Digest(d) if d.reason == reason),
+        )?;
         let Event::Digest(recorded) = &entry.event else {
             return Ok(());
         };
@@ -162,7 +219,14 @@ impl<R: Read> Replay<R> {
         if recorded.regs == replayed.regs && recorded.mem_hash == replayed.mem_hash {
             return Ok(());
         }
-        Err(RunError::Diverged(Box::new(digest_divergence(m, &entry, recorded, &replayed, pos, self.prior(&entry)))))
+        Err(RunError::Diverged(Box::new(digest_divergence(
+            m,
+            &entry,
+            recorded,
+            &replayed,
+            pos,
+            self.prior(&entry),
+        ))))
     }
 
     fn prior(&self, entry: &Entry) -> Option<(u64, Position)> {
@@ -170,7 +234,14 @@ impl<R: Read> Replay<R> {
     }
 }
 
-fn digest_divergence(m: &Machine, entry: &Entry, recorded: &Digest, replayed: &Digest, pos: Position, last: Option<(u64, Position)>) -> Divergence {
+fn digest_divergence(
+    m: &Machine,
+    entry: &Entry,
+    recorded: &Digest,
+    replayed: &Digest,
+    pos: Position,
+    last: Option<(u64, Position)>,
+) -> Divergence {
     let registers = recorded.regs.diff(&replayed.regs);
     let mut first_page = None;
     if recorded.mem_hash != replayed.mem_hash {
@@ -202,7 +273,11 @@ fn digest_divergence(m: &Machine, entry: &Entry, recorded: &Digest, replayed: &D
 }
 
 fn registers_line(r: &Registers) -> String {
-    r.named().iter().map(|(n, v)| format!("{n}={v:#x}")).collect::<Vec<_>>().join(" ")
+    r.named()
+        .iter()
+        .map(|(n, v)| format!("{n}={v:#x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 impl<R: Read> Mode for Replay<R> {
@@ -210,23 +285,35 @@ impl<R: Read> Mode for Replay<R> {
         0
     }
 
-    fn should_stop(&mut self, m: &mut Machine, pos: Position) -> Result<Option<StopReason>, RunError> {
+    fn should_stop(
+        &mut self,
+        m: &mut Machine,
+        pos: Position,
+    ) -> Result<Option<StopReason>, RunError> {
         if self.end_seen {
             return Ok(Some(StopReason::EndOfLog));
         }
         if self.stop.is_requested() {
             return Ok(Some(StopReason::Requested));
         }
-        if matches!(self.next_at(pos).map(|e| &e.event), Some(Event::Digest(d)) if d.reason == DigestReason::End) {
+        if matches!(self.next_at(pos).map(|e| &e.event), Some(Event::Digest(d)) if d.reason == DigestReason::End)
+        {
             self.check_digest(m, pos, DigestReason::End)?;
         }
         if matches!(self.next_at(pos).map(|e| &e.event), Some(Event::End { .. })) {
-            self.expect(pos, "the end of the run", |e| matches!(e, Event::End { .. }))?;
+            self.expect(pos, "the end of the run", |e| {
+                matches!(e, Event::End { .. })
+            })?;
             self.end_seen = true;
             return Ok(Some(StopReason::EndOfLog));
         }
         if self.next.is_none() {
-            return Err(self.diverge(pos, "the log ended without an End entry", "more entries", "none"));
+            return Err(self.diverge(
+                pos,
+                "the log ended without an End entry",
+                "more entries",
+                "none",
+            ));
         }
         Ok(None)
     }
@@ -245,23 +332,51 @@ impl<R: Read> Mode for Replay<R> {
         })?;
         self.counts.traps_emulated += 1;
         Ok(match entry.event {
-            Event::Rdtsc { value } => TrapResult { value, aux: 0, ok: true },
-            Event::Rdtscp { value, aux } => TrapResult { value, aux, ok: true },
-            Event::Rdrand { value, ok } | Event::Rdseed { value, ok } => TrapResult { value, aux: 0, ok },
-            _ => TrapResult { value: 0, aux: 0, ok: false },
+            Event::Rdtsc { value } => TrapResult {
+                value,
+                aux: 0,
+                ok: true,
+            },
+            Event::Rdtscp { value, aux } => TrapResult {
+                value,
+                aux,
+                ok: true,
+            },
+            Event::Rdrand { value, ok } | Event::Rdseed { value, ok } => {
+                TrapResult { value, aux: 0, ok }
+            }
+            _ => TrapResult {
+                value: 0,
+                aux: 0,
+                ok: false,
+            },
         })
     }
 
     fn time_read(&mut self, pos: Position, port: u16, _value: u8) -> Result<u8, RunError> {
-        let entry = self.expect(pos, &format!("a read of PIT port {port:#x}"), |e| matches!(e, Event::PitRead { port: p, .. } if *p == port))?;
+        let entry = self.expect(
+            pos,
+            &format!("a read of PIT port {port:#x}"),
+            |e| matches!(e, Event::PitRead { port: p, .. } if *p == port),
+        )?;
         Ok(match entry.event {
             Event::PitRead { value, .. } => value,
             _ => 0,
         })
     }
 
-    fn output(&mut self, m: &mut Machine, pos: Position, kind: OutputKind, bytes: &[u8]) -> Result<(), RunError> {
-        let entry = self.expect(pos, &format!("a {kind} output"), |e| matches!(e, Event::Output { kind: k, .. } if *k == kind))?;
+    fn output(
+        &mut self,
+        m: &mut Machine,
+        pos: Position,
+        kind: OutputKind,
+        bytes: &[u8],
+    ) -> Result<(), RunError> {
+        let entry = self.expect(
+            pos,
+            &format!("a {kind} output"),
+            |e| matches!(e, Event::Output { kind: k, .. } if *k == kind),
+        )?;
         let Event::Output { hash, state, .. } = entry.event else {
             return Ok(());
         };
@@ -307,18 +422,28 @@ impl<R: Read> Mode for Replay<R> {
 
     fn after_exit(&mut self, m: &mut Machine, pos: Position) -> Result<(), RunError> {
         let interval = self.reader.header().config.digest_interval;
-        if interval > 0 && pos.exits % interval == 0 {
+        if digest::periodic_due(interval, pos.exits) {
             self.check_digest(m, pos, DigestReason::Periodic)?;
         }
         Ok(())
     }
 
     fn deliver(&mut self, m: &mut Machine, pos: Position, ready: bool) -> Result<bool, RunError> {
-        while matches!(self.next_at(pos).map(|e| &e.event), Some(Event::Packet { .. })) {
+        while matches!(
+            self.next_at(pos).map(|e| &e.event),
+            Some(Event::Packet { .. })
+        ) {
             if !ready {
-                return Err(self.diverge(pos, "the log delivers a packet where the guest cannot take an interrupt", "interrupts enabled", "interrupts disabled"));
+                return Err(self.diverge(
+                    pos,
+                    "the log delivers a packet where the guest cannot take an interrupt",
+                    "interrupts enabled",
+                    "interrupts disabled",
+                ));
             }
-            let entry = self.expect(pos, "a packet delivery", |e| matches!(e, Event::Packet { .. }))?;
+            let entry = self.expect(pos, "a packet delivery", |e| {
+                matches!(e, Event::Packet { .. })
+            })?;
             let Event::Packet { desc_head, frame } = &entry.event else {
                 continue;
             };
@@ -354,7 +479,9 @@ impl<R: Read> Mode for Replay<R> {
                 if !ready {
                     return Err(self.diverge(pos, format!("the log injects vector {vector:#x} where the guest cannot take an interrupt"), "interrupts enabled", "interrupts disabled"));
                 }
-                let entry = self.expect(pos, "an interrupt", |e| matches!(e, Event::Interrupt { .. }))?;
+                let entry = self.expect(pos, "an interrupt", |e| {
+                    matches!(e, Event::Interrupt { .. })
+                })?;
                 // The timer is the one interrupt source driven by host time:
                 // the log says when it fired, so raise its line now.
                 if m.vm.devices.pic.pending_vector() != Some(vector) {
@@ -401,10 +528,24 @@ impl<R: Read> Mode for Replay<R> {
             Some(e) => format!("#{} at exit {}: {}", e.seq, e.pos.exits, e.event),
             None => "the end of the log".into(),
         };
-        Err(self.diverge(pos, format!("the guest is idle at exit {} and the log has nothing to wake it", pos.exits), format!("an interrupt at exit {}", pos.exits), next))
+        Err(self.diverge(
+            pos,
+            format!(
+                "the guest is idle at exit {} and the log has nothing to wake it",
+                pos.exits
+            ),
+            format!("an interrupt at exit {}", pos.exits),
+            next,
+        ))
     }
 
-    fn finish(&mut self, m: &mut Machine, pos: Position, reason: StopReason, _at_position: bool) -> Result<(), RunError> {
+    fn finish(
+        &mut self,
+        m: &mut Machine,
+        pos: Position,
+        reason: StopReason,
+        _at_position: bool,
+    ) -> Result<(), RunError> {
         let _ = self.console.flush();
         if let Some(c) = &mut self.capture {
             c.flush().map_err(RunError::Capture)?;
@@ -415,7 +556,9 @@ impl<R: Read> Mode for Replay<R> {
                 // The recording logs the final digest and End where the guest
                 // powered off: both must be here.
                 self.check_digest(m, pos, DigestReason::End)?;
-                self.expect(pos, "the end of the run", |e| matches!(e, Event::End { .. }))?;
+                self.expect(pos, "the end of the run", |e| {
+                    matches!(e, Event::End { .. })
+                })?;
                 self.end_seen = true;
                 Ok(())
             }

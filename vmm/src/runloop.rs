@@ -45,7 +45,9 @@ pub enum RunError {
         code: String,
         position: u64,
     },
-    #[error("the guest executed hlt with interrupts disabled at RIP {rip:#x}: it can never wake up")]
+    #[error(
+        "the guest executed hlt with interrupts disabled at RIP {rip:#x}: it can never wake up"
+    )]
     DeadHalt { rip: u64 },
     #[error("cannot prepare the vCPU thread: {0}")]
     Thread(std::io::Error),
@@ -162,7 +164,11 @@ impl Machine<'_> {
         let code = if bytes.is_empty() {
             "unreadable".to_string()
         } else {
-            bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
+            bytes
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(" ")
         };
         RunError::GuestFault {
             exit,
@@ -178,13 +184,23 @@ pub trait Mode {
     /// Time as the devices see it.
     fn now_ns(&self) -> u64;
     /// Checked before every entry into the guest.
-    fn should_stop(&mut self, m: &mut Machine, pos: Position) -> Result<Option<StopReason>, RunError>;
+    fn should_stop(
+        &mut self,
+        m: &mut Machine,
+        pos: Position,
+    ) -> Result<Option<StopReason>, RunError>;
     /// The result of a trapped instruction.
     fn trap(&mut self, pos: Position, site: &NondetSite) -> Result<TrapResult, RunError>;
     /// A time-dependent device read returned `value`; returns what the guest sees.
     fn time_read(&mut self, pos: Position, port: u16, value: u8) -> Result<u8, RunError>;
     /// An output the guest produced (a console line, a frame).
-    fn output(&mut self, m: &mut Machine, pos: Position, kind: OutputKind, bytes: &[u8]) -> Result<(), RunError>;
+    fn output(
+        &mut self,
+        m: &mut Machine,
+        pos: Position,
+        kind: OutputKind,
+        bytes: &[u8],
+    ) -> Result<(), RunError>;
     /// After every synchronous exit (periodic digests).
     fn after_exit(&mut self, m: &mut Machine, pos: Position) -> Result<(), RunError>;
     /// Packets and interrupts for the guest at this exit; `ready` says
@@ -196,10 +212,21 @@ pub trait Mode {
     /// The run ends at `pos`. `at_position` is false when a stop request
     /// had to take the vCPU between two synchronous exits (a guest that made
     /// none for [`STOP_GRACE`]), where its state belongs to no position.
-    fn finish(&mut self, m: &mut Machine, pos: Position, reason: StopReason, at_position: bool) -> Result<(), RunError>;
+    fn finish(
+        &mut self,
+        m: &mut Machine,
+        pos: Position,
+        reason: StopReason,
+        at_position: bool,
+    ) -> Result<(), RunError>;
 }
 
-fn flush_outputs<M: Mode>(m: &mut Machine, mode: &mut M, pos: Position, all: bool) -> Result<(), RunError> {
+fn flush_outputs<M: Mode>(
+    m: &mut Machine,
+    mode: &mut M,
+    pos: Position,
+    all: bool,
+) -> Result<(), RunError> {
     let console = m.vm.devices.serial.take_output();
     m.summary.console_bytes += console.len() as u64;
     m.console_line.extend_from_slice(&console);
@@ -237,7 +264,9 @@ fn step<M: Mode>(m: &mut Machine, mode: &mut M) -> Result<Option<(Position, Acti
     // registers (for the position) are read once that borrow ends.
     let mut pit_read = None;
     let (kind, action) = {
-        let Vm { vcpu, devices, mem, .. } = &mut *m.vm;
+        let Vm {
+            vcpu, devices, mem, ..
+        } = &mut *m.vm;
         let exit = match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => Exit::IoIn { port, data },
             Ok(VcpuExit::IoOut(port, data)) => Exit::IoOut { port, data },
@@ -253,11 +282,14 @@ fn step<M: Mode>(m: &mut Machine, mode: &mut M) -> Result<Option<(Position, Acti
                 return Ok(None);
             }
             Err(e) => return Err(RunError::Run(e)),
-            Ok(VcpuExit::Shutdown) => return Err(m.fault("KVM_EXIT_SHUTDOWN (triple fault)".into())),
+            Ok(VcpuExit::Shutdown) => {
+                return Err(m.fault("KVM_EXIT_SHUTDOWN (triple fault)".into()))
+            }
             Ok(VcpuExit::InternalError) => {
                 // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so
                 // `internal` is the union member KVM filled in.
-                let suberror = unsafe { m.vm.vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                let suberror =
+                    unsafe { m.vm.vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror };
                 return Err(m.fault(format!(
                     "KVM_EXIT_INTERNAL_ERROR (suberror {suberror}; on this platform often an instruction the CPL0 emulator cannot run, such as SSE)"
                 )));
@@ -275,7 +307,15 @@ fn step<M: Mode>(m: &mut Machine, mode: &mut M) -> Result<Option<(Position, Acti
         let kind = exit.kind();
         let action = match exit {
             Exit::IoIn { port, data } if PIT_COUNTER_PORTS.contains(&port) => {
-                let action = handle_exit(devices, mem, now, Exit::IoIn { port, data: &mut *data });
+                let action = handle_exit(
+                    devices,
+                    mem,
+                    now,
+                    Exit::IoIn {
+                        port,
+                        data: &mut *data,
+                    },
+                );
                 pit_read = Some((port, data.to_vec()));
                 action
             }
@@ -321,7 +361,12 @@ fn step<M: Mode>(m: &mut Machine, mode: &mut M) -> Result<Option<(Position, Acti
 }
 
 /// Runs the guest until it powers off, fails, or `mode` stops it.
-pub fn run<M: Mode>(vm: &mut Vm, mode: &mut M, stop: &StopSignal, hashing: bool) -> Result<RunSummary, RunError> {
+pub fn run<M: Mode>(
+    vm: &mut Vm,
+    mode: &mut M,
+    stop: &StopSignal,
+    hashing: bool,
+) -> Result<RunSummary, RunError> {
     let _guard = stop.enter_vcpu_thread().map_err(RunError::Thread)?;
     let start = Instant::now();
     let hasher = hashing.then(|| MemoryHasher::new(&vm.mem, vm.config.mem_size));
@@ -334,7 +379,10 @@ pub fn run<M: Mode>(vm: &mut Vm, mode: &mut M, stop: &StopSignal, hashing: bool)
         summary: RunSummary::default(),
         console_line: Vec::new(),
     };
-    let mut pos = Position { exits: 0, rip: m.regs().rip };
+    let mut pos = Position {
+        exits: 0,
+        rip: m.regs().rip,
+    };
     let mut at_position = true;
     let mut stop_seen: Option<Instant> = None;
     let reason = loop {
@@ -342,7 +390,9 @@ pub fn run<M: Mode>(vm: &mut Vm, mode: &mut M, stop: &StopSignal, hashing: bool)
             if let Some(reason) = mode.should_stop(&mut m, pos)? {
                 break reason;
             }
-        } else if stop.is_requested() && stop_seen.get_or_insert_with(Instant::now).elapsed() > STOP_GRACE {
+        } else if stop.is_requested()
+            && stop_seen.get_or_insert_with(Instant::now).elapsed() > STOP_GRACE
+        {
             break StopReason::Requested;
         }
         let Some((at, action)) = step(&mut m, mode)? else {
@@ -363,7 +413,10 @@ pub fn run<M: Mode>(vm: &mut Vm, mode: &mut M, stop: &StopSignal, hashing: bool)
         mode.after_exit(&mut m, pos)?;
         let (ready, if_flag) = {
             let run = m.vm.vcpu.get_kvm_run();
-            (run.ready_for_interrupt_injection != 0 && run.if_flag != 0, run.if_flag != 0)
+            (
+                run.ready_for_interrupt_injection != 0 && run.if_flag != 0,
+                run.if_flag != 0,
+            )
         };
         let mut injected = mode.deliver(&mut m, pos, ready)?;
         if action == Action::Idle && !injected {

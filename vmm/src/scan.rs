@@ -142,14 +142,30 @@ mod tests {
                 (0x100c, NondetKind::Rdseed, 3),
             ]
         );
-        let simd: Vec<_> = r.simd.iter().map(|s| (s.addr, s.mnemonic.as_str())).collect();
+        let simd: Vec<_> = r
+            .simd
+            .iter()
+            .map(|s| (s.addr, s.mnemonic.as_str()))
+            .collect();
         assert_eq!(
             simd,
             vec![(0x1002, "xorps"), (0x100f, "movsd"), (0x1013, "vmovaps")]
         );
         assert_eq!(r.instructions, 8);
-        assert_eq!(r.nondet[2].dest, Some(DestRegister { number: 0, width: 8 }));
-        assert_eq!(r.nondet[3].dest, Some(DestRegister { number: 0, width: 4 }));
+        assert_eq!(
+            r.nondet[2].dest,
+            Some(DestRegister {
+                number: 0,
+                width: 8
+            })
+        );
+        assert_eq!(
+            r.nondet[3].dest,
+            Some(DestRegister {
+                number: 0,
+                width: 4
+            })
+        );
         assert_eq!(r.nondet[0].dest, None);
     }
 

@@ -75,10 +75,7 @@ pub enum ChannelError {
     /// A frame from the peer is bad: corruption, a sequence gap, an
     /// undecodable payload. Names the frame and its byte offset.
     #[error("bad frame from {peer}: {source}")]
-    Frame {
-        peer: Peer,
-        source: Arc<FrameError>,
-    },
+    Frame { peer: Peer, source: Arc<FrameError> },
     /// The peer sent a well-formed message it must not send.
     #[error("protocol violation by {peer}: {detail}")]
     Protocol { peer: Peer, detail: String },

@@ -264,7 +264,10 @@ impl Handshake<'_> {
     fn unexpected(&self, msg: &Message, expected: &str) -> ChannelError {
         ChannelError::protocol(
             self.peer,
-            format!("sent a {} message where {expected} was expected", msg.name()),
+            format!(
+                "sent a {} message where {expected} was expected",
+                msg.name()
+            ),
         )
     }
 
@@ -275,7 +278,11 @@ impl Handshake<'_> {
         let mut out = Vec::new();
         let reason = mismatch.to_string();
         tracing::warn!(peer = %self.peer, "refusing log channel handshake: {reason}");
-        if self.ours_out.encode(&Message::Refused { reason }, &mut out).is_ok() {
+        if self
+            .ours_out
+            .encode(&Message::Refused { reason }, &mut out)
+            .is_ok()
+        {
             // The peer may be gone already; the refusal is returned here
             // either way.
             let _ = self.write(&out);

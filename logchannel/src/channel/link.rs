@@ -123,7 +123,11 @@ impl<S: HasHealth> Link<S> {
             + Duration::from_millis(1)
     }
 
-    pub(crate) fn wait_writer<'a>(&self, g: MutexGuard<'a, S>, until: Instant) -> MutexGuard<'a, S> {
+    pub(crate) fn wait_writer<'a>(
+        &self,
+        g: MutexGuard<'a, S>,
+        until: Instant,
+    ) -> MutexGuard<'a, S> {
         wait(&self.to_writer, g, until)
     }
 

@@ -82,7 +82,11 @@ impl Rates {
     pub(crate) fn update(&mut self, now: Instant, entries: u64, bytes: u64) -> (f64, f64) {
         if now.duration_since(self.newer.at) >= Self::INTERVAL {
             self.older = self.newer;
-            self.newer = Mark { at: now, entries, bytes };
+            self.newer = Mark {
+                at: now,
+                entries,
+                bytes,
+            };
         }
         let secs = now.duration_since(self.older.at).as_secs_f64();
         if secs <= 0.0 {

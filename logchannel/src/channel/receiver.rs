@@ -344,6 +344,9 @@ fn wait_for_room(link: &Link<State>) -> Result<u64, ChannelError> {
         if st.health.closing {
             return Err(ChannelError::Closed { peer: link.peer });
         }
+        if let Some(f) = &st.health.failure {
+            return Err(f.clone());
+        }
         let room = st.room(&link.config);
         if room > 0 {
             if st.health.not_reading {
@@ -375,8 +378,7 @@ fn write_loop(link: &Link<State>) {
                 let now = Instant::now();
                 let replay_at = st.replay_due.map(|t| t + link.config.batch_delay);
                 let beat_at = st.last_write + link.config.heartbeat_interval;
-                if st.received > st.acked || replay_at.is_some_and(|t| t <= now) || beat_at <= now
-                {
+                if st.received > st.acked || replay_at.is_some_and(|t| t <= now) || beat_at <= now {
                     st.acked = st.received;
                     st.replay_due = None;
                     break Message::Ack {

@@ -328,9 +328,11 @@ impl LogSender {
         let now = Instant::now();
         let (entries_per_sec, bytes_per_sec) =
             st.rates.update(now, st.entries_sent, st.bytes_written);
-        let oldest_unreplayed = st
-            .record(st.replayed_seq + 1)
-            .or_else(|| (st.replayed_seq < st.queued_seq).then(|| st.sent.front()).flatten());
+        let oldest_unreplayed = st.record(st.replayed_seq + 1).or_else(|| {
+            (st.replayed_seq < st.queued_seq)
+                .then(|| st.sent.front())
+                .flatten()
+        });
         ChannelMetrics {
             entries_sent: st.entries_sent,
             bytes_sent: st.bytes_written,
@@ -341,9 +343,7 @@ impl LogSender {
             in_flight_bytes: st.in_flight_bytes(),
             lag_entries: st.queued_seq - st.replayed_seq,
             lag_exits: st.exits.saturating_sub(st.replayed_exits),
-            lag_ms: oldest_unreplayed.map_or(0.0, |s| {
-                now.duration_since(s.at).as_secs_f64() * 1e3
-            }),
+            lag_ms: oldest_unreplayed.map_or(0.0, |s| now.duration_since(s.at).as_secs_f64() * 1e3),
         }
     }
 }

@@ -160,7 +160,10 @@ fn a_memory_size_mismatch_is_refused_on_both_ends() {
                 primary: MEM,
                 backup: 2 * MEM,
             },
-            &format!("primary has {MEM} bytes of guest memory, backup {}", 2 * MEM),
+            &format!(
+                "primary has {MEM} bytes of guest memory, backup {}",
+                2 * MEM
+            ),
         );
     });
 }
@@ -292,7 +295,12 @@ fn an_http_server_is_not_a_peer() {
 #[test]
 fn a_peer_that_closes_at_once_is_not_a_peer() {
     bounded(LIMIT, || {
-        let (err, _) = against_stranger_server(drop);
+        let (err, _) = against_stranger_server(|mut s| {
+            // Reads what arrives, so that closing sends a FIN, not a reset.
+            let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+            let mut sink = Vec::new();
+            let _ = s.read_to_end(&mut sink);
+        });
         assert_not_a_peer(&err, "closed the connection after sending 0 byte(s)");
     });
 }
@@ -309,7 +317,8 @@ fn a_silent_peer_times_out() {
             "{err:?}"
         );
         assert!(
-            err.to_string().contains("0 of the 12 preamble bytes arrived"),
+            err.to_string()
+                .contains("0 of the 12 preamble bytes arrived"),
             "{err}"
         );
         let timeout = quick().handshake_timeout;
@@ -349,10 +358,7 @@ fn nobody_connecting_is_an_accept_timeout() {
         let err = LogSender::accept(&l, hello(Role::Primary), quick())
             .err()
             .expect("nobody connects");
-        assert!(
-            matches!(err, ChannelError::AcceptTimeout { .. }),
-            "{err:?}"
-        );
+        assert!(matches!(err, ChannelError::AcceptTimeout { .. }), "{err:?}");
         assert!(start.elapsed() >= quick().handshake_timeout);
         // The listener is usable afterwards, in blocking mode.
         let target = addr(&l);

@@ -29,7 +29,7 @@ fn a_hundred_thousand_entries_arrive_in_order_and_intact() {
                             .expect("window opens"));
                     }
                     assert_eq!(sender.send(e.pos, e.event.clone()).expect("send"), e.seq);
-                    if e.seq % 10_000 == 0 {
+                    if e.seq.is_multiple_of(10_000) {
                         acked_seen.push(sender.acked());
                     }
                 }
@@ -43,7 +43,7 @@ fn a_hundred_thousand_entries_arrive_in_order_and_intact() {
                 .expect("recv")
                 .unwrap_or_else(|| panic!("entry {} did not arrive", i + 1));
             assert_eq!(&got, want);
-            if got.seq % 1000 == 0 {
+            if got.seq.is_multiple_of(1000) {
                 receiver.report_replayed(got.seq, got.pos.exits);
             }
         }
@@ -94,7 +94,10 @@ fn a_hundred_thousand_entries_arrive_in_order_and_intact() {
         let r = receiver.metrics();
         assert_eq!(r.entries_received, N as u64);
         assert_eq!(r.queued, 0);
-        assert_eq!((r.replayed_seq, r.replayed_exits), (last.seq, last.pos.exits));
+        assert_eq!(
+            (r.replayed_seq, r.replayed_exits),
+            (last.seq, last.pos.exits)
+        );
         assert!(r.bytes_received < m.bytes_sent);
     });
 }
@@ -117,7 +120,10 @@ fn wait_acked_does_not_wait_for_the_batch_delay() {
             .expect("no failure"));
         assert_eq!(sender.acked(), seq);
         assert_eq!(
-            receiver.recv(Duration::from_secs(5)).expect("recv").as_ref(),
+            receiver
+                .recv(Duration::from_secs(5))
+                .expect("recv")
+                .as_ref(),
             Some(e)
         );
     });
@@ -146,7 +152,10 @@ fn an_entry_that_goes_backwards_is_refused_and_nothing_is_queued() {
         let err = sender
             .send(es[1].pos, es[1].event.clone())
             .expect_err("backwards");
-        assert!(err.to_string().contains("before the previous entry"), "{err}");
+        assert!(
+            err.to_string().contains("before the previous entry"),
+            "{err}"
+        );
         let mut fine = es[1].pos;
         fine.exits = later.exits;
         assert_eq!(sender.send(fine, es[1].event.clone()).expect("send"), 2);

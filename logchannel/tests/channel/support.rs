@@ -3,8 +3,8 @@
 //! proxy.
 
 use logchannel::{
-    ChannelConfig, ChannelError, Digest, DigestReason, Entry, Event, Hello, LogReceiver,
-    LogSender, PageHash, Position, Registers, Role,
+    ChannelConfig, ChannelError, Digest, DigestReason, Entry, Event, Hello, LogReceiver, LogSender,
+    PageHash, Position, Registers, Role,
 };
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -258,7 +258,13 @@ impl Proxy {
     /// Closes both connections, as a crashed host's kernel would not, but a
     /// killed process's does.
     pub fn cut(&self) {
-        for s in self.ctl.sockets.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for s in self
+            .ctl
+            .sockets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             let _ = s.shutdown(Shutdown::Both);
         }
     }
@@ -292,8 +298,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, ctl: &ProxyCtl, down: bool) {
             }
         }
         offset += n as u64;
-        if mode.load(Ordering::SeqCst) == Fault::Forward as u8 && to.write_all(&buf[..n]).is_err()
-        {
+        if mode.load(Ordering::SeqCst) == Fault::Forward as u8 && to.write_all(&buf[..n]).is_err() {
             return;
         }
     }

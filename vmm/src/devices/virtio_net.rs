@@ -1050,11 +1050,7 @@ impl VirtioNet {
         })
     }
 
-    fn read_tx_chain(
-        &self,
-        mem: &GuestMemory,
-        head: u16,
-    ) -> Result<Vec<u8>, VirtioNetError> {
+    fn read_tx_chain(&self, mem: &GuestMemory, head: u16) -> Result<Vec<u8>, VirtioNetError> {
         let segments = self.walk_chain(mem, TX_QUEUE, head, false)?;
         let total: u64 = segments.iter().map(|s| u64::from(s.len)).sum();
         if total > MAX_TX_CHAIN_LEN as u64 {
@@ -1154,9 +1150,9 @@ fn feature_word(features: u64, sel: u32) -> u32 {
 mod tests {
     use super::*;
     use crate::frame::{wrap_udp, GATEWAY_MAC, GUEST_IP, GUEST_MAC, GUEST_SERVICE_PORT};
-    use vm_memory::GuestMemoryMmap;
     use proptest::prelude::*;
     use std::net::{Ipv4Addr, SocketAddrV4};
+    use vm_memory::GuestMemoryMmap;
 
     const MEM_SIZE: u64 = 1 << 20;
     const QSIZE: u16 = 16;
