@@ -15,6 +15,7 @@ pub mod live;
 pub mod loader;
 pub mod memory;
 pub mod net_backend;
+pub mod output;
 pub mod patch;
 pub mod record;
 pub mod replay;

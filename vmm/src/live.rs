@@ -1,19 +1,19 @@
 //! A live run: host time, the host's random numbers, the network and the
-//! console. With a [`Recorder`] it is a recording: every nondeterministic
-//! input goes into the log at the position where the guest took it.
+//! console. With an [`EntrySink`] every nondeterministic input goes into a
+//! log at the position where the guest took it: a file (`ftvm record`) or
+//! the log channel to a backup (`ftvm primary`).
 
 use std::collections::VecDeque;
-use std::io::Write;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use logchannel::{Digest, DigestReason, Event, OutputKind, Position};
 
-use crate::capture::Capture;
 use crate::devices::virtio_net::VirtioNetError;
 use crate::digest;
 use crate::net_backend::{Datagram, NetBackend};
+use crate::output::{Emitter, OutputGate};
 use crate::patch::TrapResult;
-use crate::record::Recorder;
 use crate::runloop::{Machine, Mode, RunError, StopReason, TIMER_IRQ};
 use crate::scan::{NondetKind, NondetSite};
 use crate::stop::StopSignal;
@@ -21,33 +21,60 @@ use crate::stop::StopSignal;
 /// Datagrams held while the guest has no free receive buffer.
 const MAX_PENDING_DATAGRAMS: usize = 1024;
 
-/// The outside world of a live run.
-pub struct LiveIo {
-    pub net: Option<NetBackend>,
-    pub console: Box<dyn Write + Send>,
-    pub capture: Option<Capture>,
+/// Where a live run's log entries go.
+pub trait EntrySink: Send {
+    /// Appends an entry; returns its sequence number.
+    fn log(&mut self, pos: Position, event: Event) -> Result<u64, RunError>;
+    fn digest_due(&self, pos: Position) -> bool;
+    /// Everything at exits up to `pos` has been logged and the guest is
+    /// about to run again (progress marks, flow control, failure checks).
+    fn resume(&mut self, _pos: Position) -> Result<(), RunError> {
+        Ok(())
+    }
+    /// The guest is idle; a good moment to push buffered entries out.
+    fn flush(&mut self) -> Result<(), RunError>;
+    fn end(&mut self, pos: Position, reason: StopReason) -> Result<(), RunError>;
+    /// The run failed: close what can be closed, so that what was logged
+    /// stays readable.
+    fn abort(&mut self, _why: &str) -> Result<(), RunError> {
+        Ok(())
+    }
+    /// A line for the user about what was logged.
+    fn report(&self) -> Option<String> {
+        None
+    }
 }
 
-pub struct Live<'a> {
-    io: &'a mut LiveIo,
-    recorder: Option<Recorder>,
+/// How a live run's outputs leave: at once, or through the gate that holds
+/// them until the backup has acknowledged them.
+pub enum Outputs {
+    Direct(Emitter),
+    Gated(OutputGate),
+}
+
+pub struct Live {
+    net: Option<Arc<NetBackend>>,
+    outputs: Option<Outputs>,
+    sink: Option<Box<dyn EntrySink>>,
     start: Instant,
     deadline: Option<Instant>,
     stop: StopSignal,
     pending: VecDeque<Datagram>,
 }
 
-impl<'a> Live<'a> {
+impl Live {
     pub fn new(
-        io: &'a mut LiveIo,
-        recorder: Option<Recorder>,
+        net: Option<Arc<NetBackend>>,
+        outputs: Outputs,
+        sink: Option<Box<dyn EntrySink>>,
         stop: StopSignal,
         timeout: Option<Duration>,
     ) -> Self {
         let start = Instant::now();
         Live {
-            io,
-            recorder,
+            net,
+            outputs: Some(outputs),
+            sink,
             start,
             deadline: timeout.map(|t| start + t),
             stop,
@@ -55,20 +82,19 @@ impl<'a> Live<'a> {
         }
     }
 
-    /// The recorder back, to close its log.
-    pub fn into_recorder(self) -> Option<Recorder> {
-        self.recorder
+    pub fn sink_mut(&mut self) -> Option<&mut (dyn EntrySink + 'static)> {
+        self.sink.as_deref_mut()
     }
 
-    fn log(&mut self, pos: Position, event: Event) -> Result<(), RunError> {
-        if let Some(r) = &mut self.recorder {
-            r.log(pos, event)?;
+    fn log(&mut self, pos: Position, event: Event) -> Result<Option<u64>, RunError> {
+        match &mut self.sink {
+            Some(s) => s.log(pos, event).map(Some),
+            None => Ok(None),
         }
-        Ok(())
     }
 
     fn collect_datagrams(&mut self) {
-        let Some(net) = &self.io.net else { return };
+        let Some(net) = &self.net else { return };
         while self.pending.len() < MAX_PENDING_DATAGRAMS {
             match net.incoming().try_recv() {
                 Ok(d) => self.pending.push_back(d),
@@ -77,8 +103,17 @@ impl<'a> Live<'a> {
         }
     }
 
-    fn host_random() -> u64 {
-        rand::random()
+    /// Releases every output still held and flushes the emitter.
+    fn close_outputs(&mut self) -> Result<(), RunError> {
+        let emitter = match self.outputs.take() {
+            Some(Outputs::Direct(e)) => Some(e),
+            Some(Outputs::Gated(g)) => g.finish(),
+            None => None,
+        };
+        if let Some(mut e) = emitter {
+            e.flush().map_err(RunError::Capture)?;
+        }
+        Ok(())
     }
 }
 
@@ -87,22 +122,30 @@ impl<'a> Live<'a> {
 fn delivery_changed_nothing(e: &VirtioNetError) -> bool {
     matches!(
         e,
-        VirtioNetError::NotActive
-            | VirtioNetError::NoRxBuffer
-            | VirtioNetError::FrameTooLong { .. }
+        VirtioNetError::NotActive | VirtioNetError::NoRxBuffer | VirtioNetError::FrameTooLong { .. }
     )
 }
 
-impl Mode for Live<'_> {
+fn host_result(kind: NondetKind) -> (TrapResult, Event) {
+    // SAFETY: rdtsc has no preconditions; this VMM only runs on x86_64.
+    let tsc = unsafe { core::arch::x86_64::_rdtsc() };
+    let random: u64 = rand::random();
+    let ok = |value| TrapResult { value, aux: 0, ok: true };
+    match kind {
+        NondetKind::Rdtsc => (ok(tsc), Event::Rdtsc { value: tsc }),
+        // The guest never writes IA32_TSC_AUX, which stays 0.
+        NondetKind::Rdtscp => (ok(tsc), Event::Rdtscp { value: tsc, aux: 0 }),
+        NondetKind::Rdrand => (ok(random), Event::Rdrand { value: random, ok: true }),
+        NondetKind::Rdseed => (ok(random), Event::Rdseed { value: random, ok: true }),
+    }
+}
+
+impl Mode for Live {
     fn now_ns(&self) -> u64 {
         self.start.elapsed().as_nanos() as u64
     }
 
-    fn should_stop(
-        &mut self,
-        _m: &mut Machine,
-        _pos: Position,
-    ) -> Result<Option<StopReason>, RunError> {
+    fn should_stop(&mut self, _m: &mut Machine, _pos: Position) -> Result<Option<StopReason>, RunError> {
         if self.stop.is_requested() {
             return Ok(Some(StopReason::Requested));
         }
@@ -113,49 +156,7 @@ impl Mode for Live<'_> {
     }
 
     fn trap(&mut self, pos: Position, site: &NondetSite) -> Result<TrapResult, RunError> {
-        // SAFETY: rdtsc has no preconditions; this VMM only runs on x86_64.
-        let tsc = unsafe { core::arch::x86_64::_rdtsc() };
-        let (result, event) = match site.kind {
-            NondetKind::Rdtsc => (
-                TrapResult {
-                    value: tsc,
-                    aux: 0,
-                    ok: true,
-                },
-                Event::Rdtsc { value: tsc },
-            ),
-            // The guest never writes IA32_TSC_AUX, which stays 0.
-            NondetKind::Rdtscp => (
-                TrapResult {
-                    value: tsc,
-                    aux: 0,
-                    ok: true,
-                },
-                Event::Rdtscp { value: tsc, aux: 0 },
-            ),
-            NondetKind::Rdrand => {
-                let value = Self::host_random();
-                (
-                    TrapResult {
-                        value,
-                        aux: 0,
-                        ok: true,
-                    },
-                    Event::Rdrand { value, ok: true },
-                )
-            }
-            NondetKind::Rdseed => {
-                let value = Self::host_random();
-                (
-                    TrapResult {
-                        value,
-                        aux: 0,
-                        ok: true,
-                    },
-                    Event::Rdseed { value, ok: true },
-                )
-            }
-        };
+        let (result, event) = host_result(site.kind);
         self.log(pos, event)?;
         Ok(result)
     }
@@ -165,53 +166,27 @@ impl Mode for Live<'_> {
         Ok(value)
     }
 
-    fn output(
-        &mut self,
-        m: &mut Machine,
-        pos: Position,
-        kind: OutputKind,
-        bytes: &[u8],
-    ) -> Result<(), RunError> {
-        if self.recorder.is_some() {
+    fn output(&mut self, m: &mut Machine, pos: Position, kind: OutputKind, bytes: &[u8]) -> Result<(), RunError> {
+        let mut seq = 0;
+        if self.sink.is_some() {
             let (regs, mem_hash) = m.state()?;
-            self.log(
-                pos,
-                Event::Output {
-                    kind,
-                    hash: digest::output_hash(bytes),
-                    state: digest::state_hash(&regs, mem_hash),
-                },
-            )?;
+            let check = Event::Output {
+                kind,
+                hash: digest::output_hash(bytes),
+                state: digest::state_hash(&regs, mem_hash),
+            };
+            seq = self.log(pos, check)?.unwrap_or(0);
         }
-        match kind {
-            OutputKind::Console => {
-                if let Err(e) = self
-                    .io
-                    .console
-                    .write_all(bytes)
-                    .and_then(|_| self.io.console.flush())
-                {
-                    tracing::warn!("writing the guest console failed: {e}");
-                }
-            }
-            OutputKind::Transmit => {
-                if let Some(c) = &mut self.io.capture {
-                    c.write(bytes).map_err(RunError::Capture)?;
-                }
-                if let Some(net) = &self.io.net {
-                    net.transmit(bytes);
-                }
-            }
+        match &mut self.outputs {
+            Some(Outputs::Gated(gate)) => gate.submit(seq, kind, bytes),
+            Some(Outputs::Direct(e)) => e.emit(kind, bytes).map_err(RunError::Capture)?,
+            None => {}
         }
         Ok(())
     }
 
     fn after_exit(&mut self, m: &mut Machine, pos: Position) -> Result<(), RunError> {
-        let due = match &self.recorder {
-            Some(r) => r.digest_due(pos),
-            None => false,
-        };
-        if due {
+        if self.sink.as_ref().is_some_and(|s| s.digest_due(pos)) {
             let digest = full_digest(m, DigestReason::Periodic)?;
             self.log(pos, Event::Digest(digest))?;
         }
@@ -228,9 +203,7 @@ impl Mode for Live<'_> {
         }
         self.collect_datagrams();
         while !self.pending.is_empty() && m.vm.devices.net.rx_buffers_available(&m.vm.mem) > 0 {
-            let Some(datagram) = self.pending.pop_front() else {
-                break;
-            };
+            let Some(datagram) = self.pending.pop_front() else { break };
             let frame = match datagram.to_frame() {
                 Ok(f) => f,
                 Err(e) => {
@@ -254,13 +227,7 @@ impl Mode for Live<'_> {
                     crate::replay::FAILED_DELIVERY
                 }
             };
-            self.log(
-                pos,
-                Event::Packet {
-                    desc_head: head,
-                    frame,
-                },
-            )?;
+            self.log(pos, Event::Packet { desc_head: head, frame })?;
         }
         m.raise_device_irqs();
         match m.inject_pending()? {
@@ -272,22 +239,29 @@ impl Mode for Live<'_> {
         }
     }
 
+    fn resume(&mut self, _m: &mut Machine, pos: Position) -> Result<(), RunError> {
+        match &mut self.sink {
+            Some(s) => s.resume(pos),
+            None => Ok(()),
+        }
+    }
+
     fn wait_idle(&mut self, m: &mut Machine, _pos: Position) -> Result<(), RunError> {
-        let _ = self.io.console.flush();
-        if let Some(r) = &mut self.recorder {
-            r.flush()?;
+        if let Some(s) = &mut self.sink {
+            s.flush()?;
         }
         let now = self.now_ns();
-        let mut wake_at =
-            m.vm.devices
-                .pit
-                .next_irq0_ns()
-                .map(|ns| self.start + Duration::from_nanos(ns.max(now)));
+        let mut wake_at = m
+            .vm
+            .devices
+            .pit
+            .next_irq0_ns()
+            .map(|ns| self.start + Duration::from_nanos(ns.max(now)));
         if let Some(deadline) = self.deadline {
             wake_at = Some(wake_at.map_or(deadline, |w| w.min(deadline)));
         }
         let never = crossbeam_channel::never();
-        let incoming = self.io.net.as_ref().map_or(&never, |n| n.incoming());
+        let incoming = self.net.as_ref().map_or(&never, |n| n.incoming());
         let timeout = match wake_at {
             Some(w) => crossbeam_channel::at(w),
             None => crossbeam_channel::never(),
@@ -304,32 +278,20 @@ impl Mode for Live<'_> {
         Ok(())
     }
 
-    fn finish(
-        &mut self,
-        m: &mut Machine,
-        pos: Position,
-        reason: StopReason,
-        at_position: bool,
-    ) -> Result<(), RunError> {
-        if let Some(c) = &mut self.io.capture {
-            c.flush().map_err(RunError::Capture)?;
+    fn finish(&mut self, m: &mut Machine, pos: Position, reason: StopReason, at_position: bool) -> Result<(), RunError> {
+        if self.sink.is_some() && at_position {
+            let digest = full_digest(m, DigestReason::End)?;
+            self.log(pos, Event::Digest(digest))?;
         }
-        let _ = self.io.console.flush();
-        if self.recorder.is_some() {
-            if at_position {
-                let digest = full_digest(m, DigestReason::End)?;
-                self.log(pos, Event::Digest(digest))?;
-            }
-            if let Some(r) = &mut self.recorder {
-                r.end(pos, reason)?;
-            }
+        if let Some(s) = &mut self.sink {
+            s.end(pos, reason)?;
         }
-        if let Some(net) = &self.io.net {
+        self.close_outputs()?;
+        if let Some(net) = &self.net {
             use std::sync::atomic::Ordering::Relaxed;
             let c = &net.counters;
             m.summary.datagrams_received = c.received.load(Relaxed);
-            m.summary.datagrams_dropped +=
-                c.dropped_full.load(Relaxed) + c.dropped_unusable.load(Relaxed);
+            m.summary.datagrams_dropped += c.dropped_full.load(Relaxed) + c.dropped_unusable.load(Relaxed);
             m.summary.tx_frames_unparseable = c.tx_unparseable.load(Relaxed);
         }
         Ok(())
@@ -339,11 +301,7 @@ impl Mode for Live<'_> {
 /// Registers, the memory hash and the pages dirtied since the last digest.
 pub fn full_digest(m: &mut Machine, reason: DigestReason) -> Result<Digest, RunError> {
     let (regs, mem_hash) = m.state()?;
-    let dirty_pages = m
-        .hasher
-        .as_mut()
-        .map(|h| h.take_dirty())
-        .unwrap_or_default();
+    let dirty_pages = m.hasher.as_mut().map(|h| h.take_dirty()).unwrap_or_default();
     Ok(Digest {
         reason,
         regs,

@@ -4,6 +4,7 @@ use std::fs::File;
 use std::io::{BufReader, BufWriter, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -11,11 +12,12 @@ use clap::{Parser, Subcommand};
 
 use ftvm::capture::Capture;
 use ftvm::guest_image::GUEST_ELF;
-use ftvm::live::{Live, LiveIo};
+use ftvm::live::{EntrySink, Live, Outputs};
+use ftvm::output::Emitter;
 use ftvm::memory::parse_size;
 use ftvm::net_backend::NetBackend;
 use ftvm::record::Recorder;
-use ftvm::replay::Replay;
+use ftvm::replay::{FileSource, Replay};
 use ftvm::runloop::{self, RunError, RunSummary, StopReason};
 use ftvm::stop::StopSignal;
 use ftvm::vm::{Vm, VmConfig};
@@ -266,7 +268,7 @@ fn cmd_run(args: &RunArgs, log: Option<(&PathBuf, u64)>) -> Result<ExitCode, Str
     };
     let mut vm = Vm::new(&image, config).map_err(|e| e.to_string())?;
     let net = NetBackend::bind(args.service).map_err(|e| e.to_string())?;
-    let recorder = match log {
+    let sink: Option<Box<dyn EntrySink>> = match log {
         Some((path, digest_interval)) => {
             let header = LogHeader::new(
                 VM_ID,
@@ -279,11 +281,11 @@ fn cmd_run(args: &RunArgs, log: Option<(&PathBuf, u64)>) -> Result<ExitCode, Str
                     extra: Default::default(),
                 },
             );
-            Some(Recorder::create(path, &header).map_err(|e| e.to_string())?)
+            Some(Box::new(Recorder::create(path, &header).map_err(|e| e.to_string())?))
         }
         None => None,
     };
-    let recording = recorder.is_some();
+    let recording = sink.is_some();
     eprintln!(
         "ftvm: booting the guest ({} MiB), service on {}{}",
         args.mem >> 20,
@@ -291,19 +293,19 @@ fn cmd_run(args: &RunArgs, log: Option<(&PathBuf, u64)>) -> Result<ExitCode, Str
         log.map(|(p, _)| format!(", recording to {}", p.display()))
             .unwrap_or_default()
     );
-    let mut io = LiveIo {
-        net: Some(net),
+    let net = Arc::new(net);
+    let emitter = Emitter {
+        net: Some(net.clone()),
         console: console(&args.guest)?,
         capture: capture(&args.guest)?,
     };
-    let mut live = Live::new(&mut io, recorder, stop.clone(), timeout);
+    let mut live = Live::new(Some(net), Outputs::Direct(emitter), sink, stop.clone(), timeout);
     let result = runloop::run(&mut vm, &mut live, &stop, recording);
-    let mut recorder = live.into_recorder();
     let summary = match result {
         Ok(s) => s,
         Err(e) => {
-            if let Some(r) = recorder.as_mut().filter(|r| r.is_open()) {
-                if let Err(close) = r.abort(&e.to_string()) {
+            if let Some(sink) = live.sink_mut() {
+                if let Err(close) = sink.abort(&e.to_string()) {
                     eprintln!("ftvm: closing the log failed too: {close}");
                 }
             }
@@ -311,13 +313,8 @@ fn cmd_run(args: &RunArgs, log: Option<(&PathBuf, u64)>) -> Result<ExitCode, Str
         }
     };
     print_summary(&summary);
-    if let Some(r) = &recorder {
-        let stats = r.stats();
-        eprintln!(
-            "ftvm: log: {} entries, {} bytes",
-            stats.entries(),
-            stats.total_bytes
-        );
+    if let Some(line) = live.sink_mut().and_then(|s| s.report()) {
+        eprintln!("ftvm: {line}");
     }
     if let Some(path) = &args.stats_json {
         let json = serde_json::to_string_pretty(&summary).map_err(|e| e.to_string())?;
@@ -369,12 +366,12 @@ fn cmd_replay(args: &ReplayArgs) -> Result<ExitCode, String> {
     };
     let mut vm = Vm::new(&image, config).map_err(|e| e.to_string())?;
     let mut replay = Replay::new(
-        reader,
+        FileSource::new(reader),
+        header.config.digest_interval,
         console(&args.guest)?,
         capture(&args.guest)?,
         stop.clone(),
-    )
-    .map_err(|e| e.to_string())?;
+    );
     if let Some(t) = timeout {
         let stop = stop.clone();
         std::thread::spawn(move || {
@@ -385,7 +382,7 @@ fn cmd_replay(args: &ReplayArgs) -> Result<ExitCode, String> {
     let started = std::time::Instant::now();
     let result = runloop::run(&mut vm, &mut replay, &stop, true);
     let elapsed = started.elapsed().as_secs_f64();
-    let stats = replay.reader().stats().clone();
+    let stats = replay.source.reader().stats().clone();
     eprintln!("ftvm replay: {}", replay.counts);
     eprintln!("ftvm replay: log entries read by kind:\n{stats}");
     match result {

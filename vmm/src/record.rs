@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use logchannel::{Event, LogHeader, LogStats, LogWriter, Position};
 
+use crate::live::EntrySink;
 use crate::runloop::{RunError, StopReason};
 
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +32,51 @@ pub struct Recorder {
     stats: LogStats,
 }
 
+impl EntrySink for Recorder {
+    fn log(&mut self, pos: Position, event: Event) -> Result<u64, RunError> {
+        match &mut self.writer {
+            Some(w) => {
+                let seq = w.append(pos, event)?;
+                self.last_pos = pos;
+                Ok(seq)
+            }
+            None => Ok(0),
+        }
+    }
+
+    fn digest_due(&self, pos: Position) -> bool {
+        crate::digest::periodic_due(self.digest_interval, pos.exits)
+    }
+
+    fn flush(&mut self) -> Result<(), RunError> {
+        if let Some(w) = &mut self.writer {
+            w.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the End entry and syncs the file.
+    fn end(&mut self, pos: Position, reason: StopReason) -> Result<(), RunError> {
+        self.close(pos, format!("{reason:?}"))
+    }
+
+    /// Ends the log at the last logged position.
+    fn abort(&mut self, why: &str) -> Result<(), RunError> {
+        if self.writer.is_none() {
+            return Ok(());
+        }
+        self.close(self.last_pos, format!("aborted: {why}"))
+    }
+
+    fn report(&self) -> Option<String> {
+        Some(format!(
+            "log: {} entries, {} bytes",
+            self.stats.entries(),
+            self.stats.total_bytes
+        ))
+    }
+}
+
 impl Recorder {
     pub fn create(path: &Path, header: &LogHeader) -> Result<Self, RecordError> {
         let file = File::create(path).map_err(|source| RecordError::Create {
@@ -52,36 +98,6 @@ impl Recorder {
         })
     }
 
-    pub fn log(&mut self, pos: Position, event: Event) -> Result<(), RunError> {
-        if let Some(w) = &mut self.writer {
-            w.append(pos, event)?;
-            self.last_pos = pos;
-        }
-        Ok(())
-    }
-
-    pub fn digest_due(&self, pos: Position) -> bool {
-        crate::digest::periodic_due(self.digest_interval, pos.exits)
-    }
-
-    pub fn flush(&mut self) -> Result<(), RunError> {
-        if let Some(w) = &mut self.writer {
-            w.flush()?;
-        }
-        Ok(())
-    }
-
-    /// Writes the End entry and syncs the file.
-    pub fn end(&mut self, pos: Position, reason: StopReason) -> Result<(), RunError> {
-        self.close(pos, format!("{reason:?}"))
-    }
-
-    /// Closes a log whose run failed, at the last logged position, so that
-    /// what was recorded stays readable.
-    pub fn abort(&mut self, why: &str) -> Result<(), RunError> {
-        self.close(self.last_pos, format!("aborted: {why}"))
-    }
-
     fn close(&mut self, pos: Position, reason: String) -> Result<(), RunError> {
         if let Some(w) = self.writer.take() {
             self.stats = w.stats().clone();
@@ -93,10 +109,6 @@ impl Recorder {
                 .map_err(logchannel::LogError::Write)?;
         }
         Ok(())
-    }
-
-    pub fn is_open(&self) -> bool {
-        self.writer.is_some()
     }
 
     /// Sizes by entry kind, once the log is closed.

@@ -90,9 +90,62 @@ pub struct ReplayCounts {
     pub traps_emulated: u64,
 }
 
-pub struct Replay<R: Read> {
+/// Where a replay's entries come from.
+pub trait LogSource {
+    /// The next entry, without taking it. `None` when the log holds nothing
+    /// more at exits up to `exits`: a file at its end, a channel once the
+    /// primary has declared its log complete past `exits`. A channel waits
+    /// until it knows, and fails with [`RunError::PeerFailed`] if the
+    /// primary falls silent first.
+    fn peek(&mut self, exits: u64) -> Result<Option<&Entry>, RunError>;
+    /// Takes the entry `peek` returned.
+    fn take(&mut self) -> Option<Entry>;
+    /// Whether the log can never grow (a file).
+    fn finite(&self) -> bool;
+    /// The replay has applied everything up to `seq`, at exit `exits`.
+    fn applied(&mut self, _seq: u64, _exits: u64) {}
+}
+
+/// A log file.
+pub struct FileSource<R: Read> {
     reader: LogReader<R>,
     next: Option<Entry>,
+}
+
+impl<R: Read> FileSource<R> {
+    pub fn new(reader: LogReader<R>) -> Self {
+        FileSource { reader, next: None }
+    }
+
+    pub fn reader(&self) -> &LogReader<R> {
+        &self.reader
+    }
+}
+
+impl<R: Read> LogSource for FileSource<R> {
+    fn peek(&mut self, _exits: u64) -> Result<Option<&Entry>, RunError> {
+        if self.next.is_none() {
+            self.next = match self.reader.next() {
+                Some(Ok(e)) => Some(e),
+                Some(Err(e)) => return Err(RunError::LogRead(e)),
+                None => None,
+            };
+        }
+        Ok(self.next.as_ref())
+    }
+
+    fn take(&mut self) -> Option<Entry> {
+        self.next.take()
+    }
+
+    fn finite(&self) -> bool {
+        true
+    }
+}
+
+pub struct Replay<S: LogSource> {
+    pub source: S,
+    digest_interval: u64,
     last_matched: Option<(u64, Position)>,
     console: Box<dyn Write + Send>,
     capture: Option<Capture>,
@@ -101,49 +154,40 @@ pub struct Replay<R: Read> {
     pub counts: ReplayCounts,
 }
 
-impl<R: Read> Replay<R> {
+impl<S: LogSource> Replay<S> {
     pub fn new(
-        reader: LogReader<R>,
+        source: S,
+        digest_interval: u64,
         console: Box<dyn Write + Send>,
         capture: Option<Capture>,
         stop: StopSignal,
-    ) -> Result<Self, RunError> {
-        let mut replay = Replay {
-            reader,
-            next: None,
+    ) -> Self {
+        Replay {
+            source,
+            digest_interval,
             last_matched: None,
             console,
             capture,
             stop,
             end_seen: false,
             counts: ReplayCounts::default(),
-        };
-        replay.advance()?;
-        Ok(replay)
+        }
     }
 
-    pub fn reader(&self) -> &LogReader<R> {
-        &self.reader
-    }
-
-    fn advance(&mut self) -> Result<(), RunError> {
-        self.next = match self.reader.next() {
-            Some(Ok(e)) => Some(e),
-            Some(Err(e)) => return Err(RunError::LogRead(e)),
-            None => None,
-        };
-        Ok(())
+    fn peek_entry(&mut self, exits: u64) -> Result<Option<Entry>, RunError> {
+        Ok(self.source.peek(exits)?.cloned())
     }
 
     fn diverge(
-        &self,
+        &mut self,
         found_pos: Position,
         what: impl Into<String>,
         expected: impl Into<String>,
         found: impl Into<String>,
     ) -> RunError {
+        let entry = self.source.peek(found_pos.exits).ok().flatten().cloned();
         RunError::Diverged(Box::new(Divergence {
-            entry: self.next.clone(),
+            entry,
             found_pos,
             what: what.into(),
             expected: expected.into(),
@@ -154,22 +198,19 @@ impl<R: Read> Replay<R> {
         }))
     }
 
-    fn next_at(&self, pos: Position) -> Option<&Entry> {
-        self.next.as_ref().filter(|e| e.pos.exits == pos.exits)
+    /// The next entry's event, if it is at exit `pos`.
+    fn event_at(&mut self, pos: Position) -> Result<Option<Event>, RunError> {
+        Ok(self
+            .source
+            .peek(pos.exits)?
+            .filter(|e| e.pos.exits == pos.exits)
+            .map(|e| e.event.clone()))
     }
 
     /// Takes the next entry, which must be at `pos` and satisfy `wanted`.
-    fn expect(
-        &mut self,
-        pos: Position,
-        what: &str,
-        wanted: impl Fn(&Event) -> bool,
-    ) -> Result<Entry, RunError> {
-        let describe = |e: &Option<Entry>| match e {
-            Some(e) => format!("#{} at exit {}: {}", e.seq, e.pos.exits, e.event),
-            None => "the end of the log".to_string(),
-        };
-        match &self.next {
+    fn expect(&mut self, pos: Position, what: &str, wanted: impl Fn(&Event) -> bool) -> Result<Entry, RunError> {
+        let next = self.peek_entry(pos.exits)?;
+        match &next {
             Some(e) if e.pos.exits == pos.exits && wanted(&e.event) => {
                 if e.pos.rip != pos.rip {
                     return Err(self.diverge(
@@ -181,7 +222,10 @@ impl<R: Read> Replay<R> {
                 }
             }
             other => {
-                let expected = describe(other);
+                let expected = match other {
+                    Some(e) => format!("#{} at exit {}: {}", e.seq, e.pos.exits, e.event),
+                    None => "no entry at this exit".to_string(),
+                };
                 return Err(self.diverge(
                     pos,
                     format!("the guest produced {what} at exit {}", pos.exits),
@@ -191,26 +235,19 @@ impl<R: Read> Replay<R> {
             }
         }
         let entry = self
-            .next
+            .source
             .take()
-            .ok_or_else(|| self.diverge(pos, what, "an entry", "none"))?;
+            .ok_or(RunError::Vm(crate::vm::VmError::Internal("a peeked log entry vanished")))?;
         self.last_matched = Some((entry.seq, entry.pos));
         self.counts.entries_applied += 1;
-        self.advance()?;
+        self.source.applied(entry.seq, entry.pos.exits);
         Ok(entry)
     }
 
-    fn check_digest(
-        &mut self,
-        m: &mut Machine,
-        pos: Position,
-        reason: DigestReason,
-    ) -> Result<(), RunError> {
-        let entry = self.expect(
-            pos,
-            &format!("a {reason} digest"),
-            |e| matches!(e, Event::Digest(d) if d.reason == reason),
-        )?;
+    fn check_digest(&mut self, m: &mut Machine, pos: Position, reason: DigestReason) -> Result<(), RunError> {
+        let entry = self.expect(pos, &format!("a {reason} digest"), |e| {
+            matches!(e, Event::Digest(d) if d.reason == reason)
+        })?;
         let Event::Digest(recorded) = &entry.event else {
             return Ok(());
         };
@@ -280,40 +317,28 @@ fn registers_line(r: &Registers) -> String {
         .join(" ")
 }
 
-impl<R: Read> Mode for Replay<R> {
+impl<S: LogSource> Mode for Replay<S> {
     fn now_ns(&self) -> u64 {
         0
     }
 
-    fn should_stop(
-        &mut self,
-        m: &mut Machine,
-        pos: Position,
-    ) -> Result<Option<StopReason>, RunError> {
+    fn should_stop(&mut self, m: &mut Machine, pos: Position) -> Result<Option<StopReason>, RunError> {
         if self.end_seen {
             return Ok(Some(StopReason::EndOfLog));
         }
         if self.stop.is_requested() {
             return Ok(Some(StopReason::Requested));
         }
-        if matches!(self.next_at(pos).map(|e| &e.event), Some(Event::Digest(d)) if d.reason == DigestReason::End)
-        {
+        if matches!(self.event_at(pos)?, Some(Event::Digest(d)) if d.reason == DigestReason::End) {
             self.check_digest(m, pos, DigestReason::End)?;
         }
-        if matches!(self.next_at(pos).map(|e| &e.event), Some(Event::End { .. })) {
-            self.expect(pos, "the end of the run", |e| {
-                matches!(e, Event::End { .. })
-            })?;
+        if matches!(self.event_at(pos)?, Some(Event::End { .. })) {
+            self.expect(pos, "the end of the run", |e| matches!(e, Event::End { .. }))?;
             self.end_seen = true;
             return Ok(Some(StopReason::EndOfLog));
         }
-        if self.next.is_none() {
-            return Err(self.diverge(
-                pos,
-                "the log ended without an End entry",
-                "more entries",
-                "none",
-            ));
+        if self.source.finite() && self.source.peek(pos.exits)?.is_none() {
+            return Err(self.diverge(pos, "the log ended without an End entry", "more entries", "none"));
         }
         Ok(None)
     }
@@ -421,18 +446,14 @@ impl<R: Read> Mode for Replay<R> {
     }
 
     fn after_exit(&mut self, m: &mut Machine, pos: Position) -> Result<(), RunError> {
-        let interval = self.reader.header().config.digest_interval;
-        if digest::periodic_due(interval, pos.exits) {
+        if digest::periodic_due(self.digest_interval, pos.exits) {
             self.check_digest(m, pos, DigestReason::Periodic)?;
         }
         Ok(())
     }
 
     fn deliver(&mut self, m: &mut Machine, pos: Position, ready: bool) -> Result<bool, RunError> {
-        while matches!(
-            self.next_at(pos).map(|e| &e.event),
-            Some(Event::Packet { .. })
-        ) {
+        while matches!(self.event_at(pos)?, Some(Event::Packet { .. })) {
             if !ready {
                 return Err(self.diverge(
                     pos,
@@ -470,8 +491,8 @@ impl<R: Read> Mode for Replay<R> {
             self.counts.packets_delivered += 1;
         }
         m.raise_device_irqs();
-        let logged = match self.next_at(pos).map(|e| &e.event) {
-            Some(Event::Interrupt { vector }) => Some(*vector),
+        let logged = match self.event_at(pos)? {
+            Some(Event::Interrupt { vector }) => Some(vector),
             _ => None,
         };
         match logged {
@@ -524,19 +545,21 @@ impl<R: Read> Mode for Replay<R> {
         if self.stop.is_requested() {
             return Ok(());
         }
-        let next = match &self.next {
-            Some(e) => format!("#{} at exit {}: {}", e.seq, e.pos.exits, e.event),
-            None => "the end of the log".into(),
-        };
-        Err(self.diverge(
-            pos,
-            format!(
-                "the guest is idle at exit {} and the log has nothing to wake it",
-                pos.exits
-            ),
-            format!("an interrupt at exit {}", pos.exits),
-            next,
-        ))
+        match self.peek_entry(pos.exits)? {
+            Some(e) if e.pos.exits == pos.exits => Ok(()),
+            other => {
+                let next = match other {
+                    Some(e) => format!("#{} at exit {}: {}", e.seq, e.pos.exits, e.event),
+                    None => "the end of the log".into(),
+                };
+                Err(self.diverge(
+                    pos,
+                    format!("the guest is idle at exit {} and the log has nothing to wake it", pos.exits),
+                    format!("an interrupt at exit {}", pos.exits),
+                    next,
+                ))
+            }
+        }
     }
 
     fn finish(

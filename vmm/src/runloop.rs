@@ -59,6 +59,14 @@ pub enum RunError {
     Diverged(Box<Divergence>),
     #[error("writing the packet capture failed: {0}")]
     Capture(std::io::Error),
+    /// The log channel's peer fell silent or broke: the caller decides
+    /// whether to fail over.
+    #[error("the log channel failed: {0}")]
+    PeerFailed(String),
+    #[error("lost test-and-set for view {view} at the arbiter: {detail}; not going live")]
+    LostArbitration { view: u64, detail: String },
+    #[error("the arbiter at {addr} cannot be reached ({detail}); not going live, for safety")]
+    ArbiterUnreachable { addr: String, detail: String },
 }
 
 /// Why a run ended without an error.
@@ -206,6 +214,10 @@ pub trait Mode {
     /// Packets and interrupts for the guest at this exit; `ready` says
     /// whether it can take an interrupt. Returns whether one was injected.
     fn deliver(&mut self, m: &mut Machine, pos: Position, ready: bool) -> Result<bool, RunError>;
+    /// Everything for exit `pos` is done and the guest is about to run.
+    fn resume(&mut self, _m: &mut Machine, _pos: Position) -> Result<(), RunError> {
+        Ok(())
+    }
     /// The guest is halted with nothing delivered: wait for something to
     /// deliver, or say why nothing ever will.
     fn wait_idle(&mut self, m: &mut Machine, pos: Position) -> Result<(), RunError>;
@@ -390,6 +402,7 @@ pub fn run<M: Mode>(
             if let Some(reason) = mode.should_stop(&mut m, pos)? {
                 break reason;
             }
+            mode.resume(&mut m, pos)?;
         } else if stop.is_requested()
             && stop_seen.get_or_insert_with(Instant::now).elapsed() > STOP_GRACE
         {

@@ -70,6 +70,8 @@ pub enum VmError {
     Boot(#[from] BootError),
     #[error("cannot patch the guest image: {0}")]
     Patch(#[from] PatchError),
+    #[error("internal error: {0}")]
+    Internal(&'static str),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {

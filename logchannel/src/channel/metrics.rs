@@ -26,7 +26,9 @@ pub struct ChannelMetrics {
     /// the exit count the backup has said it replayed to.
     pub lag_exits: u64,
     /// How long the oldest entry not yet replayed has been waiting since
-    /// `send`; 0 when the backup has replayed everything.
+    /// `send`; 0 when the backup has replayed everything. Send times are
+    /// kept for at most `window_entries` acknowledged entries, so for a
+    /// backup that stops reporting this is the age of the oldest kept.
     pub lag_ms: f64,
 }
 
@@ -36,8 +38,10 @@ pub struct ReceiverMetrics {
     pub entries_received: u64,
     /// Bytes of entry frames received.
     pub bytes_received: u64,
-    /// Entries received and not yet taken by `recv`.
+    /// Entries received and not yet taken by `recv`, and their frames'
+    /// bytes.
     pub queued: u64,
+    pub queued_bytes: u64,
     /// What `complete_up_to` returns.
     pub complete_up_to: u64,
     /// The last replay report.

@@ -51,6 +51,11 @@ struct State {
     last_write: Instant,
 }
 
+struct Room {
+    entries: u64,
+    bytes: u64,
+}
+
 impl HasHealth for State {
     fn health(&mut self) -> &mut Health {
         &mut self.health
@@ -58,16 +63,23 @@ impl HasHealth for State {
 }
 
 impl State {
-    /// Room for more entries: at least one when the queue is empty, so that
-    /// an entry larger than the byte bound still gets through.
-    fn room(&self, config: &ChannelConfig) -> u64 {
-        let entries = config
-            .window_entries
-            .saturating_sub(self.queue.len() as u64);
-        if self.queued_bytes >= config.window_bytes && !self.queue.is_empty() {
-            0
+    /// Room for more entries, by count and by bytes; `None` when full. An
+    /// empty queue always has room for one entry, so that an entry larger
+    /// than the byte bound still gets through.
+    fn room(&self, config: &ChannelConfig) -> Option<Room> {
+        let room = Room {
+            entries: config
+                .window_entries
+                .saturating_sub(self.queue.len() as u64),
+            bytes: config.window_bytes.saturating_sub(self.queued_bytes),
+        };
+        if self.queue.is_empty() {
+            Some(Room {
+                entries: room.entries.max(1),
+                bytes: room.bytes.max(1),
+            })
         } else {
-            entries
+            (room.entries > 0 && room.bytes > 0).then_some(room)
         }
     }
 
@@ -237,6 +249,7 @@ impl LogReceiver {
             entries_received: st.entries_received,
             bytes_received: st.bytes_received,
             queued: st.queue.len() as u64,
+            queued_bytes: st.queued_bytes,
             complete_up_to: st.complete_up_to,
             replayed_seq: st.replayed_seq,
             replayed_exits: st.replayed_exits,
@@ -293,7 +306,8 @@ fn read_loop(link: &Link<State>, mut decoder: FrameDecoder) {
 }
 
 /// Reads the `count` entry frames of one batch into the queue, as many at a
-/// time as the queue has room for, pausing while it has none.
+/// time as the queue has room for (it can overshoot the byte bound by one
+/// frame), pausing while it has none.
 fn read_entries(
     link: &Link<State>,
     decoder: &mut FrameDecoder,
@@ -303,10 +317,15 @@ fn read_entries(
     let mut left = u64::from(count);
     let mut chunk = Vec::new();
     while left > 0 {
-        let room = wait_for_room(link)?.min(left);
-        for _ in 0..room {
+        let room = wait_for_room(link)?;
+        let mut bytes = 0;
+        while left > 0 && (chunk.len() as u64) < room.entries && bytes < room.bytes {
             match decoder.read_entry(input) {
-                Ok(Some(entry)) => chunk.push(entry),
+                Ok(Some((entry, size))) => {
+                    chunk.push((entry, size));
+                    bytes += size as u64;
+                    left -= 1;
+                }
                 Ok(None) => return Err(ChannelError::Closed { peer: link.peer }),
                 Err(e) => {
                     // What arrived intact before the bad frame is still the
@@ -316,7 +335,6 @@ fn read_entries(
                 }
             }
         }
-        left -= room;
         deliver(link, &mut chunk);
     }
     Ok(())
@@ -335,10 +353,10 @@ fn deliver(link: &Link<State>, chunk: &mut Vec<(Entry, usize)>) {
     link.wake_writer();
 }
 
-/// Waits until the queue has room and returns how many entries fit. While
-/// it waits, the reader does not read, so the primary's silence is not
-/// held against it; reading resumes with a fresh clock.
-fn wait_for_room(link: &Link<State>) -> Result<u64, ChannelError> {
+/// Waits until the queue has room and returns how much. While it waits,
+/// the reader does not read, so the primary's silence is not held against
+/// it; reading resumes with a fresh clock.
+fn wait_for_room(link: &Link<State>) -> Result<Room, ChannelError> {
     let mut st = link.lock();
     loop {
         if st.health.closing {
@@ -347,8 +365,7 @@ fn wait_for_room(link: &Link<State>) -> Result<u64, ChannelError> {
         if let Some(f) = &st.health.failure {
             return Err(f.clone());
         }
-        let room = st.room(&link.config);
-        if room > 0 {
+        if let Some(room) = st.room(&link.config) {
             if st.health.not_reading {
                 st.health.not_reading = false;
                 link.live.touch();

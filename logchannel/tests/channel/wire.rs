@@ -20,8 +20,11 @@ fn frame(seq: u64, payload: &[u8]) -> Vec<u8> {
     out
 }
 
-fn hello_payload(role: u8, view: u8, first_seq: u8) -> Vec<u8> {
-    let mut p = vec![0x00, 0x02, b'v', b'm', view];
+/// The hello message for a short `vm_id` (its length fits in one byte).
+fn hello_payload(vm_id: &str, role: u8, view: u8, first_seq: u8) -> Vec<u8> {
+    let mut p = vec![0x00, vm_id.len() as u8];
+    p.extend_from_slice(vm_id.as_bytes());
+    p.push(view);
     p.extend_from_slice(&logchannel::image_hash(b"guest"));
     p.extend_from_slice(&[0xfc, 0x00, 0x00, 0x00, 0x04, role, first_seq]);
     p
@@ -63,15 +66,13 @@ fn the_wire_is_laid_out_as_documented() {
 
         // The handshake, our side sent in one go.
         let mut ours = PREAMBLE.to_vec();
-        ours.extend(frame(CONTROL, &hello_payload(1, 3, 0)));
+        ours.extend(frame(CONTROL, &hello_payload("vm", 1, 3, 0)));
         ours.extend(frame(CONTROL + 1, &[0x01]));
         s.write_all(&ours).expect("write");
         expect_bytes(&mut s, &PREAMBLE, "preamble");
-        expect_bytes(
-            &mut s,
-            &frame(CONTROL, &hello_payload(0, 3, 1)),
-            "primary's hello",
-        );
+        let hello_frame = frame(CONTROL, &hello_payload("vm", 0, 3, 1));
+        assert_eq!((hello_frame.len(), hello_frame[0]), (49, 0x2c));
+        expect_bytes(&mut s, &hello_frame, "primary's hello");
         expect_bytes(&mut s, &frame(CONTROL + 1, &[0x01]), "accept");
         let sender = accepting.join().expect("thread").expect("primary accepts");
         assert_eq!(sender.peer_hello().first_seq, 0);
@@ -146,7 +147,7 @@ fn a_refusal_is_laid_out_as_documented() {
         s.set_read_timeout(Some(Duration::from_secs(10)))
             .expect("timeout");
         let mut ours = PREAMBLE.to_vec();
-        ours.extend(frame(CONTROL, &hello_payload(1, 4, 0)));
+        ours.extend(frame(CONTROL, &hello_payload("vm", 1, 4, 0)));
         s.write_all(&ours).expect("write");
 
         let reason = "view mismatch: primary is in view 3, backup in view 4";
@@ -155,10 +156,13 @@ fn a_refusal_is_laid_out_as_documented() {
         expect_bytes(&mut s, &PREAMBLE, "preamble");
         expect_bytes(
             &mut s,
-            &frame(CONTROL, &hello_payload(0, 3, 1)),
+            &frame(CONTROL, &hello_payload("vm", 0, 3, 1)),
             "primary's hello",
         );
-        expect_bytes(&mut s, &frame(CONTROL + 1, &refused), "refusal");
+        let refused = frame(CONTROL + 1, &refused);
+        assert_eq!(&refused[..1], &[0x37]);
+        assert_eq!(&refused[5..7], &[0x02, 0x35]);
+        expect_bytes(&mut s, &refused, "refusal");
         let mut rest = Vec::new();
         s.read_to_end(&mut rest).expect("the primary closes");
         assert!(rest.is_empty());
@@ -173,5 +177,94 @@ fn a_refusal_is_laid_out_as_documented() {
             ),
             other => panic!("expected a refusal, got {:?}", other.map(drop)),
         }
+    });
+}
+
+/// A primary written from the README that sends `bad` after entry 1 in a
+/// batch of two; what the backup makes of it.
+fn backup_error_after(bad: Vec<u8>) -> (ChannelError, u64) {
+    let l = listener();
+    let target = addr(&l);
+    let connecting = thread::spawn(move || {
+        logchannel::LogReceiver::connect(target, hello(Role::Backup), config())
+    });
+    let (mut s, _) = l.accept().expect("accept");
+    let mut ours = PREAMBLE.to_vec();
+    ours.extend(frame(CONTROL, &hello_payload("vm-test", 0, 3, 1)));
+    ours.extend(frame(CONTROL + 1, &[0x01]));
+    let handshake_len = ours.len() as u64;
+    s.write_all(&ours).expect("handshake");
+    let receiver = connecting.join().expect("thread").expect("backup accepts");
+
+    let first = Entry {
+        seq: 1,
+        pos: Position {
+            exits: 10,
+            rip: 0x1000,
+        },
+        event: Event::Interrupt { vector: 0x20 },
+    };
+    let mut data = frame(CONTROL + 2, &[0x03, 0x02]);
+    FrameEncoder::new(1)
+        .encode_entry(&first, &mut data)
+        .expect("encode");
+    let bad_offset = handshake_len + data.len() as u64;
+    data.extend(bad);
+    s.write_all(&data).expect("entries");
+
+    let got = receiver
+        .recv(Duration::from_secs(10))
+        .expect("entry 1 is intact")
+        .expect("entry 1");
+    assert_eq!(got, first);
+    let err = receiver
+        .recv(Duration::from_secs(10))
+        .expect_err("the bad frame is refused");
+    assert!(
+        receiver.recv(Duration::ZERO).is_err(),
+        "the failure is final"
+    );
+    (err, bad_offset)
+}
+
+#[test]
+fn a_sequence_gap_is_refused_with_its_frame_and_offset() {
+    bounded(Duration::from_secs(60), || {
+        let third = Entry {
+            seq: 3,
+            pos: Position {
+                exits: 12,
+                rip: 0x1000,
+            },
+            event: Event::Interrupt { vector: 0x20 },
+        };
+        let mut bad = Vec::new();
+        FrameEncoder::new(3)
+            .encode_entry(&third, &mut bad)
+            .expect("encode");
+        let (err, offset) = backup_error_after(bad);
+        assert!(matches!(err, ChannelError::Frame { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!(
+                "frame 2 at offset {offset}: sequence gap (expected 2, found 3)"
+            )),
+            "{text}"
+        );
+    });
+}
+
+#[test]
+fn an_undecodable_frame_is_refused_with_its_frame_and_offset() {
+    bounded(Duration::from_secs(60), || {
+        // A valid frame for entry 2 whose payload has no such event tag.
+        let (err, offset) = backup_error_after(frame(2, &[0x00, 0x00, 0xee]));
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!(
+                "frame 2 at offset {offset}: payload does not decode"
+            )) && text.contains("unknown event tag 238"),
+            "{text}"
+        );
     });
 }
