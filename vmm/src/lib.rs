@@ -1,11 +1,13 @@
 //! ftvm: a KVM virtual machine monitor built for deterministic record,
 //! replay and primary/backup fault tolerance.
 
+pub mod backup;
 pub mod bench;
 pub mod boot;
 pub mod capture;
 pub mod devices;
 pub mod digest;
+pub mod events;
 pub mod exit;
 pub mod frame;
 pub mod guest_image;
@@ -13,10 +15,12 @@ pub mod kv;
 pub mod layout;
 pub mod live;
 pub mod loader;
+pub mod membership;
 pub mod memory;
 pub mod net_backend;
 pub mod output;
 pub mod patch;
+pub mod primary;
 pub mod record;
 pub mod replay;
 pub mod runloop;

@@ -11,6 +11,7 @@ use logchannel::{Digest, DigestReason, Event, OutputKind, Position};
 
 use crate::devices::virtio_net::VirtioNetError;
 use crate::digest;
+use crate::events::StatusBoard;
 use crate::net_backend::{Datagram, NetBackend};
 use crate::output::{Emitter, OutputGate};
 use crate::patch::TrapResult;
@@ -60,6 +61,7 @@ pub struct Live {
     deadline: Option<Instant>,
     stop: StopSignal,
     pending: VecDeque<Datagram>,
+    board: Option<Arc<StatusBoard>>,
 }
 
 impl Live {
@@ -79,7 +81,14 @@ impl Live {
             deadline: timeout.map(|t| start + t),
             stop,
             pending: VecDeque::new(),
+            board: None,
         }
+    }
+
+    /// Reports the guest's progress on `board`.
+    pub fn with_board(mut self, board: Arc<StatusBoard>) -> Self {
+        self.board = Some(board);
+        self
     }
 
     pub fn sink_mut(&mut self) -> Option<&mut (dyn EntrySink + 'static)> {
@@ -240,6 +249,9 @@ impl Mode for Live {
     }
 
     fn resume(&mut self, _m: &mut Machine, pos: Position) -> Result<(), RunError> {
+        if let Some(b) = &self.board {
+            b.exits.store(pos.exits, std::sync::atomic::Ordering::Relaxed);
+        }
         match &mut self.sink {
             Some(s) => s.resume(pos),
             None => Ok(()),

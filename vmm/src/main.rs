@@ -1,5 +1,7 @@
 //! `ftvm`: the one command a user needs.
 
+mod pair;
+
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Write};
 use std::net::SocketAddr;
@@ -50,6 +52,12 @@ enum Command {
     /// Inspect and edit logs.
     #[command(subcommand)]
     Log(LogCommand),
+    /// Run the guest as the primary of a fault-tolerant pair.
+    Primary(PrimaryArgs),
+    /// Follow a primary as its backup, and take over when it fails.
+    Backup(BackupArgs),
+    /// The test-and-set and view service that primaries and backups use.
+    Arbiter(arbiter::cli::ArbiterArgs),
     /// Talk to the guest's key-value service.
     Kv(ftvm::kv::KvArgs),
     /// Measure throughput, latency and exit rates.
@@ -126,6 +134,67 @@ struct ReplayArgs {
     no_patch: bool,
 }
 
+#[derive(clap::Args)]
+struct FtArgs {
+    #[command(flatten)]
+    guest: GuestArgs,
+    /// Guest memory size (for example 64M, 1G).
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    mem: u64,
+    /// The VM this pair runs, as the arbiter knows it.
+    #[arg(long, default_value = VM_ID)]
+    vm_id: String,
+    /// This server's id at the arbiter (one per process incarnation).
+    #[arg(long)]
+    id: Option<String>,
+    /// The arbiter's address.
+    #[arg(long)]
+    arbiter: SocketAddr,
+    /// Where this server serves the guest's clients while it is primary.
+    #[arg(long)]
+    service: SocketAddr,
+    /// Silence on the log channel after which the peer is declared failed.
+    #[arg(long, default_value_t = 300)]
+    failure_timeout_ms: u64,
+    /// Append events (role, status, failover) as JSON lines to this file.
+    #[arg(long)]
+    events: Option<PathBuf>,
+    /// Stop after this many seconds.
+    #[arg(long)]
+    timeout: Option<f64>,
+    /// Synchronous exits between periodic digests; primary and backup must agree.
+    #[arg(long, default_value_t = DEFAULT_DIGEST_INTERVAL)]
+    digest_interval: u64,
+    /// PIT tick rate the guest is asked to program.
+    #[arg(long, default_value_t = ftvm::boot::DEFAULT_TICK_HZ)]
+    tick_hz: u32,
+}
+
+#[derive(clap::Args)]
+struct PrimaryArgs {
+    #[command(flatten)]
+    ft: FtArgs,
+    /// Where the log channel listens for the backup.
+    #[arg(long)]
+    log_listen: SocketAddr,
+    /// The log channel address the arbiter gives backups, when they must
+    /// reach it through something (a proxy, a NAT) rather than directly.
+    #[arg(long)]
+    log_advertise: Option<SocketAddr>,
+    /// Seconds to wait for a backup before giving up.
+    #[arg(long, default_value_t = 60.0)]
+    backup_wait: f64,
+}
+
+#[derive(clap::Args)]
+struct BackupArgs {
+    #[command(flatten)]
+    ft: FtArgs,
+    /// Seconds to wait to be named backup and to reach the primary.
+    #[arg(long, default_value_t = 60.0)]
+    primary_wait: f64,
+}
+
 #[derive(Subcommand)]
 enum LogCommand {
     /// List a log, one entry a line (`--json`: JSON lines, header first).
@@ -157,6 +226,9 @@ fn main() -> ExitCode {
         Command::Replay(args) => cmd_replay(&args),
         Command::Log(LogCommand::Dump { log, json }) => cmd_dump(&log, json),
         Command::Log(LogCommand::Load { jsonl, output }) => cmd_load(&jsonl, &output),
+        Command::Primary(args) => pair::cmd_primary(&args),
+        Command::Backup(args) => pair::cmd_backup(&args),
+        Command::Arbiter(args) => cmd_arbiter(&args),
         Command::Kv(args) => return ExitCode::from(ftvm::kv::run(&args) as u8),
         Command::Bench(args) => ftvm::bench::run(&args).map(|()| ExitCode::SUCCESS),
     };
@@ -298,6 +370,7 @@ fn cmd_run(args: &RunArgs, log: Option<(&PathBuf, u64)>) -> Result<ExitCode, Str
         net: Some(net.clone()),
         console: console(&args.guest)?,
         capture: capture(&args.guest)?,
+        served: Default::default(),
     };
     let mut live = Live::new(Some(net), Outputs::Direct(emitter), sink, stop.clone(), timeout);
     let result = runloop::run(&mut vm, &mut live, &stop, recording);
@@ -412,6 +485,22 @@ fn cmd_replay(args: &ReplayArgs) -> Result<ExitCode, String> {
         }
         Err(e) => Err(e.to_string()),
     }
+}
+
+fn cmd_arbiter(args: &arbiter::cli::ArbiterArgs) -> Result<ExitCode, String> {
+    let stop = StopSignal::new();
+    stop_on_signals(stop.clone())?;
+    let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let flag = flag.clone();
+        std::thread::spawn(move || {
+            let _ = stop.wake().recv();
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+    }
+    eprintln!("ftvm arbiter: listening on {}, state in {}", args.listen, args.state.display());
+    arbiter::cli::run(args, flag).map_err(|e| e.to_string())?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -4,7 +4,7 @@
 //! VMware FT).
 
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -24,6 +24,8 @@ pub struct Emitter {
     pub net: Option<Arc<NetBackend>>,
     pub console: Box<dyn Write + Send>,
     pub capture: Option<Capture>,
+    /// Frames released to the network, for status reports.
+    pub served: Arc<AtomicU64>,
 }
 
 impl Emitter {
@@ -41,6 +43,7 @@ impl Emitter {
                 if let Some(net) = &self.net {
                     net.transmit(bytes);
                 }
+                self.served.fetch_add(1, Ordering::Relaxed);
             }
         }
         Ok(())
