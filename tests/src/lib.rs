@@ -1,6 +1,9 @@
 //! Support for the end-to-end tests: real `ftvm` processes on loopback,
 //! each with a time limit, killed if a test fails half-way.
 
+pub mod cluster;
+pub mod proxy;
+
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

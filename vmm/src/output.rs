@@ -7,7 +7,7 @@ use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use logchannel::LogSender;
@@ -19,6 +19,9 @@ use crate::net_backend::NetBackend;
 /// How long the gate waits for an ack before it looks again at whether the
 /// primary has gone on alone.
 const ACK_POLL: Duration = Duration::from_millis(20);
+/// How long a closing gate waits for the acknowledgements of the outputs it
+/// still holds; outputs never acknowledged are dropped, never released.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 pub struct Emitter {
     pub net: Option<Arc<NetBackend>>,
@@ -69,6 +72,9 @@ struct Held {
 pub struct OutputGate {
     tx: Option<Sender<Held>>,
     thread: Option<JoinHandle<Emitter>>,
+    /// Set when the gate closes: from then on, outputs whose
+    /// acknowledgement has not come by the close deadline are dropped.
+    closing: Arc<AtomicBool>,
 }
 
 impl OutputGate {
@@ -76,18 +82,34 @@ impl OutputGate {
     /// without a backup: held outputs are then released at once.
     pub fn new(mut emitter: Emitter, sender: Arc<LogSender>, alone: Arc<AtomicBool>) -> std::io::Result<Self> {
         let (tx, rx): (Sender<Held>, Receiver<Held>) = crossbeam_channel::unbounded();
+        let closing = Arc::new(AtomicBool::new(false));
+        let closing_seen = closing.clone();
         let thread = std::thread::Builder::new()
             .name("ftvm-output-gate".into())
             .spawn(move || {
+                let mut give_up_at = None;
                 for held in rx {
-                    while !alone.load(Ordering::SeqCst) {
+                    let released = loop {
+                        if alone.load(Ordering::SeqCst) {
+                            break true;
+                        }
+                        if closing_seen.load(Ordering::SeqCst) {
+                            let at = *give_up_at.get_or_insert_with(|| Instant::now() + CLOSE_WAIT);
+                            if Instant::now() >= at {
+                                break false;
+                            }
+                        }
                         match sender.wait_acked(held.seq, ACK_POLL) {
-                            Ok(true) => break,
+                            Ok(true) => break true,
                             Ok(false) => {}
                             // The backup failed: the output stays held until
                             // the primary wins test-and-set (alone) or stops.
                             Err(_) => std::thread::sleep(ACK_POLL),
                         }
+                    };
+                    if !released {
+                        tracing::warn!("dropped an output the backup never acknowledged (entry #{})", held.seq);
+                        continue;
                     }
                     if let Err(e) = emitter.emit(held.kind, &held.bytes) {
                         tracing::warn!("releasing an output failed: {e}");
@@ -98,6 +120,7 @@ impl OutputGate {
         Ok(OutputGate {
             tx: Some(tx),
             thread: Some(thread),
+            closing,
         })
     }
 
@@ -115,6 +138,7 @@ impl OutputGate {
     /// emitter.
     pub fn finish(mut self) -> Option<Emitter> {
         self.tx = None;
+        self.closing.store(true, Ordering::SeqCst);
         self.thread.take().and_then(|t| t.join().ok())
     }
 }
@@ -122,6 +146,7 @@ impl OutputGate {
 impl Drop for OutputGate {
     fn drop(&mut self) {
         self.tx = None;
+        self.closing.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

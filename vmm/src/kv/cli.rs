@@ -7,7 +7,7 @@ use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::client::{ClientConfig, ClientError, KvClient};
+use super::failover::{FailoverClient, FailoverConfig, FailoverError, ServerSource, DEFAULT_VM_ID};
 
 const EXIT_OK: i32 = 0;
 const EXIT_NOT_FOUND: i32 = 1;
@@ -15,16 +15,47 @@ const EXIT_ERROR: i32 = 2;
 
 /// Talk to the guest's key-value service.
 #[derive(Debug, Clone, clap::Args)]
+#[command(group(
+    clap::ArgGroup::new("target")
+        .required(true)
+        .args(["server", "arbiter"])
+))]
 pub struct KvArgs {
     /// Address of the guest's KV service, as given to `ftvm run --service`.
     #[arg(long, value_name = "HOST:PORT")]
-    pub server: SocketAddr,
-    /// Give up after this long without a reply, over all resends: seconds
-    /// ("2.5") or with a unit ("500ms", "5s").
+    pub server: Option<SocketAddr>,
+    /// Address of the arbiter: ask it for the primary's service address,
+    /// and ask again when the primary does not answer (after a failover,
+    /// the request is retried at the new primary under the same number, so
+    /// it is executed once).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub arbiter: Option<SocketAddr>,
+    /// The VM to ask the arbiter about (with `--arbiter` only).
+    // `requires = "arbiter"` is not enforced once the group is satisfied,
+    // so the other member is excluded instead.
+    #[arg(long, value_name = "ID", default_value = DEFAULT_VM_ID, conflicts_with = "server")]
+    pub vm_id: String,
+    /// Give up after this long without a reply, over all resends (and with
+    /// `--arbiter`, all queries and failovers): seconds ("2.5") or with a
+    /// unit ("500ms", "5s").
     #[arg(long, default_value = "5s", value_parser = parse_timeout)]
     pub timeout: Duration,
     #[command(subcommand)]
     pub cmd: KvCommand,
+}
+
+impl KvArgs {
+    /// Where requests go: `--server`, or the primary `--arbiter` names.
+    pub fn source(&self) -> ServerSource {
+        match (self.server, self.arbiter) {
+            (_, Some(addr)) => ServerSource::arbiter(addr, self.vm_id.clone()),
+            (Some(addr), None) => ServerSource::Fixed(addr),
+            // clap requires one of them; a hand-built KvArgs without either
+            // has nowhere to send to but the unspecified address, which
+            // fails with a socket error naming it.
+            (None, None) => ServerSource::Fixed(SocketAddr::from(([0, 0, 0, 0], 0))),
+        }
+    }
 }
 
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -89,15 +120,13 @@ fn run_with(args: &KvArgs, out: &mut impl Write, err: &mut impl Write) -> i32 {
     }
 }
 
-fn execute(args: &KvArgs) -> Result<Outcome, ClientError> {
-    // The server is taken as given. An `--arbiter` option would ask the
-    // arbiter for the primary's address here instead and, on a Timeout, ask
-    // again, `set_server` and repeat the same call: the client then reuses
-    // the request number, so a request the old primary executed is not
-    // executed twice. The timeout budget would have to be shared between
-    // the rounds.
-    let config = ClientConfig::with_total_timeout(args.timeout);
-    let mut client = KvClient::connect(args.server, config)?;
+fn execute(args: &KvArgs) -> Result<Outcome, FailoverError> {
+    // With `--arbiter`, the client asks the arbiter for the primary and, when
+    // a round goes unanswered, asks again and repeats the same call, which
+    // keeps the request number: a request the old primary executed is not
+    // executed twice. `--timeout` bounds all the rounds together.
+    let config = FailoverConfig::with_total_timeout(args.timeout);
+    let mut client = FailoverClient::new(args.source(), config)?;
     Ok(match &args.cmd {
         KvCommand::Get { key } => match client.get(key.as_bytes())? {
             Some(value) => Outcome::Print(value),
@@ -139,7 +168,7 @@ fn parse_timeout(text: &str) -> Result<Duration, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::fake_server::{Behavior, FakeServer};
+    use super::super::fake_server::{member, Behavior, FakeServer, TestArbiter};
     use super::*;
     use clap::{CommandFactory, Parser};
 
@@ -155,8 +184,13 @@ mod tests {
 
     /// Runs `ftvm kv ARGV` and returns (exit code, stdout, stderr).
     fn kv(server: SocketAddr, argv: &[&str]) -> (i32, Vec<u8>, String) {
-        let server = server.to_string();
-        let mut full = vec!["--server", &server, "--timeout", "0.3"];
+        kv_to(&["--server", &server.to_string()], argv)
+    }
+
+    /// Runs `ftvm kv TARGET --timeout 0.3 ARGV`.
+    fn kv_to(target: &[&str], argv: &[&str]) -> (i32, Vec<u8>, String) {
+        let mut full = target.to_vec();
+        full.extend_from_slice(&["--timeout", "0.3"]);
         full.extend_from_slice(argv);
         let args = parse(&full).unwrap();
         let (mut out, mut err) = (Vec::new(), Vec::new());
@@ -172,7 +206,10 @@ mod tests {
     #[test]
     fn parses_arguments() {
         let args = parse(&["--server", "127.0.0.1:7000", "put", "k", "-1"]).unwrap();
-        assert_eq!(args.server, "127.0.0.1:7000".parse().unwrap());
+        assert_eq!(
+            args.source(),
+            ServerSource::Fixed("127.0.0.1:7000".parse().unwrap())
+        );
         assert_eq!(args.timeout, Duration::from_secs(5));
         assert!(matches!(&args.cmd, KvCommand::Put { key, value } if key == "k" && value == "-1"));
 
@@ -191,6 +228,37 @@ mod tests {
         assert!(parse(&["--server", "localhost", "get", "k"]).is_err());
         assert!(parse(&["--server", "127.0.0.1:7000", "--timeout", "0", "get", "k"]).is_err());
         assert!(parse(&["--server", "127.0.0.1:7000"]).is_err());
+    }
+
+    #[test]
+    fn parses_the_arbiter_options() {
+        let args = parse(&["--arbiter", "127.0.0.1:7100", "get", "k"]).unwrap();
+        assert_eq!(
+            args.source(),
+            ServerSource::arbiter("127.0.0.1:7100".parse().unwrap(), "ftvm")
+        );
+        let args = parse(&["--arbiter", "[::1]:7100", "--vm-id", "vm1", "get", "k"]).unwrap();
+        assert_eq!(
+            args.source(),
+            ServerSource::arbiter("[::1]:7100".parse().unwrap(), "vm1")
+        );
+        // Exactly one of --server and --arbiter; --vm-id only with --arbiter.
+        for argv in [
+            &[
+                "--server",
+                "127.0.0.1:7000",
+                "--arbiter",
+                "127.0.0.1:7100",
+                "get",
+                "k",
+            ][..],
+            &["get", "k"],
+            &["--vm-id", "vm1", "get", "k"],
+            &["--server", "127.0.0.1:7000", "--vm-id", "vm1", "get", "k"],
+            &["--arbiter", "localhost:7100", "get", "k"],
+        ] {
+            assert!(parse(argv).is_err(), "{argv:?}");
+        }
     }
 
     #[test]
@@ -252,5 +320,75 @@ mod tests {
             err,
             "ftvm kv: invalid request: entropy round count 0 at offset 31 out of range 1..=10000\n"
         );
+    }
+
+    #[test]
+    fn get_put_append_through_the_arbiter() {
+        let arbiter = TestArbiter::start();
+        let (a, b) = (
+            FakeServer::start(Behavior::default()),
+            FakeServer::start(Behavior::default()),
+        );
+        let view = arbiter.register(DEFAULT_VM_ID, &member("a", &a), &member("b", &b));
+        let target = arbiter.addr().to_string();
+        let target = ["--arbiter", target.as_str()];
+        assert_eq!(
+            kv_to(&target, &["put", "k", "v"]),
+            (0, vec![], String::new())
+        );
+        assert_eq!(
+            kv_to(&target, &["get", "k"]),
+            (0, b"v\n".to_vec(), String::new())
+        );
+        assert_eq!(a.stop().len(), 2);
+
+        // After a failover, the next command goes to the new primary.
+        arbiter.fail_over(DEFAULT_VM_ID, &view);
+        assert_eq!(
+            kv_to(&target, &["get", "k"]),
+            (1, vec![], "not found\n".into())
+        );
+        assert_eq!(
+            kv_to(&target, &["append", "k", "w"]),
+            (0, vec![], String::new())
+        );
+        assert_eq!(
+            kv_to(&target, &["get", "k"]),
+            (0, b"w\n".to_vec(), String::new())
+        );
+        let (code, out, err) = kv_to(&target, &["entropy", "5"]);
+        assert_eq!((code, out.len(), err.as_str()), (0, 17, ""));
+        assert_eq!(b.stop().len(), 4);
+
+        // Another VM has no primary.
+        let (code, out, err) = kv_to(&[target[0], target[1], "--vm-id", "other"], &["get", "k"]);
+        assert_eq!((code, out), (2, vec![]));
+        let prefix = format!(
+            "ftvm kv: the arbiter at {} names no primary for VM \"other\" (view 0) after ",
+            arbiter.addr()
+        );
+        assert!(
+            err.starts_with(&prefix) && err.lines().count() == 1,
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn an_unreachable_arbiter_is_one_line_on_stderr() {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap();
+        let started = std::time::Instant::now();
+        let (code, out, err) = kv_to(&["--arbiter", &addr.to_string()], &["put", "k", "v"]);
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert_eq!((code, out), (2, vec![]));
+        let prefix = format!(
+            "ftvm kv: cannot learn the primary of VM \"ftvm\" from the arbiter at {addr}: unreachable: "
+        );
+        assert!(
+            err.starts_with(&prefix) && err.ends_with(" s)\n"),
+            "{err:?}"
+        );
+        assert_eq!(err.lines().count(), 1);
     }
 }

@@ -18,7 +18,7 @@ use super::proto::{
 };
 
 /// The guest ignores an Entropy request's key, but the format demands one.
-const ENTROPY_KEY: &[u8] = b"entropy";
+pub(super) const ENTROPY_KEY: &[u8] = b"entropy";
 
 /// Larger than any datagram, so that an oversized one is seen whole and
 /// rejected by its length rather than silently truncated into a valid reply.
@@ -127,6 +127,8 @@ pub struct KvClient {
     unanswered: Option<Unanswered>,
     config: ClientConfig,
     stats: ClientStats,
+    /// Where the last accepted reply came from.
+    last_reply_from: Option<SocketAddr>,
     recv_buf: Vec<u8>,
 }
 
@@ -159,6 +161,7 @@ impl KvClient {
             unanswered: None,
             config,
             stats: ClientStats::default(),
+            last_reply_from: None,
             recv_buf: vec![0; RECV_BUF_LEN],
         })
     }
@@ -180,6 +183,23 @@ impl KvClient {
 
     pub fn stats(&self) -> ClientStats {
         self.stats
+    }
+
+    pub fn config(&self) -> ClientConfig {
+        self.config
+    }
+
+    /// Applies to later calls, retries included: e.g. to spread what is left
+    /// of a caller's own deadline over the next call's attempts.
+    pub fn set_config(&mut self, config: ClientConfig) {
+        self.config = config;
+    }
+
+    /// The address the last accepted reply came from. It is usually
+    /// [`server`](Self::server), but replies are accepted from anywhere (see
+    /// [`call`](Self::call)).
+    pub fn last_reply_from(&self) -> Option<SocketAddr> {
+        self.last_reply_from
     }
 
     /// The value of `key`, or `None` if the store has no such key.
@@ -204,19 +224,7 @@ impl KvClient {
     /// nondeterminism and returns their mix.
     pub fn entropy(&mut self, n: u32) -> Result<u64, ClientError> {
         let reply = self.call_ok(Op::Entropy, ENTROPY_KEY, &n.to_le_bytes())?;
-        let bytes: [u8; ENTROPY_REPLY_VALUE_LEN] =
-            reply
-                .value
-                .as_slice()
-                .try_into()
-                .map_err(|_| ClientError::UnexpectedReply {
-                    op: Op::Entropy,
-                    detail: format!(
-                        "{} value bytes, expected {ENTROPY_REPLY_VALUE_LEN}",
-                        reply.value.len()
-                    ),
-                })?;
-        Ok(u64::from_le_bytes(bytes))
+        entropy_mix(&reply)
     }
 
     /// Sends one request and returns its reply whatever the status.
@@ -328,7 +336,8 @@ impl KvClient {
                         && reply.request_num == request_num
                         && reply.op == op as u8 =>
                 {
-                    return Ok(Some(reply))
+                    self.last_reply_from = Some(from);
+                    return Ok(Some(reply));
                 }
                 Ok(reply) => {
                     self.stats.ignored_replies += 1;
@@ -382,7 +391,25 @@ fn bind(ip: IpAddr, server: SocketAddr) -> Result<UdpSocket, ClientError> {
     UdpSocket::bind((ip, 0)).map_err(|source| ClientError::Io { server, source })
 }
 
-fn status_error(op: Op, reply: &Reply) -> ClientError {
+/// The mix in an Ok reply to Entropy.
+pub(super) fn entropy_mix(reply: &Reply) -> Result<u64, ClientError> {
+    let bytes: [u8; ENTROPY_REPLY_VALUE_LEN] =
+        reply
+            .value
+            .as_slice()
+            .try_into()
+            .map_err(|_| ClientError::UnexpectedReply {
+                op: Op::Entropy,
+                detail: format!(
+                    "{} value bytes, expected {ENTROPY_REPLY_VALUE_LEN}",
+                    reply.value.len()
+                ),
+            })?;
+    Ok(u64::from_le_bytes(bytes))
+}
+
+/// The error for a reply whose status is not what `op` succeeds with.
+pub(super) fn status_error(op: Op, reply: &Reply) -> ClientError {
     match reply.status {
         Status::TooLarge => ClientError::TooLarge { op },
         Status::BadRequest => ClientError::BadRequest { op },

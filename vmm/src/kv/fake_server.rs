@@ -1,10 +1,13 @@
 //! A model of the guest's KV service on a loopback UDP socket, for the unit
-//! tests of the client and the CLI, with knobs to lose and garble traffic.
+//! tests of the client and the CLI, with knobs to lose and garble traffic;
+//! and a real arbiter run in-process ([`TestArbiter`]) to name one of them
+//! primary.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -29,16 +32,46 @@ pub(crate) struct Behavior {
     pub reply_from_other_socket: bool,
     /// Answer every request with this status without executing it.
     pub forced_status: Option<Status>,
+    /// While this is set, drop requests unseen, as if cut off.
+    pub deaf: Option<Arc<AtomicBool>>,
+}
+
+/// The state of a guest: store and client table. Servers started on one
+/// `SharedStore` act as a primary and a backup joined by a perfect log
+/// channel: a request one of them executed is in the other's client table.
+#[derive(Clone, Default)]
+pub(crate) struct SharedStore(Arc<Mutex<Model>>);
+
+impl SharedStore {
+    pub fn value(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.lock().store.get(key).cloned()
+    }
+
+    /// How many requests were executed (retries answered from the client
+    /// table are not).
+    pub fn executions(&self) -> u64 {
+        self.lock().tsc
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Model> {
+        self.0.lock().expect("fake server state poisoned")
+    }
 }
 
 pub(crate) struct FakeServer {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
+    received: Arc<AtomicUsize>,
     thread: Option<JoinHandle<Vec<(u64, u64)>>>,
 }
 
 impl FakeServer {
     pub fn start(behavior: Behavior) -> FakeServer {
+        Self::start_on(behavior, &SharedStore::default())
+    }
+
+    /// A server that executes requests on `store`, shared with others.
+    pub fn start_on(behavior: Behavior, store: &SharedStore) -> FakeServer {
         let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind fake server");
         socket
             .set_read_timeout(Some(POLL))
@@ -46,19 +79,26 @@ impl FakeServer {
         let other = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind second socket");
         let addr = socket.local_addr().expect("local addr");
         let stop = Arc::new(AtomicBool::new(false));
+        let received = Arc::new(AtomicUsize::new(0));
         let thread = std::thread::spawn({
-            let stop = stop.clone();
-            move || serve(&socket, &other, &behavior, &stop)
+            let (stop, received, store) = (stop.clone(), received.clone(), store.clone());
+            move || serve(&socket, &other, &behavior, &store, &stop, &received)
         });
         FakeServer {
             addr,
             stop,
+            received,
             thread: Some(thread),
         }
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// How many request datagrams have arrived so far, dropped ones included.
+    pub fn received(&self) -> usize {
+        self.received.load(Ordering::SeqCst)
     }
 
     /// Stops the server and returns `(client_id, request_num)` of every
@@ -86,10 +126,11 @@ fn serve(
     socket: &UdpSocket,
     other: &UdpSocket,
     behavior: &Behavior,
+    store: &SharedStore,
     stop: &AtomicBool,
+    count: &AtomicUsize,
 ) -> Vec<(u64, u64)> {
     let deadline = Instant::now() + LIFETIME;
-    let mut model = Model::default();
     let mut received = Vec::new();
     let (mut requests_dropped, mut replies_dropped) = (0, 0);
     let mut buf = [0; MAX_REQUEST_LEN + 1];
@@ -103,13 +144,21 @@ fn serve(
             continue;
         };
         received.push((request.client_id, request.request_num));
+        count.fetch_add(1, Ordering::SeqCst);
         if requests_dropped < behavior.drop_requests {
             requests_dropped += 1;
             continue;
         }
+        if behavior
+            .deaf
+            .as_ref()
+            .is_some_and(|deaf| deaf.load(Ordering::SeqCst))
+        {
+            continue;
+        }
         let reply = match behavior.forced_status {
             Some(status) => reply_to(&request, status, Vec::new(), 0),
-            None => model.handle(&request),
+            None => store.lock().handle(&request),
         };
         if replies_dropped < behavior.drop_replies {
             replies_dropped += 1;
@@ -149,7 +198,7 @@ fn reply_to(request: &Request, status: Status, value: Vec<u8>, tsc: u64) -> Vec<
 }
 
 #[derive(Default)]
-struct Model {
+pub(crate) struct Model {
     store: HashMap<Vec<u8>, Vec<u8>>,
     /// Per client: the last request number executed and its reply datagram.
     clients: HashMap<u64, (u64, Vec<u8>)>,
@@ -195,5 +244,102 @@ impl Model {
             }
             Op::Entropy => (Status::Ok, rand::random::<u64>().to_le_bytes().to_vec()),
         }
+    }
+}
+
+/// A real arbiter on loopback, in this process, on a state directory of its
+/// own that is removed when it is dropped.
+pub(crate) struct TestArbiter {
+    handle: Option<arbiter::ServerHandle>,
+    dir: PathBuf,
+}
+
+impl TestArbiter {
+    pub fn start() -> TestArbiter {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "ftvm-kv-test-arbiter-{}-{}-{:08x}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst),
+            rand::random::<u32>()
+        ));
+        let handle = arbiter::Server::bind(
+            (Ipv4Addr::LOCALHOST, 0).into(),
+            arbiter::ServerConfig::new(&dir),
+        )
+        .and_then(arbiter::Server::spawn)
+        .expect("start the arbiter");
+        TestArbiter {
+            handle: Some(handle),
+            dir,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.handle.as_ref().expect("arbiter running").local_addr()
+    }
+
+    pub fn client(&self) -> arbiter::ArbiterClient {
+        arbiter::ArbiterClient::new(self.addr())
+    }
+
+    /// Makes `primary` the primary of `vm` and `backup` its backup, both
+    /// acknowledged, by pinging as the servers would; returns that view.
+    pub fn register(
+        &self,
+        vm: &str,
+        primary: &arbiter::Member,
+        backup: &arbiter::Member,
+    ) -> arbiter::View {
+        let client = self.client();
+        let view = client.ping(vm, primary, 0).expect("first ping");
+        assert_eq!(view.number, 1);
+        client.ping(vm, primary, 1).expect("acknowledge view 1");
+        let view = client.ping(vm, backup, 0).expect("spare's ping");
+        assert_eq!(
+            (view.number, view.backup.as_ref()),
+            (2, Some(backup)),
+            "{view}"
+        );
+        client.ping(vm, primary, 2).expect("acknowledge view 2");
+        view
+    }
+
+    /// The backup of `view` claims it and becomes primary of the next view.
+    pub fn fail_over(&self, vm: &str, view: &arbiter::View) -> arbiter::View {
+        let backup = view.backup.as_ref().expect("the view has a backup");
+        match self
+            .client()
+            .test_and_set(vm, view.number, backup)
+            .expect("test-and-set")
+        {
+            arbiter::TasOutcome::Won { view } => view,
+            lost => panic!("the backup lost: {lost:?}"),
+        }
+    }
+
+    /// Stops the arbiter, keeping its state directory until drop.
+    pub fn stop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.stop().expect("stop the arbiter");
+        }
+    }
+}
+
+impl Drop for TestArbiter {
+    fn drop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.stop();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A member for a fake server.
+pub(crate) fn member(id: &str, server: &FakeServer) -> arbiter::Member {
+    arbiter::Member {
+        id: id.to_owned(),
+        service_addr: server.addr(),
+        log_addr: None,
     }
 }

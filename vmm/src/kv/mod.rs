@@ -4,10 +4,15 @@
 //! - [`KvClient`]: a UDP client that retries with the same request number
 //!   until it gets the reply, so the guest's client table gives exactly-once
 //!   execution even across lost datagrams and a change of server address;
+//! - [`FailoverClient`]: a [`KvClient`] that finds the primary through the
+//!   arbiter (or uses a fixed server, [`ServerSource`]) and, when a round of
+//!   attempts goes unanswered, asks the arbiter again and retries the same
+//!   request, under the same number, at the primary it names;
 //! - [`KvArgs`] and [`run`]: the `ftvm kv` subcommand.
 
 mod cli;
 mod client;
+mod failover;
 pub mod proto;
 
 #[cfg(test)]
@@ -15,4 +20,8 @@ mod fake_server;
 
 pub use cli::{run, KvArgs, KvCommand};
 pub use client::{ClientConfig, ClientError, ClientStats, KvClient};
+pub use failover::{
+    Answered, FailoverClient, FailoverConfig, FailoverError, FailoverStats, ServerSource,
+    DEFAULT_VM_ID,
+};
 pub use proto::{Op, ProtoError, Reply, Request, Status};

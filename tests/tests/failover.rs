@@ -1,0 +1,289 @@
+//! Primary/backup fault tolerance with real processes on loopback: an
+//! arbiter, a primary, a backup, clients that find the primary through the
+//! arbiter; failures injected by SIGKILL and by partitioning the log channel.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ftvm::kv::{FailoverClient, FailoverConfig, KvClient, ClientConfig, ServerSource};
+use ftvm_tests::cluster::{Cluster, ClusterOptions, VM_ID};
+use ftvm_tests::{kvm_available, vm_lock};
+use rand::{Rng, SeedableRng};
+
+fn client(arbiter: SocketAddr) -> FailoverClient {
+    FailoverClient::new(
+        ServerSource::arbiter(arbiter, VM_ID),
+        FailoverConfig::with_total_timeout(Duration::from_secs(20)),
+    )
+    .expect("client")
+}
+
+fn seed() -> u64 {
+    std::env::var("FTVM_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::rng().random())
+}
+
+/// One client's appends to one of its own keys, which record exactly which
+/// writes were acknowledged: the final value must hold every one of them,
+/// in order, and nothing but them, except possibly the one append whose
+/// acknowledgement was lost when the load stopped.
+struct AppendLog {
+    key: Vec<u8>,
+    acked: Vec<Vec<u8>>,
+}
+
+/// Appends per key, well under the guest's 1024-byte value limit.
+const APPENDS_PER_KEY: u32 = 40;
+
+fn run_load(arbiter: SocketAddr, clients: usize, stop: Arc<AtomicBool>) -> Vec<AppendLog> {
+    let handles: Vec<_> = (0..clients)
+        .map(|c| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut kv = client(arbiter);
+                let mut logs: Vec<AppendLog> = Vec::new();
+                let mut i = 0u32;
+                while !stop.load(Ordering::SeqCst) {
+                    if i % APPENDS_PER_KEY == 0 {
+                        logs.push(AppendLog {
+                            key: format!("client-{c}-{}", i / APPENDS_PER_KEY).into_bytes(),
+                            acked: Vec::new(),
+                        });
+                    }
+                    let piece = format!("<{c}.{i}>").into_bytes();
+                    let Some(log) = logs.last_mut() else { break };
+                    match kv.append(&log.key, &piece) {
+                        Ok(()) => log.acked.push(piece),
+                        Err(e) => panic!("client {c}: append {i} failed: {e}"),
+                    }
+                    i += 1;
+                }
+                logs
+            })
+        })
+        .collect();
+    handles.into_iter().flat_map(|h| h.join().expect("client thread")).collect()
+}
+
+fn check_no_acknowledged_write_lost(arbiter: SocketAddr, logs: &[AppendLog]) -> usize {
+    let mut kv = client(arbiter);
+    let mut checked = 0;
+    for log in logs {
+        let value = kv.get(&log.key).expect("final read").unwrap_or_default();
+        let expected: Vec<u8> = log.acked.concat();
+        assert!(
+            value.starts_with(&expected),
+            "key {:?}: acknowledged appends missing or reordered\n expected prefix {:?}\n found {:?}",
+            String::from_utf8_lossy(&log.key),
+            String::from_utf8_lossy(&expected),
+            String::from_utf8_lossy(&value)
+        );
+        assert!(value.len() - expected.len() <= 16, "more than one unacknowledged append applied");
+        checked += log.acked.len();
+    }
+    checked
+}
+
+#[test]
+fn killing_the_primary_mid_load_loses_no_acknowledged_write() {
+    if !kvm_available() {
+        return;
+    }
+    let _g = vm_lock();
+    for round in 0..3 {
+        let seed = seed();
+        eprintln!("round {round}: FTVM_TEST_SEED={seed}");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let kill_after = Duration::from_millis(rng.random_range(200..1500));
+        let mut cluster = Cluster::start(ClusterOptions::default());
+        cluster.wait_fault_tolerant();
+        let stop = Arc::new(AtomicBool::new(false));
+        let arbiter = cluster.arbiter_addr;
+        let load = {
+            let stop = stop.clone();
+            std::thread::spawn(move || run_load(arbiter, 3, stop))
+        };
+        std::thread::sleep(kill_after);
+        let killed_at = Instant::now();
+        cluster.primary.kill();
+        let live = cluster.backup.wait_event("live", Duration::from_secs(10));
+        assert_eq!(live["view"], 3, "the backup goes live as primary of view 3");
+        std::thread::sleep(Duration::from_millis(800));
+        stop.store(true, Ordering::SeqCst);
+        let logs = load.join().expect("load");
+        let acked = check_no_acknowledged_write_lost(arbiter, &logs);
+        assert!(acked > 0, "the load acknowledged nothing");
+        eprintln!("round {round}: {acked} acknowledged appends checked, failover in {:?}", killed_at.elapsed());
+        cluster.assert_one_primary_per_view();
+    }
+}
+
+#[test]
+fn killing_the_backup_leaves_the_primary_serving() {
+    if !kvm_available() {
+        return;
+    }
+    let _g = vm_lock();
+    let mut cluster = Cluster::start(ClusterOptions::default());
+    cluster.wait_fault_tolerant();
+    let mut kv = client(cluster.arbiter_addr);
+    kv.put(b"before", b"1").expect("put");
+    cluster.backup.kill();
+    let tas = cluster.primary.wait_event("tas", Duration::from_secs(10));
+    assert_eq!(tas["won"], true);
+    kv.put(b"after", b"2").expect("the primary keeps serving");
+    assert_eq!(kv.get(b"before").expect("get").as_deref(), Some(&b"1"[..]));
+    assert_eq!(kv.get(b"after").expect("get").as_deref(), Some(&b"2"[..]));
+    assert!(cluster.primary.running());
+    cluster.assert_one_primary_per_view();
+}
+
+#[test]
+fn a_partitioned_pair_has_exactly_one_survivor_and_clients_never_see_two_primaries() {
+    if !kvm_available() {
+        return;
+    }
+    let _g = vm_lock();
+    let mut cluster = Cluster::start(ClusterOptions {
+        proxy: true,
+        ..Default::default()
+    });
+    cluster.wait_fault_tolerant();
+    let mut kv = client(cluster.arbiter_addr);
+    kv.put(b"k", b"before").expect("put");
+    // Probe both service addresses throughout: after the cut, at most one
+    // of them may ever answer.
+    let answered: Arc<Mutex<HashMap<SocketAddr, u32>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let probes: Vec<_> = [cluster.primary.service, cluster.backup.service]
+        .into_iter()
+        .map(|addr| {
+            let (answered, stop) = (answered.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let config = ClientConfig {
+                    attempt_timeout: Duration::from_millis(100),
+                    max_attempts: 1,
+                };
+                while !stop.load(Ordering::SeqCst) {
+                    if let Ok(mut c) = KvClient::connect(addr, config) {
+                        if c.get(b"k").is_ok() {
+                            *answered.lock().expect("lock").entry(addr).or_default() += 1;
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    answered.lock().expect("lock").clear();
+    cluster.proxy.as_ref().expect("proxy").partition();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let (mut p_done, mut b_done) = (None, None);
+    while Instant::now() < deadline && (p_done.is_none() && b_done.is_none()) {
+        if let Ok(Some(s)) = cluster.primary.child.try_wait() {
+            p_done = Some(s);
+        }
+        if let Ok(Some(s)) = cluster.backup.child.try_wait() {
+            b_done = Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::SeqCst);
+    for p in probes {
+        p.join().expect("probe");
+    }
+    let loser_exited_4 = [p_done, b_done].iter().flatten().any(|s| s.code() == Some(4));
+    assert!(
+        loser_exited_4,
+        "exactly one side must lose test-and-set and exit 4\nprimary:\n{}\nbackup:\n{}",
+        cluster.primary.stderr(),
+        cluster.backup.stderr()
+    );
+    let survivors = [cluster.primary.running(), cluster.backup.running()];
+    assert_eq!(survivors.iter().filter(|r| **r).count(), 1, "exactly one survivor");
+    let answered = answered.lock().expect("lock").clone();
+    assert!(answered.len() <= 1, "two primaries answered clients after the partition: {answered:?}");
+    let mut kv = client(cluster.arbiter_addr);
+    assert_eq!(kv.get(b"k").expect("the survivor serves").as_deref(), Some(&b"before"[..]));
+    cluster.assert_one_primary_per_view();
+}
+
+#[test]
+fn with_the_arbiter_unreachable_the_backup_does_not_go_live() {
+    if !kvm_available() {
+        return;
+    }
+    let _g = vm_lock();
+    let mut cluster = Cluster::start(ClusterOptions::default());
+    cluster.wait_fault_tolerant();
+    if let Some(mut a) = cluster.arbiter.take() {
+        a.kill();
+    }
+    cluster.primary.kill();
+    let status = cluster.backup.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(5), "stderr:\n{}", cluster.backup.stderr());
+    assert!(cluster.backup.has_event("arbiter_unreachable"));
+    assert!(!cluster.backup.has_event("live"), "the backup went live without the arbiter");
+}
+
+#[test]
+fn a_restarted_arbiter_keeps_its_decisions() {
+    if !kvm_available() {
+        return;
+    }
+    let _g = vm_lock();
+    let mut cluster = Cluster::start(ClusterOptions::default());
+    cluster.wait_fault_tolerant();
+    let old_primary = arbiter::ArbiterClient::new(cluster.arbiter_addr)
+        .query(VM_ID)
+        .expect("query")
+        .primary
+        .expect("a primary");
+    cluster.primary.kill();
+    cluster.backup.wait_event("live", Duration::from_secs(10));
+    if let Some(mut a) = cluster.arbiter.take() {
+        a.kill();
+    }
+    cluster.arbiter = Some(Cluster::start_arbiter(cluster.dir.path(), cluster.arbiter_addr));
+    let arbiter = arbiter::ArbiterClient::new(cluster.arbiter_addr);
+    let view = arbiter.query(VM_ID).expect("query after restart");
+    assert_eq!(view.number, 3);
+    assert_eq!(view.primary.as_ref().map(|p| p.id.as_str()), Some("backup"));
+    // The old primary, had it survived a partition, would claim view 2 now:
+    // the restarted arbiter must give it the decision it made before.
+    let outcome = arbiter.test_and_set(VM_ID, 2, &old_primary).expect("claim");
+    assert!(!outcome.won(), "the second decision must respect the first: {outcome:?}");
+    let mut kv = client(cluster.arbiter_addr);
+    kv.put(b"still", b"serving").expect("the new primary serves");
+}
+
+#[test]
+fn a_backup_with_another_image_or_memory_size_is_refused_clearly() {
+    if !kvm_available() {
+        return;
+    }
+    let _g = vm_lock();
+    let dir = tempfile::tempdir().expect("dir");
+    let other = dir.path().join("other.elf");
+    std::fs::write(&other, ftvm::loader::flat_elf(&[0xf4])).expect("image");
+    for (extra, needle) in [
+        (vec!["--kernel".to_string(), other.to_string_lossy().into_owned()], "image"),
+        (vec!["--mem".to_string(), "128M".to_string()], "mem"),
+    ] {
+        let mut cluster = Cluster::start(ClusterOptions {
+            backup_args: extra,
+            ..Default::default()
+        });
+        let status = cluster.backup.wait_exit(Duration::from_secs(30));
+        assert_eq!(status.code(), Some(1));
+        let err = cluster.backup.stderr();
+        assert!(err.contains("mismatch") && err.contains(needle), "{err}");
+        assert!(!cluster.primary.has_event("status"), "the primary must not run without its backup");
+    }
+}
