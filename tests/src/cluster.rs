@@ -49,7 +49,11 @@ impl Server {
                 return e;
             }
             if Instant::now() > deadline {
-                panic!("{} did not report `{event}` within {within:?}; stderr:\n{}", self.name, self.stderr());
+                panic!(
+                    "{} did not report `{event}` within {within:?}; stderr:\n{}",
+                    self.name,
+                    self.stderr()
+                );
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -68,7 +72,11 @@ impl Server {
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
-                panic!("{} did not exit within {within:?}; stderr:\n{}", self.name, self.stderr());
+                panic!(
+                    "{} did not exit within {within:?}; stderr:\n{}",
+                    self.name,
+                    self.stderr()
+                );
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -136,7 +144,10 @@ impl Cluster {
         let (child, stderr) = spawn(dir, "arbiter", &args);
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(addr).is_err() {
-            assert!(Instant::now() < deadline, "the arbiter did not start listening");
+            assert!(
+                Instant::now() < deadline,
+                "the arbiter did not start listening"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         Server {
@@ -148,7 +159,13 @@ impl Cluster {
         }
     }
 
-    fn server_args(&self, role: &str, service: SocketAddr, events: &Path, failure_ms: u64) -> Vec<String> {
+    fn server_args(
+        &self,
+        role: &str,
+        service: SocketAddr,
+        events: &Path,
+        failure_ms: u64,
+    ) -> Vec<String> {
         vec![
             role.to_string(),
             "--vm-id".into(),
@@ -162,7 +179,11 @@ impl Cluster {
             "--events".into(),
             events.to_string_lossy().into_owned(),
             "--serial".into(),
-            self.dir.path().join(format!("{role}.console")).to_string_lossy().into_owned(),
+            self.dir
+                .path()
+                .join(format!("{role}.console"))
+                .to_string_lossy()
+                .into_owned(),
             "--failure-timeout-ms".into(),
             failure_ms.to_string(),
             "--timeout".into(),
@@ -222,7 +243,12 @@ impl Cluster {
     pub fn wait_fault_tolerant(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if self.primary.events().iter().any(|e| e["event"] == "role" && e["backup"].is_string()) {
+            if self
+                .primary
+                .events()
+                .iter()
+                .any(|e| e["event"] == "role" && e["backup"].is_string())
+            {
                 return;
             }
             assert!(
@@ -257,7 +283,11 @@ impl Cluster {
     pub fn assert_one_primary_per_view(&self) {
         let claims = self.primaries_by_view();
         for w in claims.windows(2) {
-            assert!(w[0].0 != w[1].0, "view {} had two primaries: {claims:?}", w[0].0);
+            assert!(
+                w[0].0 != w[1].0,
+                "view {} had two primaries: {claims:?}",
+                w[0].0
+            );
         }
     }
 }

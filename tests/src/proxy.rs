@@ -26,7 +26,11 @@ fn pump(mut from: TcpStream, mut to: TcpStream, cut: Arc<AtomicBool>, stop: Arc<
                     break;
                 }
             }
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             Err(_) => break,
         }
     }
@@ -46,9 +50,14 @@ impl Proxy {
                 match listener.accept() {
                     Ok((client, _)) => {
                         let _ = client.set_nonblocking(false);
-                        let Ok(server) = TcpStream::connect(target) else { continue };
-                        let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else { continue };
-                        let (cut1, stop1, cut2, stop2) = (c.clone(), s.clone(), c.clone(), s.clone());
+                        let Ok(server) = TcpStream::connect(target) else {
+                            continue;
+                        };
+                        let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else {
+                            continue;
+                        };
+                        let (cut1, stop1, cut2, stop2) =
+                            (c.clone(), s.clone(), c.clone(), s.clone());
                         std::thread::spawn(move || pump(client, server, cut1, stop1));
                         std::thread::spawn(move || pump(s2, c2, cut2, stop2));
                     }

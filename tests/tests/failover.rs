@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ftvm::kv::{FailoverClient, FailoverConfig, KvClient, ClientConfig, ServerSource};
+use ftvm::kv::{ClientConfig, FailoverClient, FailoverConfig, KvClient, ServerSource};
 use ftvm_tests::cluster::{Cluster, ClusterOptions, VM_ID};
 use ftvm_tests::{kvm_available, vm_lock};
 use rand::{Rng, SeedableRng};
@@ -67,7 +67,10 @@ fn run_load(arbiter: SocketAddr, clients: usize, stop: Arc<AtomicBool>) -> Vec<A
             })
         })
         .collect();
-    handles.into_iter().flat_map(|h| h.join().expect("client thread")).collect()
+    handles
+        .into_iter()
+        .flat_map(|h| h.join().expect("client thread"))
+        .collect()
 }
 
 fn check_no_acknowledged_write_lost(arbiter: SocketAddr, logs: &[AppendLog]) -> usize {
@@ -83,7 +86,10 @@ fn check_no_acknowledged_write_lost(arbiter: SocketAddr, logs: &[AppendLog]) -> 
             String::from_utf8_lossy(&expected),
             String::from_utf8_lossy(&value)
         );
-        assert!(value.len() - expected.len() <= 16, "more than one unacknowledged append applied");
+        assert!(
+            value.len() - expected.len() <= 16,
+            "more than one unacknowledged append applied"
+        );
         checked += log.acked.len();
     }
     checked
@@ -118,7 +124,10 @@ fn killing_the_primary_mid_load_loses_no_acknowledged_write() {
         let logs = load.join().expect("load");
         let acked = check_no_acknowledged_write_lost(arbiter, &logs);
         assert!(acked > 0, "the load acknowledged nothing");
-        eprintln!("round {round}: {acked} acknowledged appends checked, failover in {:?}", killed_at.elapsed());
+        eprintln!(
+            "round {round}: {acked} acknowledged appends checked, failover in {:?}",
+            killed_at.elapsed()
+        );
         cluster.assert_one_primary_per_view();
     }
 }
@@ -198,7 +207,10 @@ fn a_partitioned_pair_has_exactly_one_survivor_and_clients_never_see_two_primari
     for p in probes {
         p.join().expect("probe");
     }
-    let loser_exited_4 = [p_done, b_done].iter().flatten().any(|s| s.code() == Some(4));
+    let loser_exited_4 = [p_done, b_done]
+        .iter()
+        .flatten()
+        .any(|s| s.code() == Some(4));
     assert!(
         loser_exited_4,
         "exactly one side must lose test-and-set and exit 4\nprimary:\n{}\nbackup:\n{}",
@@ -206,11 +218,21 @@ fn a_partitioned_pair_has_exactly_one_survivor_and_clients_never_see_two_primari
         cluster.backup.stderr()
     );
     let survivors = [cluster.primary.running(), cluster.backup.running()];
-    assert_eq!(survivors.iter().filter(|r| **r).count(), 1, "exactly one survivor");
+    assert_eq!(
+        survivors.iter().filter(|r| **r).count(),
+        1,
+        "exactly one survivor"
+    );
     let answered = answered.lock().expect("lock").clone();
-    assert!(answered.len() <= 1, "two primaries answered clients after the partition: {answered:?}");
+    assert!(
+        answered.len() <= 1,
+        "two primaries answered clients after the partition: {answered:?}"
+    );
     let mut kv = client(cluster.arbiter_addr);
-    assert_eq!(kv.get(b"k").expect("the survivor serves").as_deref(), Some(&b"before"[..]));
+    assert_eq!(
+        kv.get(b"k").expect("the survivor serves").as_deref(),
+        Some(&b"before"[..])
+    );
     cluster.assert_one_primary_per_view();
 }
 
@@ -227,9 +249,17 @@ fn with_the_arbiter_unreachable_the_backup_does_not_go_live() {
     }
     cluster.primary.kill();
     let status = cluster.backup.wait_exit(Duration::from_secs(20));
-    assert_eq!(status.code(), Some(5), "stderr:\n{}", cluster.backup.stderr());
+    assert_eq!(
+        status.code(),
+        Some(5),
+        "stderr:\n{}",
+        cluster.backup.stderr()
+    );
     assert!(cluster.backup.has_event("arbiter_unreachable"));
-    assert!(!cluster.backup.has_event("live"), "the backup went live without the arbiter");
+    assert!(
+        !cluster.backup.has_event("live"),
+        "the backup went live without the arbiter"
+    );
 }
 
 #[test]
@@ -250,7 +280,10 @@ fn a_restarted_arbiter_keeps_its_decisions() {
     if let Some(mut a) = cluster.arbiter.take() {
         a.kill();
     }
-    cluster.arbiter = Some(Cluster::start_arbiter(cluster.dir.path(), cluster.arbiter_addr));
+    cluster.arbiter = Some(Cluster::start_arbiter(
+        cluster.dir.path(),
+        cluster.arbiter_addr,
+    ));
     let arbiter = arbiter::ArbiterClient::new(cluster.arbiter_addr);
     let view = arbiter.query(VM_ID).expect("query after restart");
     assert_eq!(view.number, 3);
@@ -258,9 +291,13 @@ fn a_restarted_arbiter_keeps_its_decisions() {
     // The old primary, had it survived a partition, would claim view 2 now:
     // the restarted arbiter must give it the decision it made before.
     let outcome = arbiter.test_and_set(VM_ID, 2, &old_primary).expect("claim");
-    assert!(!outcome.won(), "the second decision must respect the first: {outcome:?}");
+    assert!(
+        !outcome.won(),
+        "the second decision must respect the first: {outcome:?}"
+    );
     let mut kv = client(cluster.arbiter_addr);
-    kv.put(b"still", b"serving").expect("the new primary serves");
+    kv.put(b"still", b"serving")
+        .expect("the new primary serves");
 }
 
 #[test]
@@ -273,7 +310,10 @@ fn a_backup_with_another_image_or_memory_size_is_refused_clearly() {
     let other = dir.path().join("other.elf");
     std::fs::write(&other, ftvm::loader::flat_elf(&[0xf4])).expect("image");
     for (extra, needle) in [
-        (vec!["--kernel".to_string(), other.to_string_lossy().into_owned()], "image"),
+        (
+            vec!["--kernel".to_string(), other.to_string_lossy().into_owned()],
+            "image",
+        ),
         (vec!["--mem".to_string(), "128M".to_string()], "mem"),
     ] {
         let mut cluster = Cluster::start(ClusterOptions {
@@ -284,6 +324,9 @@ fn a_backup_with_another_image_or_memory_size_is_refused_clearly() {
         assert_eq!(status.code(), Some(1));
         let err = cluster.backup.stderr();
         assert!(err.contains("mismatch") && err.contains(needle), "{err}");
-        assert!(!cluster.primary.has_event("status"), "the primary must not run without its backup");
+        assert!(
+            !cluster.primary.has_event("status"),
+            "the primary must not run without its backup"
+        );
     }
 }

@@ -26,6 +26,9 @@ pub enum BenchWhat {
     /// Record overhead (`record` vs `run`), replay speed (replay vs
     /// recorded wall time, idle and loaded) and log size.
     Record(RecordBenchArgs),
+    /// FT overhead (primary+backup vs `run`), the output rule's latency,
+    /// backup lag, log bandwidth, memory under lag, failover time.
+    Ft(crate::bench_ft::FtBenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -173,7 +176,7 @@ impl Drop for VmmProcess {
     }
 }
 
-fn wait_ready(service: SocketAddr, within: Duration) -> Result<(), String> {
+pub(crate) fn wait_ready(service: SocketAddr, within: Duration) -> Result<(), String> {
     let config = ClientConfig {
         attempt_timeout: Duration::from_millis(200),
         max_attempts: (within.as_millis() / 200).max(1) as u32,
@@ -185,7 +188,7 @@ fn wait_ready(service: SocketAddr, within: Duration) -> Result<(), String> {
         .map_err(|e| format!("the guest did not answer within {within:?}: {e}"))
 }
 
-fn percentile(sorted: &[u64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -195,7 +198,7 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
 
 /// Runs `clients` closed-loop clients (half puts, half gets over 64 keys)
 /// for `duration`; returns (ops, latencies in ns sorted, retries).
-fn closed_loop(
+pub(crate) fn closed_loop(
     service: SocketAddr,
     clients: usize,
     duration: Duration,
@@ -281,10 +284,11 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
     match &args.what {
         BenchWhat::Kv(kv) => bench_kv(kv),
         BenchWhat::Record(r) => bench_record(r),
+        BenchWhat::Ft(f) => crate::bench_ft::bench_ft(f),
     }
 }
 
-fn check_duration(d: f64) -> Result<Duration, String> {
+pub(crate) fn check_duration(d: f64) -> Result<Duration, String> {
     if !(d.is_finite() && d > 0.0 && d <= 3600.0) {
         return Err(format!("--duration {d} must be in (0, 3600] seconds"));
     }
@@ -318,6 +322,24 @@ fn serve_under_load(
     };
     let rate = ops as f64 / t.elapsed().as_secs_f64();
     Ok((rate, vmm.stop()?))
+}
+
+/// `ftvm run` under `clients` closed-loop clients; returns (ops/s, sorted
+/// latencies in ns).
+pub(crate) fn serve_under_load_latency(
+    clients: usize,
+    duration: Duration,
+    mem: &str,
+    dir: &Path,
+) -> Result<(f64, Vec<u64>), String> {
+    let service = free_udp_port()?;
+    let vmm = VmmProcess::start(&["run"], service, mem, duration + Duration::from_secs(60), dir)?;
+    wait_ready(service, Duration::from_secs(30))?;
+    let t = Instant::now();
+    let (ops, lat, _) = closed_loop(service, clients, duration)?;
+    let rate = ops as f64 / t.elapsed().as_secs_f64();
+    vmm.stop()?;
+    Ok((rate, lat))
 }
 
 /// Replays `log` with `ftvm replay`; returns its wall time in seconds.

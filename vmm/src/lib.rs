@@ -3,8 +3,10 @@
 
 pub mod backup;
 pub mod bench;
+pub mod bench_ft;
 pub mod boot;
 pub mod capture;
+pub mod demo;
 pub mod devices;
 pub mod digest;
 pub mod events;
@@ -28,4 +30,5 @@ pub mod replay;
 pub mod runloop;
 pub mod scan;
 pub mod stop;
+pub mod timeline;
 pub mod vm;

@@ -26,6 +26,25 @@ pub struct Membership {
 }
 
 impl Membership {
+    /// For a backup: waits (with queries, which register nothing) until the
+    /// VM has a primary, so that a backup started first never becomes the
+    /// primary of view 1 by pinging first.
+    pub fn wait_for_primary(arbiter: SocketAddr, vm_id: &str, timeout: Duration) -> Result<(), String> {
+        let client = ArbiterClient::with_timeout(arbiter, Duration::from_millis(500));
+        let deadline = Instant::now() + timeout;
+        loop {
+            match client.query(vm_id) {
+                Ok(view) if view.primary.is_some() => return Ok(()),
+                Ok(_) => {}
+                Err(e) => tracing::debug!("arbiter query failed: {e}"),
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("the arbiter at {arbiter} named no primary for {vm_id} within {timeout:?}"));
+            }
+            std::thread::sleep(PING_INTERVAL);
+        }
+    }
+
     /// Starts pinging in the background.
     pub fn start(arbiter: SocketAddr, vm_id: &str, me: Member) -> Result<Arc<Self>, String> {
         let m = Arc::new(Membership {
@@ -98,7 +117,10 @@ impl Membership {
     /// without winning.
     pub fn claim(&self, view: u64, service_addr: Option<SocketAddr>) -> Result<View, RunError> {
         if let Some(addr) = service_addr {
-            self.me.lock().unwrap_or_else(|p| p.into_inner()).service_addr = addr;
+            self.me
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .service_addr = addr;
         }
         let me = self.me();
         let deadline = Instant::now() + ARBITER_PATIENCE;
@@ -108,14 +130,18 @@ impl Membership {
                     self.acknowledge(won.number);
                     return Ok(won);
                 }
-                Ok(TasOutcome::Lost { reason, view: current }) => {
+                Ok(TasOutcome::Lost {
+                    reason,
+                    view: current,
+                }) => {
                     self.stopped.store(true, Ordering::SeqCst);
                     return Err(RunError::LostArbitration {
                         view,
                         detail: format!("{reason:?}; the current view is {}", current.number),
                     });
                 }
-                Err(e @ ArbiterError::Unreachable { .. }) | Err(e @ ArbiterError::BadResponse { .. }) => {
+                Err(e @ ArbiterError::Unreachable { .. })
+                | Err(e @ ArbiterError::BadResponse { .. }) => {
                     if Instant::now() >= deadline {
                         self.stopped.store(true, Ordering::SeqCst);
                         return Err(RunError::ArbiterUnreachable {

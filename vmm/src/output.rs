@@ -35,7 +35,11 @@ impl Emitter {
     pub fn emit(&mut self, kind: OutputKind, bytes: &[u8]) -> std::io::Result<()> {
         match kind {
             OutputKind::Console => {
-                if let Err(e) = self.console.write_all(bytes).and_then(|_| self.console.flush()) {
+                if let Err(e) = self
+                    .console
+                    .write_all(bytes)
+                    .and_then(|_| self.console.flush())
+                {
                     tracing::warn!("writing the guest console failed: {e}");
                 }
             }
@@ -80,7 +84,11 @@ pub struct OutputGate {
 impl OutputGate {
     /// `alone` becomes true when the primary has won the right to go on
     /// without a backup: held outputs are then released at once.
-    pub fn new(mut emitter: Emitter, sender: Arc<LogSender>, alone: Arc<AtomicBool>) -> std::io::Result<Self> {
+    pub fn new(
+        mut emitter: Emitter,
+        sender: Arc<LogSender>,
+        alone: Arc<AtomicBool>,
+    ) -> std::io::Result<Self> {
         let (tx, rx): (Sender<Held>, Receiver<Held>) = crossbeam_channel::unbounded();
         let closing = Arc::new(AtomicBool::new(false));
         let closing_seen = closing.clone();
@@ -108,7 +116,10 @@ impl OutputGate {
                         }
                     };
                     if !released {
-                        tracing::warn!("dropped an output the backup never acknowledged (entry #{})", held.seq);
+                        tracing::warn!(
+                            "dropped an output the backup never acknowledged (entry #{})",
+                            held.seq
+                        );
                         continue;
                     }
                     if let Err(e) = emitter.emit(held.kind, &held.bytes) {

@@ -22,7 +22,10 @@ use ftvm::vm::{Vm, VmConfig};
 use logchannel::{image_hash, ChannelConfig, ChannelError, Hello, LogReceiver, LogSender, Role};
 use serde_json::json;
 
-use super::{capture, console, exit_for, print_summary, read_image, seconds, stop_on_signals, BackupArgs, FtArgs, PrimaryArgs};
+use super::{
+    capture, console, exit_for, print_summary, read_image, seconds, stop_on_signals, BackupArgs,
+    FtArgs, PrimaryArgs,
+};
 
 /// Exit status of a server that lost test-and-set.
 const EXIT_LOST: u8 = 4;
@@ -31,15 +34,22 @@ const EXIT_LOST: u8 = 4;
 const EXIT_NO_ARBITER: u8 = 5;
 
 fn server_id(ft: &FtArgs, role: &str) -> String {
-    ft.id
-        .clone()
-        .unwrap_or_else(|| format!("{role}-{}-{:08x}", std::process::id(), rand::random::<u32>()))
+    ft.id.clone().unwrap_or_else(|| {
+        format!(
+            "{role}-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        )
+    })
 }
 
 fn channel_config(ft: &FtArgs) -> Result<ChannelConfig, String> {
     let failure_timeout = Duration::from_millis(ft.failure_timeout_ms);
     if ft.failure_timeout_ms < 20 {
-        return Err(format!("--failure-timeout-ms {} is too short (at least 20)", ft.failure_timeout_ms));
+        return Err(format!(
+            "--failure-timeout-ms {} is too short (at least 20)",
+            ft.failure_timeout_ms
+        ));
     }
     Ok(ChannelConfig {
         failure_timeout,
@@ -64,7 +74,11 @@ fn finish(result: Result<RunSummary, RunError>, events: &Events) -> Result<ExitC
     match result {
         Ok(summary) => {
             print_summary(&summary);
-            events.emit("stopped", json!({ "reason": format!("{:?}", summary.reason) }), None);
+            events.emit(
+                "stopped",
+                json!({ "reason": format!("{:?}", summary.reason) }),
+                None,
+            );
             Ok(exit_for(summary.reason))
         }
         Err(e @ RunError::LostArbitration { .. }) => {
@@ -100,7 +114,8 @@ pub fn cmd_primary(args: &PrimaryArgs) -> Result<ExitCode, String> {
         None => listener.local_addr().map_err(|e| e.to_string())?,
     };
     let id = server_id(ft, "primary");
-    let events = Events::open(&id, ft.events.as_deref()).map_err(|e| format!("cannot open the events file: {e}"))?;
+    let events = Events::open(&id, ft.events.as_deref())
+        .map_err(|e| format!("cannot open the events file: {e}"))?;
     let me = Member {
         id: id.clone(),
         service_addr: net.local_addr(),
@@ -109,7 +124,12 @@ pub fn cmd_primary(args: &PrimaryArgs) -> Result<ExitCode, String> {
     let membership = Membership::start(ft.arbiter, &ft.vm_id, me)?;
     let view = membership
         .wait_for(wait, |v| v.primary.is_some())
-        .ok_or_else(|| format!("the arbiter at {} named no primary within {wait:?}", ft.arbiter))?;
+        .ok_or_else(|| {
+            format!(
+                "the arbiter at {} named no primary within {wait:?}",
+                ft.arbiter
+            )
+        })?;
     if !membership.is_me(view.primary.as_ref()) {
         return Err(format!(
             "view {} already has a primary ({}); start this server as a backup",
@@ -118,16 +138,29 @@ pub fn cmd_primary(args: &PrimaryArgs) -> Result<ExitCode, String> {
         ));
     }
     membership.acknowledge(view.number);
-    events.emit("role", json!({ "role": "primary", "view": view.number }), Some(format!("primary of view {}", view.number)));
+    events.emit(
+        "role",
+        json!({ "role": "primary", "view": view.number }),
+        Some(format!("primary of view {}", view.number)),
+    );
 
     eprintln!("ftvm {id}: waiting for a backup (log channel on {log_addr})");
     let deadline = Instant::now() + wait;
     let (sender, view) = loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
-        let Some(view) = membership.wait_for(remaining, |v| membership.is_me(v.primary.as_ref()) && v.backup.is_some()) else {
+        let Some(view) = membership.wait_for(remaining, |v| {
+            membership.is_me(v.primary.as_ref()) && v.backup.is_some()
+        }) else {
             return Err(format!("no backup joined within {wait:?}"));
         };
-        let hello = Hello::new(Role::Primary, ft.vm_id.clone(), view.number, image_hash(&image), ft.mem, 1);
+        let hello = Hello::new(
+            Role::Primary,
+            ft.vm_id.clone(),
+            view.number,
+            image_hash(&image),
+            ft.mem,
+            1,
+        );
         match LogSender::accept(&listener, hello, config) {
             Ok(sender) => break (sender, view),
             Err(ChannelError::AcceptTimeout { .. }) if Instant::now() < deadline => continue,
@@ -151,9 +184,24 @@ pub fn cmd_primary(args: &PrimaryArgs) -> Result<ExitCode, String> {
         capture: capture(&ft.guest)?,
         served: board.served.clone(),
     };
-    let gate = OutputGate::new(emitter, sender.clone(), alone.clone()).map_err(|e| format!("cannot start the output gate: {e}"))?;
-    let sink = FtSink::new(sender, membership.clone(), alone, view.number, ft.digest_interval, board, events.clone());
-    let mut live = Live::new(Some(net), Outputs::Gated(gate), Some(Box::new(sink)), stop.clone(), timeout);
+    let gate = OutputGate::new(emitter, sender.clone(), alone.clone())
+        .map_err(|e| format!("cannot start the output gate: {e}"))?;
+    let sink = FtSink::new(
+        sender,
+        membership.clone(),
+        alone,
+        view.number,
+        ft.digest_interval,
+        board,
+        events.clone(),
+    );
+    let mut live = Live::new(
+        Some(net),
+        Outputs::Gated(gate),
+        Some(Box::new(sink)),
+        stop.clone(),
+        timeout,
+    );
     let result = runloop::run(&mut vm, &mut live, &stop, true);
     if let Some(line) = live.sink_mut().and_then(|s| s.report()) {
         eprintln!("ftvm {id}: {line}");
@@ -172,45 +220,82 @@ pub fn cmd_backup(args: &BackupArgs) -> Result<ExitCode, String> {
     let config = channel_config(ft)?;
     let mut vm = boot(ft, &image)?;
     let id = server_id(ft, "backup");
-    let events = Events::open(&id, ft.events.as_deref()).map_err(|e| format!("cannot open the events file: {e}"))?;
+    let events = Events::open(&id, ft.events.as_deref())
+        .map_err(|e| format!("cannot open the events file: {e}"))?;
     let me = Member {
         id: id.clone(),
         service_addr: ft.service,
         log_addr: None,
     };
+    Membership::wait_for_primary(ft.arbiter, &ft.vm_id, wait)?;
     let membership = Membership::start(ft.arbiter, &ft.vm_id, me)?;
     let deadline = Instant::now() + wait;
     let (receiver, view) = loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
         let view = membership
             .wait_for(remaining, |v| membership.is_me(v.backup.as_ref()))
-            .ok_or_else(|| format!("the arbiter at {} did not name this server backup within {wait:?}", ft.arbiter))?;
+            .ok_or_else(|| {
+                format!(
+                    "the arbiter at {} did not name this server backup within {wait:?}",
+                    ft.arbiter
+                )
+            })?;
         let Some(log_addr) = view.primary.as_ref().and_then(|p| p.log_addr) else {
-            return Err(format!("view {} names no log channel address for its primary", view.number));
+            return Err(format!(
+                "view {} names no log channel address for its primary",
+                view.number
+            ));
         };
-        let hello = Hello::new(Role::Backup, ft.vm_id.clone(), view.number, image_hash(&image), ft.mem, 0);
+        let hello = Hello::new(
+            Role::Backup,
+            ft.vm_id.clone(),
+            view.number,
+            image_hash(&image),
+            ft.mem,
+            0,
+        );
         match LogReceiver::connect(log_addr, hello, config) {
             Ok(r) => break (r, view),
-            Err(e @ (ChannelError::HelloRefused { .. } | ChannelError::RefusedByPeer { .. } | ChannelError::NotAPeer { .. })) => {
+            Err(
+                e @ (ChannelError::HelloRefused { .. }
+                | ChannelError::RefusedByPeer { .. }
+                | ChannelError::NotAPeer { .. }),
+            ) => {
                 return Err(format!("the primary's log channel at {log_addr}: {e}"));
             }
             Err(e) if Instant::now() < deadline => {
                 tracing::debug!("connecting to the primary at {log_addr}: {e}");
                 std::thread::sleep(Duration::from_millis(50));
             }
-            Err(e) => return Err(format!("cannot reach the primary's log channel at {log_addr}: {e}")),
+            Err(e) => {
+                return Err(format!(
+                    "cannot reach the primary's log channel at {log_addr}: {e}"
+                ))
+            }
         }
     };
     events.emit(
         "role",
         json!({ "role": "backup", "view": view.number }),
-        Some(format!("backup of view {}, following {}", view.number, view.primary.as_ref().map(|p| p.id.as_str()).unwrap_or("?"))),
+        Some(format!(
+            "backup of view {}, following {}",
+            view.number,
+            view.primary.as_ref().map(|p| p.id.as_str()).unwrap_or("?")
+        )),
     );
     let board = Arc::new(StatusBoard::default());
-    board.view.store(view.number, std::sync::atomic::Ordering::Relaxed);
+    board
+        .view
+        .store(view.number, std::sync::atomic::Ordering::Relaxed);
     StatusBoard::report_periodically(board.clone(), events.clone());
     let source = ChannelSource::new(Arc::new(receiver), board.clone());
-    let replay = Replay::new(source, ft.digest_interval, Box::new(std::io::sink()), None, stop.clone());
+    let replay = Replay::new(
+        source,
+        ft.digest_interval,
+        Box::new(std::io::sink()),
+        None,
+        stop.clone(),
+    );
     let go_live = GoLive {
         membership: membership.clone(),
         view: view.number,
@@ -231,7 +316,15 @@ pub fn cmd_backup(args: &BackupArgs) -> Result<ExitCode, String> {
         });
     }
     let result = runloop::run(&mut vm, &mut backup, &stop, true);
-    eprintln!("ftvm {id}: replayed {}{}", backup.replay_counts(), if backup.is_live() { "; then went live" } else { "" });
+    eprintln!(
+        "ftvm {id}: replayed {}{}",
+        backup.replay_counts(),
+        if backup.is_live() {
+            "; then went live"
+        } else {
+            ""
+        }
+    );
     membership.stop();
     finish(result, &events)
 }

@@ -148,7 +148,8 @@ pub struct FailoverStats {
     pub failed_rounds: u64,
     /// Arbiter queries, answered or not.
     pub queries: u64,
-    /// Queries made because a round went unanswered.
+    /// Queries made because a round went unanswered (in this call or at
+    /// the end of the previous one).
     pub re_resolutions: u64,
     /// Queries that got no usable answer (unreachable, rejected, unreadable).
     pub arbiter_errors: u64,
@@ -214,7 +215,8 @@ pub enum FailoverError {
         view: u64,
         rounds: u32,
         elapsed: Duration,
-        /// What went wrong after the last round, if more than its silence.
+        /// What else went wrong: the last arbiter query, or the last
+        /// round's socket error.
         note: Option<String>,
     },
 }
@@ -258,10 +260,13 @@ impl Trouble {
     fn note(&self, arbiter: SocketAddr) -> String {
         match self {
             Trouble::Arbiter(error) => {
-                format!("then the arbiter at {arbiter}: {}", describe(error))
+                format!(
+                    "the last query to the arbiter at {arbiter}: {}",
+                    describe(error)
+                )
             }
             Trouble::NoPrimary { view } => {
-                format!("then the arbiter at {arbiter} named no primary (view {view})")
+                format!("the last query to the arbiter at {arbiter} named no primary (view {view})")
             }
         }
     }
@@ -342,6 +347,9 @@ pub struct FailoverClient {
     source: ServerSource,
     config: FailoverConfig,
     resolved: Option<Resolved>,
+    /// The last call ended without a reply from `resolved`: the next one
+    /// asks the arbiter first.
+    suspect: bool,
     last_answer: Option<Answered>,
     stats: FailoverStats,
 }
@@ -381,6 +389,7 @@ impl FailoverClient {
             source,
             config,
             resolved: None,
+            suspect: false,
             last_answer: None,
             stats: FailoverStats::default(),
         })
@@ -534,11 +543,17 @@ impl FailoverClient {
             trouble: None,
             round_error: None,
         };
-        let mut ask = self.resolved.is_none();
+        let mut ask = self.resolved.is_none() || self.suspect;
+        if ask && self.resolved.is_some() {
+            self.stats.re_resolutions += 1;
+        }
         loop {
             if ask {
                 match self.query(arbiter, vm_id, &mut attempt) {
-                    Ok(()) => attempt.trouble = None,
+                    Ok(()) => {
+                        attempt.trouble = None;
+                        self.suspect = false;
+                    }
                     Err(Trouble::Arbiter(source)) if Trouble::is_final(&source) => {
                         return Err(FailoverError::Arbiter {
                             arbiter,
@@ -575,8 +590,10 @@ impl FailoverClient {
             attempt.rounds += 1;
             attempt.last_sent = Some((server, view));
             self.stats.rounds += 1;
+            self.suspect = true;
             match self.client.call(op, key, value) {
                 Ok(reply) => {
+                    self.suspect = false;
                     let rounds = attempt.rounds;
                     self.answered(&reply, server, Some((view, primary_id)), rounds, started);
                     return Ok(reply);
@@ -600,7 +617,10 @@ impl FailoverClient {
                 }
                 // An answer, or an invalid request: another round would not
                 // change it.
-                Err(error) => return Err(error.into()),
+                Err(error) => {
+                    self.suspect = false;
+                    return Err(error.into());
+                }
             }
             ask = true;
             self.stats.re_resolutions += 1;
@@ -924,6 +944,46 @@ mod tests {
     }
 
     #[test]
+    fn after_a_call_times_out_the_next_asks_the_arbiter_first() {
+        let arbiter = TestArbiter::start();
+        let a = FakeServer::start(Behavior {
+            drop_requests: usize::MAX,
+            ..Behavior::default()
+        });
+        let b = FakeServer::start(Behavior::default());
+        let view = arbiter.register(VM, &member("a", &a), &member("b", &b));
+        let mut client = via(arbiter.addr(), 450);
+        let error = client.put(b"k", b"1").unwrap_err();
+        assert!(
+            matches!(&error, FailoverError::Timeout { server, view: 2, note: None, .. } if *server == a.addr()),
+            "{error:?}"
+        );
+        // How many rounds fit, and the time taken, depend on the machine.
+        let message = error.to_string();
+        let suffix = format!(" rounds, the last to {} (view 2)", a.addr());
+        assert!(
+            message.starts_with("no reply from the primary of VM \"vm1\" within 0.")
+                && message.ends_with(&suffix),
+            "{message}"
+        );
+
+        arbiter.fail_over(VM, &view);
+        client.put(b"k", b"2").unwrap();
+        let answer = client.last_answer().unwrap();
+        assert_eq!(
+            (
+                answer.server,
+                answer.view,
+                answer.rounds,
+                answer.request_num
+            ),
+            (b.addr(), Some(3), 1, 2)
+        );
+        let id = client.client_id();
+        assert_eq!(b.stop(), [(id, 2)]);
+    }
+
+    #[test]
     fn a_call_waits_for_the_arbiter_to_name_a_primary() {
         let arbiter = TestArbiter::start();
         let a = FakeServer::start(Behavior::default());
@@ -1081,11 +1141,12 @@ mod tests {
         // The number of rounds depends on how the last one is cut.
         let (start, rest) = message.split_once(" rounds, ").unwrap();
         assert!(
-            start.starts_with("no reply from the primary of VM \"vm1\" within 0.6 s: "),
+            start.starts_with("no reply from the primary of VM \"vm1\" within 0."),
             "{message}"
         );
         let expected = format!(
-            "the last to {} (view 2); then the arbiter at {arbiter_addr}: unreachable: ",
+            "the last to {} (view 2); the last query to the arbiter at {arbiter_addr}: \
+             unreachable: ",
             a.addr()
         );
         assert!(rest.starts_with(&expected), "{message}");
