@@ -160,7 +160,8 @@ impl Cluster {
     }
 
     fn server_args(
-        &self,
+        dir: &Path,
+        arbiter_addr: SocketAddr,
         role: &str,
         service: SocketAddr,
         events: &Path,
@@ -173,15 +174,13 @@ impl Cluster {
             "--id".into(),
             role.into(),
             "--arbiter".into(),
-            self.arbiter_addr.to_string(),
+            arbiter_addr.to_string(),
             "--service".into(),
             service.to_string(),
             "--events".into(),
             events.to_string_lossy().into_owned(),
             "--serial".into(),
-            self.dir
-                .path()
-                .join(format!("{role}.console"))
+            dir.join(format!("{role}.console"))
                 .to_string_lossy()
                 .into_owned(),
             "--failure-timeout-ms".into(),
@@ -200,43 +199,42 @@ impl Cluster {
         let failure_ms = options.failure_timeout_ms.unwrap_or(300);
         let log_listen = free_tcp_addr();
         let proxy = options.proxy.then(|| Proxy::start(log_listen));
-        let mut cluster = Cluster {
-            dir,
-            arbiter_addr,
-            arbiter: Some(arbiter),
-            primary: unstarted(),
-            backup: unstarted(),
-            proxy,
-        };
         let p_service = free_udp_addr();
-        let p_events = cluster.dir.path().join("primary.events");
-        let mut p_args = cluster.server_args("primary", p_service, &p_events, failure_ms);
+        let p_events = dir.path().join("primary.events");
+        let mut p_args = Cluster::server_args(dir.path(), arbiter_addr, "primary", p_service, &p_events, failure_ms);
         p_args.extend(["--log-listen".into(), log_listen.to_string()]);
-        if let Some(proxy) = &cluster.proxy {
+        if let Some(proxy) = &proxy {
             p_args.extend(["--log-advertise".into(), proxy.addr().to_string()]);
         }
-        let (child, stderr) = spawn(cluster.dir.path(), "primary", &p_args);
-        cluster.primary = Server {
+        let (child, stderr) = spawn(dir.path(), "primary", &p_args);
+        let mut primary = Server {
             name: "primary".into(),
             child,
             events: p_events,
             service: p_service,
             stderr,
         };
-        cluster.primary.wait_event("role", Duration::from_secs(30));
+        primary.wait_event("role", Duration::from_secs(30));
         let b_service = free_udp_addr();
-        let b_events = cluster.dir.path().join("backup.events");
-        let mut b_args = cluster.server_args("backup", b_service, &b_events, failure_ms);
+        let b_events = dir.path().join("backup.events");
+        let mut b_args = Cluster::server_args(dir.path(), arbiter_addr, "backup", b_service, &b_events, failure_ms);
         b_args.extend(options.backup_args.iter().cloned());
-        let (child, stderr) = spawn(cluster.dir.path(), "backup", &b_args);
-        cluster.backup = Server {
+        let (child, stderr) = spawn(dir.path(), "backup", &b_args);
+        let backup = Server {
             name: "backup".into(),
             child,
             events: b_events,
             service: b_service,
             stderr,
         };
-        cluster
+        Cluster {
+            dir,
+            arbiter_addr,
+            arbiter: Some(arbiter),
+            primary,
+            backup,
+            proxy,
+        }
     }
 
     /// Waits until the primary runs with its backup connected.
@@ -289,15 +287,5 @@ impl Cluster {
                 w[0].0
             );
         }
-    }
-}
-
-fn unstarted() -> Server {
-    Server {
-        name: String::new(),
-        child: Command::new("true").spawn().expect("spawn true"),
-        events: PathBuf::new(),
-        service: "127.0.0.1:9".parse().expect("addr"),
-        stderr: PathBuf::new(),
     }
 }
