@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ftvm::history::{Clock, OpKind, Recorder};
 use ftvm::kv::{ClientConfig, FailoverClient, FailoverConfig, KvClient, ServerSource};
+use ftvm::linearizability::{check, CheckConfig, Overall};
 use ftvm_tests::cluster::{Cluster, ClusterOptions, VM_ID};
 use ftvm_tests::{kvm_available, vm_lock};
 use rand::{Rng, SeedableRng};
@@ -40,10 +42,10 @@ struct AppendLog {
 /// Appends per key, well under the guest's 1024-byte value limit.
 const APPENDS_PER_KEY: u32 = 40;
 
-fn run_load(arbiter: SocketAddr, clients: usize, stop: Arc<AtomicBool>) -> Vec<AppendLog> {
+fn run_load(arbiter: SocketAddr, clients: usize, stop: Arc<AtomicBool>, history: Arc<Recorder>) -> Vec<AppendLog> {
     let handles: Vec<_> = (0..clients)
         .map(|c| {
-            let stop = stop.clone();
+            let (stop, history) = (stop.clone(), history.clone());
             std::thread::spawn(move || {
                 let mut kv = client(arbiter);
                 let mut logs: Vec<AppendLog> = Vec::new();
@@ -57,8 +59,13 @@ fn run_load(arbiter: SocketAddr, clients: usize, stop: Arc<AtomicBool>) -> Vec<A
                     }
                     let piece = format!("<{c}.{i}>").into_bytes();
                     let Some(log) = logs.last_mut() else { break };
+                    let op = history.invoke(c as u64, &log.key, OpKind::Append, &piece);
                     match kv.append(&log.key, &piece) {
-                        Ok(()) => log.acked.push(piece),
+                        Ok(()) => {
+                            let server = kv.last_answer().map(|a| a.from).unwrap_or(arbiter);
+                            history.complete(op, None, server);
+                            log.acked.push(piece);
+                        }
                         Err(e) => panic!("client {c}: append {i} failed: {e}"),
                     }
                     i += 1;
@@ -73,11 +80,14 @@ fn run_load(arbiter: SocketAddr, clients: usize, stop: Arc<AtomicBool>) -> Vec<A
         .collect()
 }
 
-fn check_no_acknowledged_write_lost(arbiter: SocketAddr, logs: &[AppendLog]) -> usize {
+fn check_no_acknowledged_write_lost(arbiter: SocketAddr, logs: &[AppendLog], history: &Recorder) -> usize {
     let mut kv = client(arbiter);
     let mut checked = 0;
     for log in logs {
-        let value = kv.get(&log.key).expect("final read").unwrap_or_default();
+        let op = history.invoke(u64::MAX, &log.key, OpKind::Get, b"");
+        let read = kv.get(&log.key).expect("final read");
+        history.complete(op, read.clone(), kv.last_answer().map(|a| a.from).unwrap_or(arbiter));
+        let value = read.unwrap_or_default();
         let expected: Vec<u8> = log.acked.concat();
         assert!(
             value.starts_with(&expected),
@@ -110,9 +120,10 @@ fn killing_the_primary_mid_load_loses_no_acknowledged_write() {
         cluster.wait_fault_tolerant();
         let stop = Arc::new(AtomicBool::new(false));
         let arbiter = cluster.arbiter_addr;
+        let history = Arc::new(Recorder::new(Clock::start()));
         let load = {
-            let stop = stop.clone();
-            std::thread::spawn(move || run_load(arbiter, 3, stop))
+            let (stop, history) = (stop.clone(), history.clone());
+            std::thread::spawn(move || run_load(arbiter, 3, stop, history))
         };
         std::thread::sleep(kill_after);
         let killed_at = Instant::now();
@@ -122,8 +133,10 @@ fn killing_the_primary_mid_load_loses_no_acknowledged_write() {
         std::thread::sleep(Duration::from_millis(800));
         stop.store(true, Ordering::SeqCst);
         let logs = load.join().expect("load");
-        let acked = check_no_acknowledged_write_lost(arbiter, &logs);
+        let acked = check_no_acknowledged_write_lost(arbiter, &logs, &history);
         assert!(acked > 0, "the load acknowledged nothing");
+        let report = check(&history.snapshot(), &CheckConfig::default());
+        assert_eq!(report.overall, Overall::Linearizable, "{}", report.explain());
         eprintln!(
             "round {round}: {acked} acknowledged appends checked, failover in {:?}",
             killed_at.elapsed()
