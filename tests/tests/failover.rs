@@ -202,8 +202,12 @@ fn a_partitioned_pair_has_exactly_one_survivor_and_clients_never_see_two_primari
         })
         .collect();
     std::thread::sleep(Duration::from_millis(300));
-    answered.lock().expect("lock").clear();
     cluster.proxy.as_ref().expect("proxy").partition();
+    // Replies the primary released before the cut (acknowledged by then)
+    // may still be on their way; after this, neither side can release an
+    // output until one of them wins test-and-set (300 ms of silence away).
+    std::thread::sleep(Duration::from_millis(100));
+    answered.lock().expect("lock").clear();
     let deadline = Instant::now() + Duration::from_secs(15);
     let (mut p_done, mut b_done) = (None, None);
     while Instant::now() < deadline && (p_done.is_none() && b_done.is_none()) {
