@@ -78,8 +78,12 @@ impl LogSource for ChannelSource {
         self.receiver.report_replayed(seq, exits);
         self.board.exits.store(exits, Ordering::Relaxed);
         let m = self.receiver.metrics();
-        self.board.log_entries.store(m.entries_received, Ordering::Relaxed);
-        self.board.log_bytes.store(m.bytes_received, Ordering::Relaxed);
+        self.board
+            .log_entries
+            .store(m.entries_received, Ordering::Relaxed);
+        self.board
+            .log_bytes
+            .store(m.bytes_received, Ordering::Relaxed);
         self.board
             .lag_exits
             .store(m.complete_up_to.saturating_sub(exits), Ordering::Relaxed);
@@ -131,7 +135,10 @@ impl Backup {
         g.events.emit(
             "failure_detected",
             json!({ "peer": "primary", "detail": why }),
-            Some(format!("the primary is silent ({why}); claiming view {}", g.view)),
+            Some(format!(
+                "the primary is silent ({why}); claiming view {}",
+                g.view
+            )),
         );
         let won = match g.membership.claim(g.view, Some(g.service)) {
             Ok(won) => won,
@@ -140,7 +147,8 @@ impl Backup {
                     RunError::ArbiterUnreachable { .. } => "arbiter_unreachable",
                     _ => "lost",
                 };
-                g.events.emit(event, json!({ "view": g.view }), Some(e.to_string()));
+                g.events
+                    .emit(event, json!({ "view": g.view }), Some(e.to_string()));
                 return Err(e);
             }
         };
@@ -149,20 +157,29 @@ impl Backup {
             json!({ "view": g.view, "won": true }),
             Some(format!("won test-and-set for view {}", g.view)),
         );
-        let net = Arc::new(NetBackend::bind(g.service).map_err(|e| RunError::PeerFailed(format!("cannot serve after failover: {e}")))?);
+        let net = Arc::new(
+            NetBackend::bind(g.service)
+                .map_err(|e| RunError::PeerFailed(format!("cannot serve after failover: {e}")))?,
+        );
         let emitter = Emitter {
             net: Some(net.clone()),
             console: g.console,
             capture: g.capture,
             served: g.board.served.clone(),
         };
-        self.live = Some(Live::new(Some(net), Outputs::Direct(emitter), None, g.stop, g.timeout).with_board(g.board.clone()));
+        self.live = Some(
+            Live::new(Some(net), Outputs::Direct(emitter), None, g.stop, g.timeout)
+                .with_board(g.board.clone()),
+        );
         g.board.role.store(ROLE_PRIMARY, Ordering::Relaxed);
         g.board.view.store(won.number, Ordering::Relaxed);
         g.events.emit(
             "live",
             json!({ "view": won.number }),
-            Some(format!("live as the primary of view {} on {}", won.number, g.service)),
+            Some(format!(
+                "live as the primary of view {} on {}",
+                won.number, g.service
+            )),
         );
         Ok(())
     }
@@ -196,7 +213,11 @@ impl Mode for Backup {
         }
     }
 
-    fn should_stop(&mut self, m: &mut Machine, pos: Position) -> Result<Option<StopReason>, RunError> {
+    fn should_stop(
+        &mut self,
+        m: &mut Machine,
+        pos: Position,
+    ) -> Result<Option<StopReason>, RunError> {
         replay_or_live!(self, live => live.should_stop(m, pos), self.replay.should_stop(m, pos))
     }
 
@@ -208,7 +229,13 @@ impl Mode for Backup {
         replay_or_live!(self, live => live.time_read(pos, port, value), self.replay.time_read(pos, port, value))
     }
 
-    fn output(&mut self, m: &mut Machine, pos: Position, kind: OutputKind, bytes: &[u8]) -> Result<(), RunError> {
+    fn output(
+        &mut self,
+        m: &mut Machine,
+        pos: Position,
+        kind: OutputKind,
+        bytes: &[u8],
+    ) -> Result<(), RunError> {
         replay_or_live!(self, live => live.output(m, pos, kind, bytes), self.replay.output(m, pos, kind, bytes))
     }
 
@@ -228,7 +255,13 @@ impl Mode for Backup {
         replay_or_live!(self, live => live.wait_idle(m, pos), self.replay.wait_idle(m, pos))
     }
 
-    fn finish(&mut self, m: &mut Machine, pos: Position, reason: StopReason, at_position: bool) -> Result<(), RunError> {
+    fn finish(
+        &mut self,
+        m: &mut Machine,
+        pos: Position,
+        reason: StopReason,
+        at_position: bool,
+    ) -> Result<(), RunError> {
         match self.live.as_mut() {
             Some(live) => live.finish(m, pos, reason, at_position),
             None => self.replay.finish(m, pos, reason, at_position),

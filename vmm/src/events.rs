@@ -26,7 +26,9 @@ pub struct Events {
 impl Events {
     pub fn open(name: &str, path: Option<&Path>) -> std::io::Result<Arc<Events>> {
         let file = match path {
-            Some(p) => Some(Mutex::new(OpenOptions::new().create(true).append(true).open(p)?)),
+            Some(p) => Some(Mutex::new(
+                OpenOptions::new().create(true).append(true).open(p)?,
+            )),
             None => None,
         };
         Ok(Arc::new(Events {

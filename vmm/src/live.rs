@@ -131,7 +131,9 @@ impl Live {
 fn delivery_changed_nothing(e: &VirtioNetError) -> bool {
     matches!(
         e,
-        VirtioNetError::NotActive | VirtioNetError::NoRxBuffer | VirtioNetError::FrameTooLong { .. }
+        VirtioNetError::NotActive
+            | VirtioNetError::NoRxBuffer
+            | VirtioNetError::FrameTooLong { .. }
     )
 }
 
@@ -139,13 +141,29 @@ fn host_result(kind: NondetKind) -> (TrapResult, Event) {
     // SAFETY: rdtsc has no preconditions; this VMM only runs on x86_64.
     let tsc = unsafe { core::arch::x86_64::_rdtsc() };
     let random: u64 = rand::random();
-    let ok = |value| TrapResult { value, aux: 0, ok: true };
+    let ok = |value| TrapResult {
+        value,
+        aux: 0,
+        ok: true,
+    };
     match kind {
         NondetKind::Rdtsc => (ok(tsc), Event::Rdtsc { value: tsc }),
         // The guest never writes IA32_TSC_AUX, which stays 0.
         NondetKind::Rdtscp => (ok(tsc), Event::Rdtscp { value: tsc, aux: 0 }),
-        NondetKind::Rdrand => (ok(random), Event::Rdrand { value: random, ok: true }),
-        NondetKind::Rdseed => (ok(random), Event::Rdseed { value: random, ok: true }),
+        NondetKind::Rdrand => (
+            ok(random),
+            Event::Rdrand {
+                value: random,
+                ok: true,
+            },
+        ),
+        NondetKind::Rdseed => (
+            ok(random),
+            Event::Rdseed {
+                value: random,
+                ok: true,
+            },
+        ),
     }
 }
 
@@ -154,7 +172,11 @@ impl Mode for Live {
         self.start.elapsed().as_nanos() as u64
     }
 
-    fn should_stop(&mut self, _m: &mut Machine, _pos: Position) -> Result<Option<StopReason>, RunError> {
+    fn should_stop(
+        &mut self,
+        _m: &mut Machine,
+        _pos: Position,
+    ) -> Result<Option<StopReason>, RunError> {
         if self.stop.is_requested() {
             return Ok(Some(StopReason::Requested));
         }
@@ -175,7 +197,13 @@ impl Mode for Live {
         Ok(value)
     }
 
-    fn output(&mut self, m: &mut Machine, pos: Position, kind: OutputKind, bytes: &[u8]) -> Result<(), RunError> {
+    fn output(
+        &mut self,
+        m: &mut Machine,
+        pos: Position,
+        kind: OutputKind,
+        bytes: &[u8],
+    ) -> Result<(), RunError> {
         let mut seq = 0;
         if self.sink.is_some() {
             let (regs, mem_hash) = m.state()?;
@@ -212,7 +240,9 @@ impl Mode for Live {
         }
         self.collect_datagrams();
         while !self.pending.is_empty() && m.vm.devices.net.rx_buffers_available(&m.vm.mem) > 0 {
-            let Some(datagram) = self.pending.pop_front() else { break };
+            let Some(datagram) = self.pending.pop_front() else {
+                break;
+            };
             let frame = match datagram.to_frame() {
                 Ok(f) => f,
                 Err(e) => {
@@ -236,7 +266,13 @@ impl Mode for Live {
                     crate::replay::FAILED_DELIVERY
                 }
             };
-            self.log(pos, Event::Packet { desc_head: head, frame })?;
+            self.log(
+                pos,
+                Event::Packet {
+                    desc_head: head,
+                    frame,
+                },
+            )?;
         }
         m.raise_device_irqs();
         match m.inject_pending()? {
@@ -250,7 +286,8 @@ impl Mode for Live {
 
     fn resume(&mut self, _m: &mut Machine, pos: Position) -> Result<(), RunError> {
         if let Some(b) = &self.board {
-            b.exits.store(pos.exits, std::sync::atomic::Ordering::Relaxed);
+            b.exits
+                .store(pos.exits, std::sync::atomic::Ordering::Relaxed);
         }
         match &mut self.sink {
             Some(s) => s.resume(pos),
@@ -263,12 +300,11 @@ impl Mode for Live {
             s.flush()?;
         }
         let now = self.now_ns();
-        let mut wake_at = m
-            .vm
-            .devices
-            .pit
-            .next_irq0_ns()
-            .map(|ns| self.start + Duration::from_nanos(ns.max(now)));
+        let mut wake_at =
+            m.vm.devices
+                .pit
+                .next_irq0_ns()
+                .map(|ns| self.start + Duration::from_nanos(ns.max(now)));
         if let Some(deadline) = self.deadline {
             wake_at = Some(wake_at.map_or(deadline, |w| w.min(deadline)));
         }
@@ -290,7 +326,13 @@ impl Mode for Live {
         Ok(())
     }
 
-    fn finish(&mut self, m: &mut Machine, pos: Position, reason: StopReason, at_position: bool) -> Result<(), RunError> {
+    fn finish(
+        &mut self,
+        m: &mut Machine,
+        pos: Position,
+        reason: StopReason,
+        at_position: bool,
+    ) -> Result<(), RunError> {
         if self.sink.is_some() && at_position {
             let digest = full_digest(m, DigestReason::End)?;
             self.log(pos, Event::Digest(digest))?;
@@ -303,7 +345,8 @@ impl Mode for Live {
             use std::sync::atomic::Ordering::Relaxed;
             let c = &net.counters;
             m.summary.datagrams_received = c.received.load(Relaxed);
-            m.summary.datagrams_dropped += c.dropped_full.load(Relaxed) + c.dropped_unusable.load(Relaxed);
+            m.summary.datagrams_dropped +=
+                c.dropped_full.load(Relaxed) + c.dropped_unusable.load(Relaxed);
             m.summary.tx_frames_unparseable = c.tx_unparseable.load(Relaxed);
         }
         Ok(())
@@ -313,7 +356,11 @@ impl Mode for Live {
 /// Registers, the memory hash and the pages dirtied since the last digest.
 pub fn full_digest(m: &mut Machine, reason: DigestReason) -> Result<Digest, RunError> {
     let (regs, mem_hash) = m.state()?;
-    let dirty_pages = m.hasher.as_mut().map(|h| h.take_dirty()).unwrap_or_default();
+    let dirty_pages = m
+        .hasher
+        .as_mut()
+        .map(|h| h.take_dirty())
+        .unwrap_or_default();
     Ok(Digest {
         reason,
         regs,

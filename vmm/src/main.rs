@@ -6,8 +6,8 @@ use std::fs::File;
 use std::io::{BufReader, BufWriter, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -15,9 +15,9 @@ use clap::{Parser, Subcommand};
 use ftvm::capture::Capture;
 use ftvm::guest_image::GUEST_ELF;
 use ftvm::live::{EntrySink, Live, Outputs};
-use ftvm::output::Emitter;
 use ftvm::memory::parse_size;
 use ftvm::net_backend::NetBackend;
+use ftvm::output::Emitter;
 use ftvm::record::Recorder;
 use ftvm::replay::{FileSource, Replay};
 use ftvm::runloop::{self, RunError, RunSummary, StopReason};
@@ -353,7 +353,9 @@ fn cmd_run(args: &RunArgs, log: Option<(&PathBuf, u64)>) -> Result<ExitCode, Str
                     extra: Default::default(),
                 },
             );
-            Some(Box::new(Recorder::create(path, &header).map_err(|e| e.to_string())?))
+            Some(Box::new(
+                Recorder::create(path, &header).map_err(|e| e.to_string())?,
+            ))
         }
         None => None,
     };
@@ -372,7 +374,13 @@ fn cmd_run(args: &RunArgs, log: Option<(&PathBuf, u64)>) -> Result<ExitCode, Str
         capture: capture(&args.guest)?,
         served: Default::default(),
     };
-    let mut live = Live::new(Some(net), Outputs::Direct(emitter), sink, stop.clone(), timeout);
+    let mut live = Live::new(
+        Some(net),
+        Outputs::Direct(emitter),
+        sink,
+        stop.clone(),
+        timeout,
+    );
     let result = runloop::run(&mut vm, &mut live, &stop, recording);
     let summary = match result {
         Ok(s) => s,
@@ -498,7 +506,11 @@ fn cmd_arbiter(args: &arbiter::cli::ArbiterArgs) -> Result<ExitCode, String> {
             flag.store(true, std::sync::atomic::Ordering::SeqCst);
         });
     }
-    eprintln!("ftvm arbiter: listening on {}, state in {}", args.listen, args.state.display());
+    eprintln!(
+        "ftvm arbiter: listening on {}, state in {}",
+        args.listen,
+        args.state.display()
+    );
     arbiter::cli::run(args, flag).map_err(|e| e.to_string())?;
     Ok(ExitCode::SUCCESS)
 }

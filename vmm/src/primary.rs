@@ -66,14 +66,20 @@ impl FtSink {
         self.events.emit(
             "failure_detected",
             json!({ "peer": "backup", "detail": why }),
-            Some(format!("the backup is silent ({why}); claiming view {}", self.view)),
+            Some(format!(
+                "the backup is silent ({why}); claiming view {}",
+                self.view
+            )),
         );
         match self.membership.claim(self.view, None) {
             Ok(won) => {
                 self.events.emit(
                     "tas",
                     json!({ "view": self.view, "won": true }),
-                    Some(format!("won test-and-set; primary of view {} alone", won.number)),
+                    Some(format!(
+                        "won test-and-set; primary of view {} alone",
+                        won.number
+                    )),
                 );
                 self.view = won.number;
                 self.board.view.store(won.number, Ordering::Relaxed);
@@ -82,7 +88,9 @@ impl FtSink {
             }
             Err(e) => {
                 let (event, fields) = match &e {
-                    RunError::ArbiterUnreachable { .. } => ("arbiter_unreachable", json!({ "view": self.view })),
+                    RunError::ArbiterUnreachable { .. } => {
+                        ("arbiter_unreachable", json!({ "view": self.view }))
+                    }
                     _ => ("lost", json!({ "view": self.view })),
                 };
                 self.events.emit(event, fields, Some(e.to_string()));
@@ -136,8 +144,12 @@ impl EntrySink for FtSink {
         }
         let m = self.sender.metrics();
         self.board.lag_exits.store(m.lag_exits, Ordering::Relaxed);
-        self.board.lag_us.store((m.lag_ms * 1000.0) as u64, Ordering::Relaxed);
-        self.board.log_entries.store(m.entries_sent, Ordering::Relaxed);
+        self.board
+            .lag_us
+            .store((m.lag_ms * 1000.0) as u64, Ordering::Relaxed);
+        self.board
+            .log_entries
+            .store(m.entries_sent, Ordering::Relaxed);
         self.board.log_bytes.store(m.bytes_sent, Ordering::Relaxed);
         Ok(())
     }

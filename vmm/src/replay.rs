@@ -208,7 +208,12 @@ impl<S: LogSource> Replay<S> {
     }
 
     /// Takes the next entry, which must be at `pos` and satisfy `wanted`.
-    fn expect(&mut self, pos: Position, what: &str, wanted: impl Fn(&Event) -> bool) -> Result<Entry, RunError> {
+    fn expect(
+        &mut self,
+        pos: Position,
+        what: &str,
+        wanted: impl Fn(&Event) -> bool,
+    ) -> Result<Entry, RunError> {
         let next = self.peek_entry(pos.exits)?;
         match &next {
             Some(e) if e.pos.exits == pos.exits && wanted(&e.event) => {
@@ -237,17 +242,26 @@ impl<S: LogSource> Replay<S> {
         let entry = self
             .source
             .take()
-            .ok_or(RunError::Vm(crate::vm::VmError::Internal("a peeked log entry vanished")))?;
+            .ok_or(RunError::Vm(crate::vm::VmError::Internal(
+                "a peeked log entry vanished",
+            )))?;
         self.last_matched = Some((entry.seq, entry.pos));
         self.counts.entries_applied += 1;
         self.source.applied(entry.seq, entry.pos.exits);
         Ok(entry)
     }
 
-    fn check_digest(&mut self, m: &mut Machine, pos: Position, reason: DigestReason) -> Result<(), RunError> {
-        let entry = self.expect(pos, &format!("a {reason} digest"), |e| {
-            matches!(e, Event::Digest(d) if d.reason == reason)
-        })?;
+    fn check_digest(
+        &mut self,
+        m: &mut Machine,
+        pos: Position,
+        reason: DigestReason,
+    ) -> Result<(), RunError> {
+        let entry = self.expect(
+            pos,
+            &format!("a {reason} digest"),
+            |e| matches!(e, Event::Digest(d) if d.reason == reason),
+        )?;
         let Event::Digest(recorded) = &entry.event else {
             return Ok(());
         };
@@ -322,7 +336,11 @@ impl<S: LogSource> Mode for Replay<S> {
         0
     }
 
-    fn should_stop(&mut self, m: &mut Machine, pos: Position) -> Result<Option<StopReason>, RunError> {
+    fn should_stop(
+        &mut self,
+        m: &mut Machine,
+        pos: Position,
+    ) -> Result<Option<StopReason>, RunError> {
         if self.end_seen {
             return Ok(Some(StopReason::EndOfLog));
         }
@@ -333,12 +351,19 @@ impl<S: LogSource> Mode for Replay<S> {
             self.check_digest(m, pos, DigestReason::End)?;
         }
         if matches!(self.event_at(pos)?, Some(Event::End { .. })) {
-            self.expect(pos, "the end of the run", |e| matches!(e, Event::End { .. }))?;
+            self.expect(pos, "the end of the run", |e| {
+                matches!(e, Event::End { .. })
+            })?;
             self.end_seen = true;
             return Ok(Some(StopReason::EndOfLog));
         }
         if self.source.finite() && self.source.peek(pos.exits)?.is_none() {
-            return Err(self.diverge(pos, "the log ended without an End entry", "more entries", "none"));
+            return Err(self.diverge(
+                pos,
+                "the log ended without an End entry",
+                "more entries",
+                "none",
+            ));
         }
         Ok(None)
     }
@@ -554,7 +579,10 @@ impl<S: LogSource> Mode for Replay<S> {
                 };
                 Err(self.diverge(
                     pos,
-                    format!("the guest is idle at exit {} and the log has nothing to wake it", pos.exits),
+                    format!(
+                        "the guest is idle at exit {} and the log has nothing to wake it",
+                        pos.exits
+                    ),
                     format!("an interrupt at exit {}", pos.exits),
                     next,
                 ))
