@@ -34,20 +34,43 @@ pub struct ChannelSource {
     receiver: Arc<LogReceiver>,
     next: Option<Entry>,
     board: Arc<StatusBoard>,
+    events: Arc<Events>,
+    /// The primary's failure, once noticed. The backup then still replays
+    /// what it received before it claims the view.
+    failure_noticed: bool,
 }
 
 impl ChannelSource {
-    pub fn new(receiver: Arc<LogReceiver>, board: Arc<StatusBoard>) -> Self {
+    pub fn new(receiver: Arc<LogReceiver>, board: Arc<StatusBoard>, events: Arc<Events>) -> Self {
         ChannelSource {
             receiver,
             next: None,
             board,
+            events,
+            failure_noticed: false,
+        }
+    }
+
+    /// Reports the primary's failure when the channel first knows of it,
+    /// not when replay has drained the backlog.
+    fn notice_failure(&mut self) {
+        if self.failure_noticed {
+            return;
+        }
+        if let Some(failure) = self.receiver.failure() {
+            self.failure_noticed = true;
+            self.events.emit(
+                "failure_detected",
+                json!({ "peer": "primary", "detail": failure.to_string() }),
+                Some(format!("the primary is silent ({failure}); replaying what it sent")),
+            );
         }
     }
 }
 
 impl LogSource for ChannelSource {
     fn peek(&mut self, exits: u64) -> Result<Option<&Entry>, RunError> {
+        self.notice_failure();
         while self.next.is_none() {
             // Read before polling: every entry at an exit up to `complete`
             // was already receivable when it was read.
@@ -58,9 +81,15 @@ impl LogSource for ChannelSource {
                 Ok(None) => match self.receiver.recv(RECV_SLICE) {
                     Ok(Some(e)) => self.next = Some(e),
                     Ok(None) => {}
-                    Err(e) => return Err(RunError::PeerFailed(e.to_string())),
+                    Err(e) => {
+                        self.notice_failure();
+                        return Err(RunError::PeerFailed(e.to_string()));
+                    }
                 },
-                Err(e) => return Err(RunError::PeerFailed(e.to_string())),
+                Err(e) => {
+                    self.notice_failure();
+                    return Err(RunError::PeerFailed(e.to_string()));
+                }
             }
         }
         Ok(self.next.as_ref())
@@ -133,12 +162,9 @@ impl Backup {
             return Ok(());
         };
         g.events.emit(
-            "failure_detected",
-            json!({ "peer": "primary", "detail": why }),
-            Some(format!(
-                "the primary is silent ({why}); claiming view {}",
-                g.view
-            )),
+            "caught_up",
+            json!({ "view": g.view, "detail": why }),
+            Some(format!("replayed everything the primary sent; claiming view {}", g.view)),
         );
         let won = match g.membership.claim(g.view, Some(g.service)) {
             Ok(won) => won,
@@ -171,8 +197,8 @@ impl Backup {
             Live::new(Some(net), Outputs::Direct(emitter), None, g.stop, g.timeout)
                 .with_board(g.board.clone()),
         );
-        g.board.role.store(ROLE_PRIMARY, Ordering::Relaxed);
         g.board.view.store(won.number, Ordering::Relaxed);
+        g.board.role.store(ROLE_PRIMARY, Ordering::Relaxed);
         g.events.emit(
             "live",
             json!({ "view": won.number }),

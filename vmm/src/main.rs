@@ -58,6 +58,9 @@ enum Command {
     Backup(BackupArgs),
     /// The test-and-set and view service that primaries and backups use.
     Arbiter(arbiter::cli::ArbiterArgs),
+    /// Start an arbiter, a primary and a backup, SIGKILL the primary
+    /// mid-load, and check that no acknowledged write was lost.
+    Demo(ftvm::demo::DemoArgs),
     /// Talk to the guest's key-value service.
     Kv(ftvm::kv::KvArgs),
     /// Measure throughput, latency and exit rates.
@@ -229,6 +232,7 @@ fn main() -> ExitCode {
         Command::Primary(args) => pair::cmd_primary(&args),
         Command::Backup(args) => pair::cmd_backup(&args),
         Command::Arbiter(args) => cmd_arbiter(&args),
+        Command::Demo(args) => ftvm::demo::run(&args).map(|_| ExitCode::SUCCESS),
         Command::Kv(args) => return ExitCode::from(ftvm::kv::run(&args) as u8),
         Command::Bench(args) => ftvm::bench::run(&args).map(|()| ExitCode::SUCCESS),
     };

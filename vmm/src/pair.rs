@@ -288,7 +288,7 @@ pub fn cmd_backup(args: &BackupArgs) -> Result<ExitCode, String> {
         .view
         .store(view.number, std::sync::atomic::Ordering::Relaxed);
     StatusBoard::report_periodically(board.clone(), events.clone());
-    let source = ChannelSource::new(Arc::new(receiver), board.clone());
+    let source = ChannelSource::new(Arc::new(receiver), board.clone(), events.clone());
     let replay = Replay::new(
         source,
         ft.digest_interval,
