@@ -29,6 +29,8 @@ use logchannel::{image_hash, LogHeader, LogReader, LogWriter, ReplayConfig};
 const EXIT_DIVERGED: u8 = 3;
 const DEFAULT_DIGEST_INTERVAL: u64 = 4096;
 const VM_ID: &str = "ftvm";
+/// About a tenth of a second of a loaded guest's log on this platform.
+const DEFAULT_WINDOW_ENTRIES: u64 = 1024;
 
 #[derive(Parser)]
 #[command(
@@ -171,6 +173,10 @@ struct FtArgs {
     /// PIT tick rate the guest is asked to program.
     #[arg(long, default_value_t = ftvm::boot::DEFAULT_TICK_HZ)]
     tick_hz: u32,
+    /// Log entries in flight (sent, not acknowledged) before the primary
+    /// waits for its backup; bounds how far the backup can lag.
+    #[arg(long, default_value_t = DEFAULT_WINDOW_ENTRIES)]
+    window_entries: u64,
 }
 
 #[derive(clap::Args)]

@@ -55,6 +55,7 @@ fn channel_config(ft: &FtArgs) -> Result<ChannelConfig, String> {
         failure_timeout,
         heartbeat_interval: (failure_timeout / 10).max(Duration::from_millis(2)),
         handshake_timeout: Duration::from_secs(1),
+        window_entries: ft.window_entries,
         ..ChannelConfig::default()
     })
 }
