@@ -201,7 +201,14 @@ impl Cluster {
         let proxy = options.proxy.then(|| Proxy::start(log_listen));
         let p_service = free_udp_addr();
         let p_events = dir.path().join("primary.events");
-        let mut p_args = Cluster::server_args(dir.path(), arbiter_addr, "primary", p_service, &p_events, failure_ms);
+        let mut p_args = Cluster::server_args(
+            dir.path(),
+            arbiter_addr,
+            "primary",
+            p_service,
+            &p_events,
+            failure_ms,
+        );
         p_args.extend(["--log-listen".into(), log_listen.to_string()]);
         if let Some(proxy) = &proxy {
             p_args.extend(["--log-advertise".into(), proxy.addr().to_string()]);
@@ -217,7 +224,14 @@ impl Cluster {
         primary.wait_event("role", Duration::from_secs(30));
         let b_service = free_udp_addr();
         let b_events = dir.path().join("backup.events");
-        let mut b_args = Cluster::server_args(dir.path(), arbiter_addr, "backup", b_service, &b_events, failure_ms);
+        let mut b_args = Cluster::server_args(
+            dir.path(),
+            arbiter_addr,
+            "backup",
+            b_service,
+            &b_events,
+            failure_ms,
+        );
         b_args.extend(options.backup_args.iter().cloned());
         let (child, stderr) = spawn(dir.path(), "backup", &b_args);
         let backup = Server {

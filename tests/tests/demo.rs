@@ -14,22 +14,46 @@ fn the_demo_fails_over_without_losing_an_acknowledged_write() {
     let dir = tempfile::tempdir().expect("dir");
     let out_dir = dir.path().join("out");
     let out = ftvm(
-        &["demo", "--duration", "6", "--kill-at", "3", "--out", &out_dir.to_string_lossy()],
+        &[
+            "demo",
+            "--duration",
+            "6",
+            "--kill-at",
+            "3",
+            "--out",
+            &out_dir.to_string_lossy(),
+        ],
         Duration::from_secs(120),
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "demo failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(
+        out.status.success(),
+        "demo failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
     assert!(stdout.contains("PASS"), "{stdout}");
     let svg = std::fs::read_to_string(out_dir.join("timeline.svg")).expect("timeline.svg");
-    assert!(svg.starts_with("<svg") || svg.starts_with("<?xml"), "not an SVG");
-    let metrics: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out_dir.join("metrics.json")).expect("metrics.json"))
-            .expect("metrics.json is JSON");
+    assert!(
+        svg.starts_with("<svg") || svg.starts_with("<?xml"),
+        "not an SVG"
+    );
+    let metrics: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out_dir.join("metrics.json")).expect("metrics.json"),
+    )
+    .expect("metrics.json is JSON");
     let writes = &metrics["writes"];
     assert!(writes["acknowledged"].as_u64().unwrap_or(0) > 0, "{writes}");
     assert_eq!(writes["checked"], writes["acknowledged"], "{writes}");
     assert_eq!(writes["lost"].as_array().map(Vec::len), Some(0), "{writes}");
-    assert_eq!(metrics["linearizability"]["overall"], "linearizable", "{}", metrics["linearizability"]);
-    assert_eq!(metrics["problems"].as_array().map(Vec::len), Some(0), "{}", metrics["problems"]);
+    assert_eq!(
+        metrics["linearizability"]["overall"], "linearizable",
+        "{}",
+        metrics["linearizability"]
+    );
+    assert_eq!(
+        metrics["problems"].as_array().map(Vec::len),
+        Some(0),
+        "{}",
+        metrics["problems"]
+    );
 }

@@ -42,7 +42,12 @@ struct AppendLog {
 /// Appends per key, well under the guest's 1024-byte value limit.
 const APPENDS_PER_KEY: u32 = 40;
 
-fn run_load(arbiter: SocketAddr, clients: usize, stop: Arc<AtomicBool>, history: Arc<Recorder>) -> Vec<AppendLog> {
+fn run_load(
+    arbiter: SocketAddr,
+    clients: usize,
+    stop: Arc<AtomicBool>,
+    history: Arc<Recorder>,
+) -> Vec<AppendLog> {
     let handles: Vec<_> = (0..clients)
         .map(|c| {
             let (stop, history) = (stop.clone(), history.clone());
@@ -51,7 +56,7 @@ fn run_load(arbiter: SocketAddr, clients: usize, stop: Arc<AtomicBool>, history:
                 let mut logs: Vec<AppendLog> = Vec::new();
                 let mut i = 0u32;
                 while !stop.load(Ordering::SeqCst) {
-                    if i % APPENDS_PER_KEY == 0 {
+                    if i.is_multiple_of(APPENDS_PER_KEY) {
                         logs.push(AppendLog {
                             key: format!("client-{c}-{}", i / APPENDS_PER_KEY).into_bytes(),
                             acked: Vec::new(),
@@ -80,13 +85,21 @@ fn run_load(arbiter: SocketAddr, clients: usize, stop: Arc<AtomicBool>, history:
         .collect()
 }
 
-fn check_no_acknowledged_write_lost(arbiter: SocketAddr, logs: &[AppendLog], history: &Recorder) -> usize {
+fn check_no_acknowledged_write_lost(
+    arbiter: SocketAddr,
+    logs: &[AppendLog],
+    history: &Recorder,
+) -> usize {
     let mut kv = client(arbiter);
     let mut checked = 0;
     for log in logs {
         let op = history.invoke(u64::MAX, &log.key, OpKind::Get, b"");
         let read = kv.get(&log.key).expect("final read");
-        history.complete(op, read.clone(), kv.last_answer().map(|a| a.from).unwrap_or(arbiter));
+        history.complete(
+            op,
+            read.clone(),
+            kv.last_answer().map(|a| a.from).unwrap_or(arbiter),
+        );
         let value = read.unwrap_or_default();
         let expected: Vec<u8> = log.acked.concat();
         assert!(
@@ -136,7 +149,12 @@ fn killing_the_primary_mid_load_loses_no_acknowledged_write() {
         let acked = check_no_acknowledged_write_lost(arbiter, &logs, &history);
         assert!(acked > 0, "the load acknowledged nothing");
         let report = check(&history.snapshot(), &CheckConfig::default());
-        assert_eq!(report.overall, Overall::Linearizable, "{}", report.explain());
+        assert_eq!(
+            report.overall,
+            Overall::Linearizable,
+            "{}",
+            report.explain()
+        );
         eprintln!(
             "round {round}: {acked} acknowledged appends checked, failover in {:?}",
             killed_at.elapsed()

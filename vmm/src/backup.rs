@@ -62,7 +62,9 @@ impl ChannelSource {
             self.events.emit(
                 "failure_detected",
                 json!({ "peer": "primary", "detail": failure.to_string() }),
-                Some(format!("the primary is silent ({failure}); replaying what it sent")),
+                Some(format!(
+                    "the primary is silent ({failure}); replaying what it sent"
+                )),
             );
         }
     }
@@ -164,7 +166,10 @@ impl Backup {
         g.events.emit(
             "caught_up",
             json!({ "view": g.view, "detail": why }),
-            Some(format!("replayed everything the primary sent; claiming view {}", g.view)),
+            Some(format!(
+                "replayed everything the primary sent; claiming view {}",
+                g.view
+            )),
         );
         let won = match g.membership.claim(g.view, Some(g.service)) {
             Ok(won) => won,

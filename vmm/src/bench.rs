@@ -333,7 +333,13 @@ pub(crate) fn serve_under_load_latency(
     dir: &Path,
 ) -> Result<(f64, Vec<u64>), String> {
     let service = free_udp_port()?;
-    let vmm = VmmProcess::start(&["run"], service, mem, duration + Duration::from_secs(60), dir)?;
+    let vmm = VmmProcess::start(
+        &["run"],
+        service,
+        mem,
+        duration + Duration::from_secs(60),
+        dir,
+    )?;
     wait_ready(service, Duration::from_secs(30))?;
     let t = Instant::now();
     let (ops, lat, _) = closed_loop(service, clients, duration)?;

@@ -64,7 +64,8 @@ impl Drop for Proc {
 
 fn spawn(args: &[String], stderr: &Path) -> Result<Proc, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find the ftvm binary: {e}"))?;
-    let err = std::fs::File::create(stderr).map_err(|e| format!("cannot create {}: {e}", stderr.display()))?;
+    let err = std::fs::File::create(stderr)
+        .map_err(|e| format!("cannot create {}: {e}", stderr.display()))?;
     Command::new(exe)
         .args(args)
         .stdin(Stdio::null())
@@ -72,7 +73,12 @@ fn spawn(args: &[String], stderr: &Path) -> Result<Proc, String> {
         .stderr(err)
         .spawn()
         .map(Proc)
-        .map_err(|e| format!("cannot start ftvm {}: {e}", args.first().map(String::as_str).unwrap_or("")))
+        .map_err(|e| {
+            format!(
+                "cannot start ftvm {}: {e}",
+                args.first().map(String::as_str).unwrap_or("")
+            )
+        })
 }
 
 fn events(path: &Path) -> Vec<Value> {
@@ -95,16 +101,25 @@ struct Pair {
 }
 
 impl Pair {
-    fn start(dir: &Path, n: usize, mem: &str, failure_ms: u64, limit: Duration) -> Result<Pair, String> {
+    fn start(
+        dir: &Path,
+        n: usize,
+        mem: &str,
+        failure_ms: u64,
+        limit: Duration,
+    ) -> Result<Pair, String> {
         let arbiter_addr = free_tcp()?;
         let state = dir.join(format!("arbiter-{n}"));
-        let arbiter = spawn(&[
-            "arbiter".into(),
-            "--listen".into(),
-            arbiter_addr.to_string(),
-            "--state".into(),
-            state.to_string_lossy().into_owned(),
-        ], &dir.join(format!("arbiter-{n}.stderr")))?;
+        let arbiter = spawn(
+            &[
+                "arbiter".into(),
+                "--listen".into(),
+                arbiter_addr.to_string(),
+                "--state".into(),
+                state.to_string_lossy().into_owned(),
+            ],
+            &dir.join(format!("arbiter-{n}.stderr")),
+        )?;
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(arbiter_addr).is_err() {
             if Instant::now() > deadline {
@@ -139,7 +154,10 @@ impl Pair {
         p_args.extend(["--log-listen".into(), free_tcp()?.to_string()]);
         let primary = spawn(&p_args, &dir.join(format!("primary-{n}.stderr")))?;
         let backup_events = dir.join(format!("backup-{n}.events"));
-        let backup = spawn(&common("backup", free_udp()?, &backup_events), &dir.join(format!("backup-{n}.stderr")))?;
+        let backup = spawn(
+            &common("backup", free_udp()?, &backup_events),
+            &dir.join(format!("backup-{n}.stderr")),
+        )?;
         let pair = Pair {
             _arbiter: arbiter,
             primary,
@@ -154,7 +172,10 @@ impl Pair {
             .any(|e| e["event"] == "role" && e["backup"].is_string())
         {
             if Instant::now() > deadline {
-                let tail = |who: &str| std::fs::read_to_string(dir.join(format!("{who}-{n}.stderr"))).unwrap_or_default();
+                let tail = |who: &str| {
+                    std::fs::read_to_string(dir.join(format!("{who}-{n}.stderr")))
+                        .unwrap_or_default()
+                };
                 return Err(format!(
                     "the pair did not become fault tolerant within 30 s\nprimary:\n{}\nbackup:\n{}",
                     tail("primary"),
@@ -264,7 +285,8 @@ fn overhead(args: &FtBenchArgs, dir: &Path, report: &mut FtReport) -> Result<(),
     report.lag_exits_p99 = percentile(&exits_sorted, 0.99);
     let bytes = status_series(&pair.primary_events, "log_bytes");
     if let (Some(first), Some(last)) = (bytes.first(), bytes.last()) {
-        let span = (bytes.len().saturating_sub(1)) as f64 * crate::events::STATUS_INTERVAL.as_secs_f64();
+        let span =
+            (bytes.len().saturating_sub(1)) as f64 * crate::events::STATUS_INTERVAL.as_secs_f64();
         report.log_mbit_per_sec = (last - first) * 8.0 / 1e6 / span.max(f64::MIN_POSITIVE);
     }
     report.primary_rss_mib = max_rss_mib(pair.primary.0.id());
@@ -277,7 +299,9 @@ fn overhead(args: &FtBenchArgs, dir: &Path, report: &mut FtReport) -> Result<(),
         let service = pair.primary_service;
         let clients = args.clients;
         let lag = Duration::from_secs_f64(args.lag_secs);
-        std::thread::spawn(move || closed_loop_tolerant(service, clients, lag + Duration::from_secs(1)))
+        std::thread::spawn(move || {
+            closed_loop_tolerant(service, clients, lag + Duration::from_secs(1))
+        })
     };
     std::thread::sleep(Duration::from_millis(300));
     signal(backup_pid, nix::sys::signal::Signal::SIGSTOP);
@@ -300,10 +324,15 @@ fn closed_loop_tolerant(service: SocketAddr, clients: usize, duration: Duration)
                     attempt_timeout: Duration::from_millis(200),
                     max_attempts: 3,
                 };
-                let Ok(mut kv) = KvClient::connect(service, config) else { return };
+                let Ok(mut kv) = KvClient::connect(service, config) else {
+                    return;
+                };
                 let mut i = 0u64;
                 while Instant::now() < deadline {
-                    let _ = kv.put(format!("lag-{c}-{}", i % 16).as_bytes(), b"0123456789abcdef");
+                    let _ = kv.put(
+                        format!("lag-{c}-{}", i % 16).as_bytes(),
+                        b"0123456789abcdef",
+                    );
                     i += 1;
                 }
             })
@@ -315,7 +344,13 @@ fn closed_loop_tolerant(service: SocketAddr, clients: usize, duration: Duration)
 }
 
 fn failover_trial(args: &FtBenchArgs, dir: &Path, n: usize) -> Result<FailoverTrial, String> {
-    let pair = Pair::start(dir, n + 1, &args.mem, args.failure_timeout_ms, Duration::from_secs(60))?;
+    let pair = Pair::start(
+        dir,
+        n + 1,
+        &args.mem,
+        args.failure_timeout_ms,
+        Duration::from_secs(60),
+    )?;
     let mut pair = pair;
     let kill_ns = crate::events::unix_ns();
     let killed = Instant::now();
@@ -336,7 +371,8 @@ fn failover_trial(args: &FtBenchArgs, dir: &Path, n: usize) -> Result<FailoverTr
         max_attempts: 500,
     };
     let mut kv = KvClient::connect(backup_service, config).map_err(|e| e.to_string())?;
-    kv.get(b"failover").map_err(|e| format!("trial {n}: the new primary does not answer: {e}"))?;
+    kv.get(b"failover")
+        .map_err(|e| format!("trial {n}: the new primary does not answer: {e}"))?;
     let first_reply_ms = killed.elapsed().as_secs_f64() * 1000.0;
     let evs = events(&pair.backup_events);
     let at = |name: &str| -> Result<f64, String> {
@@ -356,11 +392,12 @@ fn failover_trial(args: &FtBenchArgs, dir: &Path, n: usize) -> Result<FailoverTr
 
 /// The backup's service address, from its command line.
 fn backup_service(pair: &Pair) -> Result<SocketAddr, String> {
-    let args: Vec<String> = std::fs::read_to_string(format!("/proc/{}/cmdline", pair.backup.0.id()))
-        .map_err(|e| e.to_string())?
-        .split('\0')
-        .map(String::from)
-        .collect();
+    let args: Vec<String> =
+        std::fs::read_to_string(format!("/proc/{}/cmdline", pair.backup.0.id()))
+            .map_err(|e| e.to_string())?
+            .split('\0')
+            .map(String::from)
+            .collect();
     args.iter()
         .position(|a| a == "--service")
         .and_then(|i| args.get(i + 1))
@@ -397,7 +434,10 @@ pub fn bench_ft(args: &FtBenchArgs) -> Result<(), String> {
         failover_median_ms: 0.0,
         failover_max_ms: 0.0,
     };
-    println!("measuring: ftvm run vs primary+backup ({} clients, {} s each), then {} failover trials", args.clients, args.duration, args.trials);
+    println!(
+        "measuring: ftvm run vs primary+backup ({} clients, {} s each), then {} failover trials",
+        args.clients, args.duration, args.trials
+    );
     overhead(args, &dir, &mut report)?;
     for n in 0..args.trials {
         let t = failover_trial(args, &dir, n)?;
@@ -421,7 +461,10 @@ pub fn bench_ft(args: &FtBenchArgs) -> Result<(), String> {
     );
     println!(
         "backup lag: p50 {:.2} ms, p99 {:.2} ms ({:.0} exits at p99); log bandwidth {:.3} Mbit/s",
-        report.lag_p50_ms, report.lag_p99_ms, report.lag_exits_p99 / 1000.0, report.log_mbit_per_sec
+        report.lag_p50_ms,
+        report.lag_p99_ms,
+        report.lag_exits_p99 / 1000.0,
+        report.log_mbit_per_sec
     );
     println!(
         "memory (max RSS): primary {:.1} MiB, backup {:.1} MiB; with the backup stopped {:.1} s under load: primary {:.1} MiB, backup {:.1} MiB",

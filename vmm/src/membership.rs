@@ -29,7 +29,11 @@ impl Membership {
     /// For a backup: waits (with queries, which register nothing) until the
     /// VM has a primary, so that a backup started first never becomes the
     /// primary of view 1 by pinging first.
-    pub fn wait_for_primary(arbiter: SocketAddr, vm_id: &str, timeout: Duration) -> Result<(), String> {
+    pub fn wait_for_primary(
+        arbiter: SocketAddr,
+        vm_id: &str,
+        timeout: Duration,
+    ) -> Result<(), String> {
         let client = ArbiterClient::with_timeout(arbiter, Duration::from_millis(500));
         let deadline = Instant::now() + timeout;
         loop {
@@ -39,7 +43,9 @@ impl Membership {
                 Err(e) => tracing::debug!("arbiter query failed: {e}"),
             }
             if Instant::now() >= deadline {
-                return Err(format!("the arbiter at {arbiter} named no primary for {vm_id} within {timeout:?}"));
+                return Err(format!(
+                    "the arbiter at {arbiter} named no primary for {vm_id} within {timeout:?}"
+                ));
             }
             std::thread::sleep(PING_INTERVAL);
         }
