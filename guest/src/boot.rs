@@ -42,7 +42,7 @@ impl BootInfo {
         let net_mmio_base = u64_at(block, 24);
         let net_mmio_size = u64_at(block, 32);
         if net_mmio_size < MIN_MMIO_SIZE
-            || net_mmio_base % 0x1000 != 0
+            || !net_mmio_base.is_multiple_of(0x1000)
             || net_mmio_base.saturating_add(net_mmio_size) > MAPPED_LIMIT
         {
             return Err("bad virtio-mmio window");

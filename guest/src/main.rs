@@ -49,7 +49,9 @@ struct NetCounters {
 /// The entry point: the VMM jumps here in long mode with RDI pointing to the
 /// boot-info block and interrupts disabled.
 #[no_mangle]
-pub extern "C" fn _start(boot_info: *const [u8; boot::BLOCK_SIZE]) -> ! {
+/// # Safety
+/// Only the VMM calls it, once, with `boot_info` as the ABI says.
+pub unsafe extern "C" fn _start(boot_info: *const [u8; boot::BLOCK_SIZE]) -> ! {
     // SAFETY: the ABI puts the 72-byte block at RDI (0x7000), identity
     // mapped, and nothing writes it.
     let info = match BootInfo::parse(unsafe { &*boot_info }, boot::image_end()) {
