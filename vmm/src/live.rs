@@ -27,6 +27,10 @@ pub trait EntrySink: Send {
     /// Appends an entry; returns its sequence number.
     fn log(&mut self, pos: Position, event: Event) -> Result<u64, RunError>;
     fn digest_due(&self, pos: Position) -> bool;
+    /// Whether output checks bring the memory hash up to date.
+    fn output_memory(&self) -> bool {
+        false
+    }
     /// Everything at exits up to `pos` has been logged and the guest is
     /// about to run again (progress marks, flow control, failure checks).
     fn resume(&mut self, _pos: Position) -> Result<(), RunError> {
@@ -205,8 +209,8 @@ impl Mode for Live {
         bytes: &[u8],
     ) -> Result<(), RunError> {
         let mut seq = 0;
-        if self.sink.is_some() {
-            let (regs, mem_hash) = m.state()?;
+        if let Some(sink) = &self.sink {
+            let (regs, mem_hash) = m.output_state(sink.output_memory())?;
             let check = Event::Output {
                 kind,
                 hash: digest::output_hash(bytes),

@@ -116,6 +116,10 @@ struct RecordArgs {
     /// Synchronous exits between periodic digests (0: none).
     #[arg(long, default_value_t = DEFAULT_DIGEST_INTERVAL)]
     digest_interval: u64,
+    /// Bring the memory hash up to date at every output check, not only at
+    /// periodic digests (slower: see BENCHMARKS.md).
+    #[arg(long)]
+    output_memory_hash: bool,
 }
 
 #[derive(clap::Args)]
@@ -231,7 +235,10 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Run(args) => cmd_run(&args, None),
-        Command::Record(args) => cmd_run(&args.run, Some((&args.log, args.digest_interval))),
+        Command::Record(args) => cmd_run(
+            &args.run,
+            Some((&args.log, args.digest_interval, args.output_memory_hash)),
+        ),
         Command::Replay(args) => cmd_replay(&args),
         Command::Log(LogCommand::Dump { log, json }) => cmd_dump(&log, json),
         Command::Log(LogCommand::Load { jsonl, output }) => cmd_load(&jsonl, &output),
@@ -337,7 +344,7 @@ fn exit_for(reason: Option<StopReason>) -> ExitCode {
     }
 }
 
-fn cmd_run(args: &RunArgs, log: Option<(&PathBuf, u64)>) -> Result<ExitCode, String> {
+fn cmd_run(args: &RunArgs, log: Option<(&PathBuf, u64, bool)>) -> Result<ExitCode, String> {
     let stop = StopSignal::new();
     stop_on_signals(stop.clone())?;
     let image = read_image(&args.guest)?;
@@ -351,7 +358,14 @@ fn cmd_run(args: &RunArgs, log: Option<(&PathBuf, u64)>) -> Result<ExitCode, Str
     let mut vm = Vm::new(&image, config).map_err(|e| e.to_string())?;
     let net = NetBackend::bind(args.service).map_err(|e| e.to_string())?;
     let sink: Option<Box<dyn EntrySink>> = match log {
-        Some((path, digest_interval)) => {
+        Some((path, digest_interval, output_memory)) => {
+            let mut extra = std::collections::BTreeMap::new();
+            if output_memory {
+                extra.insert(
+                    ftvm::record::OUTPUT_MEMORY_KEY.to_string(),
+                    "refresh".to_string(),
+                );
+            }
             let header = LogHeader::new(
                 VM_ID,
                 image_hash(&image),
@@ -374,7 +388,7 @@ fn cmd_run(args: &RunArgs, log: Option<(&PathBuf, u64)>) -> Result<ExitCode, Str
         "ftvm: booting the guest ({} MiB), service on {}{}",
         args.mem >> 20,
         net.local_addr(),
-        log.map(|(p, _)| format!(", recording to {}", p.display()))
+        log.map(|(p, _, _)| format!(", recording to {}", p.display()))
             .unwrap_or_default()
     );
     let net = Arc::new(net);
@@ -459,6 +473,7 @@ fn cmd_replay(args: &ReplayArgs) -> Result<ExitCode, String> {
     let mut replay = Replay::new(
         FileSource::new(reader),
         header.config.digest_interval,
+        ftvm::record::output_memory(&header.config),
         console(&args.guest)?,
         capture(&args.guest)?,
         stop.clone(),

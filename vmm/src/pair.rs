@@ -293,6 +293,7 @@ pub fn cmd_backup(args: &BackupArgs) -> Result<ExitCode, String> {
     let replay = Replay::new(
         source,
         ft.digest_interval,
+        false,
         Box::new(std::io::sink()),
         None,
         stop.clone(),

@@ -25,9 +25,21 @@ pub enum RecordError {
     },
 }
 
+/// The `ReplayConfig.extra` key that says output checks refresh the memory
+/// hash (value `refresh`); without it they use the last digest's.
+pub const OUTPUT_MEMORY_KEY: &str = "output_memory";
+
+pub fn output_memory(config: &logchannel::ReplayConfig) -> bool {
+    config
+        .extra
+        .get(OUTPUT_MEMORY_KEY)
+        .is_some_and(|v| v == "refresh")
+}
+
 pub struct Recorder {
     writer: Option<LogWriter<BufWriter<File>>>,
     digest_interval: u64,
+    output_memory: bool,
     last_pos: Position,
     stats: LogStats,
 }
@@ -42,6 +54,10 @@ impl EntrySink for Recorder {
             }
             None => Ok(0),
         }
+    }
+
+    fn output_memory(&self) -> bool {
+        self.output_memory
     }
 
     fn digest_due(&self, pos: Position) -> bool {
@@ -93,6 +109,7 @@ impl Recorder {
         Ok(Recorder {
             writer: Some(writer),
             digest_interval: header.config.digest_interval,
+            output_memory: output_memory(&header.config),
             last_pos: Position { exits: 0, rip: 0 },
             stats: LogStats::default(),
         })

@@ -146,6 +146,7 @@ impl<R: Read> LogSource for FileSource<R> {
 pub struct Replay<S: LogSource> {
     pub source: S,
     digest_interval: u64,
+    output_memory: bool,
     last_matched: Option<(u64, Position)>,
     console: Box<dyn Write + Send>,
     capture: Option<Capture>,
@@ -158,6 +159,7 @@ impl<S: LogSource> Replay<S> {
     pub fn new(
         source: S,
         digest_interval: u64,
+        output_memory: bool,
         console: Box<dyn Write + Send>,
         capture: Option<Capture>,
         stop: StopSignal,
@@ -165,6 +167,7 @@ impl<S: LogSource> Replay<S> {
         Replay {
             source,
             digest_interval,
+            output_memory,
             last_matched: None,
             console,
             capture,
@@ -430,7 +433,7 @@ impl<S: LogSource> Mode for Replay<S> {
         let Event::Output { hash, state, .. } = entry.event else {
             return Ok(());
         };
-        let (regs, mem_hash) = m.state()?;
+        let (regs, mem_hash) = m.output_state(self.output_memory)?;
         let found_hash = digest::output_hash(bytes);
         let found_state = digest::state_hash(&regs, mem_hash);
         if found_hash != hash || found_state != state {

@@ -144,6 +144,21 @@ impl Machine<'_> {
         Ok((regs, hasher.mem_hash()))
     }
 
+    /// The state an output check covers: the registers, and the memory hash
+    /// either brought up to date now (`refresh_memory`) or as of the last
+    /// digest. Refreshing re-arms KVM's dirty log, which makes the guest's
+    /// next write to every page it touches fault; at every output that costs
+    /// a loaded guest 15-20% on this platform (BENCHMARKS.md), so by default
+    /// memory is checked by the periodic digests.
+    pub fn output_state(&mut self, refresh_memory: bool) -> Result<(Registers, u64), RunError> {
+        if refresh_memory {
+            return self.state();
+        }
+        let regs = digest::registers(&self.regs());
+        let mem_hash = self.hasher.as_ref().map_or(0, |h| h.mem_hash());
+        Ok((regs, mem_hash))
+    }
+
     /// Hands the guest the interrupt the PIC has for it, if any.
     pub fn inject_pending(&mut self) -> Result<Option<u8>, RunError> {
         match self.vm.devices.pic.acknowledge() {
