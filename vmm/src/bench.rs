@@ -46,6 +46,10 @@ pub struct RecordBenchArgs {
     /// Guest memory size.
     #[arg(long, default_value = "64M")]
     pub mem: String,
+    /// Record with `--output-memory-hash` (memory hash refreshed at every
+    /// output).
+    #[arg(long)]
+    pub output_memory_hash: bool,
     /// Write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -429,6 +433,12 @@ fn bench_record(args: &RecordBenchArgs) -> Result<(), String> {
     let idle_log = dir.join("idle.log");
     let loaded = loaded_log.to_string_lossy().into_owned();
     let idle = idle_log.to_string_lossy().into_owned();
+    let mut record_loaded: Vec<&str> = vec!["record", "--log", &loaded];
+    let mut record_idle: Vec<&str> = vec!["record", "--log", &idle];
+    if args.output_memory_hash {
+        record_loaded.push("--output-memory-hash");
+        record_idle.push("--output-memory-hash");
+    }
     let rounds = args.rounds.max(1);
     println!(
         "measuring: {rounds} x (run, record), an idle record, two replays ({} s each run)",
@@ -441,7 +451,7 @@ fn bench_record(args: &RecordBenchArgs) -> Result<(), String> {
     for _ in 0..rounds {
         let (run_rate, _) = serve_under_load(&["run"], args.clients, duration, &args.mem, &dir)?;
         let (record_rate, stats) = serve_under_load(
-            &["record", "--log", &loaded],
+            &record_loaded,
             args.clients,
             duration,
             &args.mem,
@@ -455,7 +465,7 @@ fn bench_record(args: &RecordBenchArgs) -> Result<(), String> {
     }
     let round_ratios = ratios.clone();
     let (_, idle_stats) =
-        serve_under_load(&["record", "--log", &idle], 0, duration, &args.mem, &dir)?;
+        serve_under_load(&record_idle, 0, duration, &args.mem, &dir)?;
     let loaded_secs = record_stats["elapsed_secs"].as_f64().unwrap_or(0.0);
     let idle_secs = idle_stats["elapsed_secs"].as_f64().unwrap_or(0.0);
     let loaded_replay = replay_seconds(&loaded_log, &dir)?;
