@@ -299,15 +299,24 @@ pub(crate) fn check_duration(d: f64) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(d))
 }
 
+/// What one served run measured.
+pub(crate) struct Served {
+    pub ops_per_sec: f64,
+    /// Sorted, in ns.
+    pub latencies: Vec<u64>,
+    /// The VMM's counters.
+    pub stats: serde_json::Value,
+}
+
 /// One `ftvm run` or `ftvm record` under `clients` closed-loop clients (none:
-/// idle); returns (ops/s, the VMM's counters).
-fn serve_under_load(
+/// idle).
+pub(crate) fn serve_under_load(
     command: &[&str],
     clients: usize,
     duration: Duration,
     mem: &str,
     dir: &Path,
-) -> Result<(f64, serde_json::Value), String> {
+) -> Result<Served, String> {
     let service = free_udp_port()?;
     let vmm = VmmProcess::start(
         command,
@@ -318,38 +327,19 @@ fn serve_under_load(
     )?;
     wait_ready(service, Duration::from_secs(30))?;
     let t = Instant::now();
-    let ops = if clients == 0 {
+    let (ops, latencies) = if clients == 0 {
         std::thread::sleep(duration);
-        0
+        (0, Vec::new())
     } else {
-        closed_loop(service, clients, duration)?.0
+        let (ops, lat, _) = closed_loop(service, clients, duration)?;
+        (ops, lat)
     };
-    let rate = ops as f64 / t.elapsed().as_secs_f64();
-    Ok((rate, vmm.stop()?))
-}
-
-/// `ftvm run` under `clients` closed-loop clients; returns (ops/s, sorted
-/// latencies in ns).
-pub(crate) fn serve_under_load_latency(
-    clients: usize,
-    duration: Duration,
-    mem: &str,
-    dir: &Path,
-) -> Result<(f64, Vec<u64>), String> {
-    let service = free_udp_port()?;
-    let vmm = VmmProcess::start(
-        &["run"],
-        service,
-        mem,
-        duration + Duration::from_secs(60),
-        dir,
-    )?;
-    wait_ready(service, Duration::from_secs(30))?;
-    let t = Instant::now();
-    let (ops, lat, _) = closed_loop(service, clients, duration)?;
-    let rate = ops as f64 / t.elapsed().as_secs_f64();
-    vmm.stop()?;
-    Ok((rate, lat))
+    let ops_per_sec = ops as f64 / t.elapsed().as_secs_f64();
+    Ok(Served {
+        ops_per_sec,
+        latencies,
+        stats: vmm.stop()?,
+    })
 }
 
 /// Replays `log` with `ftvm replay`; returns its wall time in seconds.
@@ -449,14 +439,13 @@ fn bench_record(args: &RecordBenchArgs) -> Result<(), String> {
     let mut ratios = Vec::new();
     let mut record_stats = serde_json::Value::Null;
     for _ in 0..rounds {
-        let (run_rate, _) = serve_under_load(&["run"], args.clients, duration, &args.mem, &dir)?;
-        let (record_rate, stats) = serve_under_load(
-            &record_loaded,
-            args.clients,
-            duration,
-            &args.mem,
-            &dir,
-        )?;
+        let run_rate =
+            serve_under_load(&["run"], args.clients, duration, &args.mem, &dir)?.ops_per_sec;
+        let Served {
+            ops_per_sec: record_rate,
+            stats,
+            ..
+        } = serve_under_load(&record_loaded, args.clients, duration, &args.mem, &dir)?;
         println!("  round: run {run_rate:.0} ops/s, record {record_rate:.0} ops/s");
         run_rates.push(run_rate);
         record_rates.push(record_rate);
@@ -464,8 +453,7 @@ fn bench_record(args: &RecordBenchArgs) -> Result<(), String> {
         record_stats = stats;
     }
     let round_ratios = ratios.clone();
-    let (_, idle_stats) =
-        serve_under_load(&record_idle, 0, duration, &args.mem, &dir)?;
+    let idle_stats = serve_under_load(&record_idle, 0, duration, &args.mem, &dir)?.stats;
     let loaded_secs = record_stats["elapsed_secs"].as_f64().unwrap_or(0.0);
     let idle_secs = idle_stats["elapsed_secs"].as_f64().unwrap_or(0.0);
     let loaded_replay = replay_seconds(&loaded_log, &dir)?;

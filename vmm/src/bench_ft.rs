@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::bench::{closed_loop, percentile, serve_under_load_latency, wait_ready};
+use crate::bench::{closed_loop, percentile, serve_under_load, wait_ready};
 use crate::kv::{ClientConfig, KvClient};
 
 const VM_ID: &str = "bench";
@@ -260,7 +260,8 @@ fn status_series(path: &Path, field: &str) -> Vec<f64> {
 fn overhead(args: &FtBenchArgs, dir: &Path, report: &mut FtReport) -> Result<(), String> {
     let duration = Duration::from_secs_f64(args.duration);
     let limit = duration * 3 + Duration::from_secs(60);
-    let (run_rate, run_lat) = serve_under_load_latency(args.clients, duration, &args.mem, dir)?;
+    let run = serve_under_load(&["run"], args.clients, duration, &args.mem, dir)?;
+    let (run_rate, run_lat) = (run.ops_per_sec, run.latencies);
     let pair = Pair::start(dir, 0, &args.mem, args.failure_timeout_ms, limit)?;
     let t = Instant::now();
     let (ops, lat, _) = closed_loop(pair.primary_service, args.clients, duration)?;
