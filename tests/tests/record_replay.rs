@@ -494,3 +494,68 @@ fn sigint_closes_the_log_cleanly() {
     );
     assert!(String::from_utf8_lossy(&dump.stdout).contains("end at exit"));
 }
+
+/// A guest that reads the TSC with `rdmsr` (which the VMM filters) prints a
+/// letter derived from it: the recording logs the value and the replay
+/// prints the same letter.
+#[test]
+fn an_rdmsr_of_the_tsc_is_recorded_and_replayed() {
+    if !kvm_available() {
+        return;
+    }
+    let _g = vm_lock();
+    let dir = tempfile::tempdir().expect("dir");
+    // mov ecx, 0x10; rdmsr; mov dx, 0x3f8; and al, 0xf; add al, 'A'; out dx, al;
+    // mov al, '\n'; out dx, al; mov dx, 0x501; mov al, 0; out dx, al; hlt
+    let code = [
+        0xb9, 0x10, 0, 0, 0, 0x0f, 0x32, 0x66, 0xba, 0xf8, 0x03, 0x24, 0x0f, 0x04, 0x41, 0xee,
+        0xb0, 0x0a, 0xee, 0x66, 0xba, 0x01, 0x05, 0xb0, 0x00, 0xee, 0xf4,
+    ];
+    let image = dir.path().join("rdmsr.elf");
+    std::fs::write(&image, ftvm::loader::flat_elf(&code)).expect("image");
+    let log = dir.path().join("rdmsr.log");
+    let serial = dir.path().join("rec.txt");
+    let service = ftvm_tests::free_udp_addr().to_string();
+    let rec = ftvm(
+        &[
+            "record",
+            "--kernel",
+            &image.to_string_lossy(),
+            "--log",
+            &log.to_string_lossy(),
+            "--service",
+            &service,
+            "--serial",
+            &serial.to_string_lossy(),
+            "--timeout",
+            "20",
+        ],
+        Duration::from_secs(40),
+    );
+    assert!(
+        rec.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rec.stderr)
+    );
+    let dump = ftvm(
+        &["log", "dump", &log.to_string_lossy()],
+        Duration::from_secs(30),
+    );
+    assert!(
+        String::from_utf8_lossy(&dump.stdout).contains("rdmsr msr 0x10"),
+        "{}",
+        String::from_utf8_lossy(&dump.stdout)
+    );
+    let rep = replay(&log, &["--kernel", &image.to_string_lossy()]);
+    assert_eq!(rep.code, Some(0), "{}", rep.stderr);
+    assert_eq!(
+        rep.console,
+        std::fs::read_to_string(&serial).expect("console")
+    );
+    assert_eq!(
+        rep.console.len(),
+        2,
+        "one letter and a newline: {:?}",
+        rep.console
+    );
+}

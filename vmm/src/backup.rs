@@ -256,6 +256,10 @@ impl Mode for Backup {
         replay_or_live!(self, live => live.trap(pos, site), self.replay.trap(pos, site))
     }
 
+    fn time_msr(&mut self, pos: Position, msr: u32) -> Result<u64, RunError> {
+        replay_or_live!(self, live => live.time_msr(pos, msr), self.replay.time_msr(pos, msr))
+    }
+
     fn time_read(&mut self, pos: Position, port: u16, value: u8) -> Result<u8, RunError> {
         replay_or_live!(self, live => live.time_read(pos, port, value), self.replay.time_read(pos, port, value))
     }

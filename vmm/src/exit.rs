@@ -34,6 +34,8 @@ pub enum ExitKind {
     Pio,
     Mmio,
     Hlt,
+    /// A read or write of an MSR the VMM filters (the TSC).
+    Msr,
 }
 
 impl Exit<'_> {

@@ -196,6 +196,13 @@ impl Mode for Live {
         Ok(result)
     }
 
+    fn time_msr(&mut self, pos: Position, msr: u32) -> Result<u64, RunError> {
+        // SAFETY: rdtsc has no preconditions; this VMM only runs on x86_64.
+        let value = unsafe { core::arch::x86_64::_rdtsc() };
+        self.log(pos, Event::Rdmsr { msr, value })?;
+        Ok(value)
+    }
+
     fn time_read(&mut self, pos: Position, port: u16, value: u8) -> Result<u8, RunError> {
         self.log(pos, Event::PitRead { port, value })?;
         Ok(value)

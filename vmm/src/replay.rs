@@ -406,6 +406,18 @@ impl<S: LogSource> Mode for Replay<S> {
         })
     }
 
+    fn time_msr(&mut self, pos: Position, msr: u32) -> Result<u64, RunError> {
+        let entry = self.expect(
+            pos,
+            &format!("an rdmsr of {msr:#x}"),
+            |e| matches!(e, Event::Rdmsr { msr: m, .. } if *m == msr),
+        )?;
+        Ok(match entry.event {
+            Event::Rdmsr { value, .. } => value,
+            _ => 0,
+        })
+    }
+
     fn time_read(&mut self, pos: Position, port: u16, _value: u8) -> Result<u8, RunError> {
         let entry = self.expect(
             pos,

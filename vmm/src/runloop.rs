@@ -92,6 +92,8 @@ pub struct ExitCounts {
     pub pio: u64,
     pub mmio: u64,
     pub hlt: u64,
+    /// Reads and writes of filtered MSRs (the TSC).
+    pub msr: u64,
     /// `hlt` exits that were patched instructions.
     pub trapped: u64,
     /// Instructions emulated at those exits (adjacent sites share one).
@@ -214,6 +216,8 @@ pub trait Mode {
     ) -> Result<Option<StopReason>, RunError>;
     /// The result of a trapped instruction.
     fn trap(&mut self, pos: Position, site: &NondetSite) -> Result<TrapResult, RunError>;
+    /// The value of a time MSR (IA32_TSC) the guest reads with `rdmsr`.
+    fn time_msr(&mut self, pos: Position, msr: u32) -> Result<u64, RunError>;
     /// A time-dependent device read returned `value`; returns what the guest sees.
     fn time_read(&mut self, pos: Position, port: u16, value: u8) -> Result<u8, RunError>;
     /// An output the guest produced (a console line, a frame).
@@ -290,11 +294,19 @@ fn step<M: Mode>(m: &mut Machine, mode: &mut M) -> Result<Option<(Position, Acti
     // The exit's data borrows the vCPU, so it is handled first and the
     // registers (for the position) are read once that borrow ends.
     let mut pit_read = None;
-    let (kind, action) = {
+    let mut msr_read = None;
+    let (kind, action) = 'exit: {
         let Vm {
             vcpu, devices, mem, ..
         } = &mut *m.vm;
         let exit = match vcpu.run() {
+            Ok(VcpuExit::X86Rdmsr(e)) => {
+                msr_read = Some(e.index);
+                break 'exit (ExitKind::Msr, Action::Resume);
+            }
+            // The guest cannot set its TSC on this platform either: a
+            // write to a filtered MSR is dropped.
+            Ok(VcpuExit::X86Wrmsr(_)) => break 'exit (ExitKind::Msr, Action::Resume),
             Ok(VcpuExit::IoIn(port, data)) => Exit::IoIn { port, data },
             Ok(VcpuExit::IoOut(port, data)) => Exit::IoOut { port, data },
             Ok(VcpuExit::MmioRead(addr, data)) => Exit::MmioRead { addr, data },
@@ -377,6 +389,11 @@ fn step<M: Mode>(m: &mut Machine, mode: &mut M) -> Result<Option<(Position, Acti
         ExitKind::Pio => counts.pio += 1,
         ExitKind::Mmio => counts.mmio += 1,
         ExitKind::Hlt => counts.hlt += 1,
+        ExitKind::Msr => counts.msr += 1,
+    }
+    if let Some(msr) = msr_read {
+        let value = mode.time_msr(pos, msr)?;
+        m.vm.set_msr_data(value);
     }
     if let Some((port, mut data)) = pit_read {
         for byte in data.iter_mut() {

@@ -78,6 +78,37 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
 
+/// IA32_TSC: `rdmsr` of it is as nondeterministic as `rdtsc`.
+pub const MSR_IA32_TSC: u32 = 0x10;
+
+/// Makes `rdmsr`/`wrmsr` of IA32_TSC exit to the VMM (a filter range whose
+/// bitmap denies it, with denials reported to user space), so that the run
+/// loop supplies and logs the value. Where KVM cannot filter MSRs the guest
+/// reads the TSC directly, which replay cannot reproduce: that is warned.
+fn trap_time_msrs(vm: &VmFd) {
+    use kvm_bindings::{kvm_enable_cap, KVM_CAP_X86_USER_SPACE_MSR, KVM_MSR_EXIT_REASON_FILTER};
+    use kvm_ioctls::{MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags};
+    let mut cap = kvm_enable_cap {
+        cap: KVM_CAP_X86_USER_SPACE_MSR,
+        ..Default::default()
+    };
+    cap.args[0] = u64::from(KVM_MSR_EXIT_REASON_FILTER);
+    let range = MsrFilterRange {
+        flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
+        base: MSR_IA32_TSC,
+        msr_count: 1,
+        bitmap: &[0],
+    };
+    let result = vm
+        .enable_cap(&cap)
+        .and_then(|()| vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &[range]));
+    if let Err(e) = result {
+        tracing::warn!(
+            "KVM cannot filter MSRs ({e}): a guest rdmsr of the TSC would not be recorded"
+        );
+    }
+}
+
 fn open_kvm(path: &Path) -> Result<Kvm, VmError> {
     let shown = path.display().to_string();
     let c_path = CString::new(path.as_os_str().as_bytes()).map_err(|_| VmError::OpenKvm {
@@ -137,6 +168,7 @@ impl Vm {
             unsafe { vm.set_user_memory_region(region_desc) }
                 .map_err(kvm_err("register guest memory"))?;
         }
+        trap_time_msrs(&vm);
         if let Err(e) = vm.set_tss_address(KVM_TSS_ADDR) {
             tracing::debug!("KVM_SET_TSS_ADDR refused ({e}); not needed for a long-mode entry");
         }
@@ -178,6 +210,14 @@ impl Vm {
         unsafe {
             std::ptr::copy_nonoverlapping(data.as_ptr(), base.add(io.data_offset as usize), len);
         }
+    }
+
+    /// Supplies the value of the MSR read that caused the last exit.
+    pub fn set_msr_data(&mut self, value: u64) {
+        let run = self.vcpu.get_kvm_run();
+        // The last exit was KVM_EXIT_X86_RDMSR: KVM reads `msr.data` back at
+        // the next KVM_RUN.
+        run.__bindgen_anon_1.msr.data = value;
     }
 
     /// Guest pages written since the last call, by the guest (KVM's dirty
