@@ -495,25 +495,13 @@ fn sigint_closes_the_log_cleanly() {
     assert!(String::from_utf8_lossy(&dump.stdout).contains("end at exit"));
 }
 
-/// A guest that reads the TSC with `rdmsr` (which the VMM filters) prints a
-/// letter derived from it: the recording logs the value and the replay
-/// prints the same letter.
-#[test]
-fn an_rdmsr_of_the_tsc_is_recorded_and_replayed() {
-    if !kvm_available() {
-        return;
-    }
-    let _g = vm_lock();
+/// Records `code` as a flat guest that prints one line and powers off,
+/// replays it, and returns (the log's listing, the recorded console).
+fn record_and_replay_flat(name: &str, code: &[u8]) -> (String, String) {
     let dir = tempfile::tempdir().expect("dir");
-    // mov ecx, 0x10; rdmsr; mov dx, 0x3f8; and al, 0xf; add al, 'A'; out dx, al;
-    // mov al, '\n'; out dx, al; mov dx, 0x501; mov al, 0; out dx, al; hlt
-    let code = [
-        0xb9, 0x10, 0, 0, 0, 0x0f, 0x32, 0x66, 0xba, 0xf8, 0x03, 0x24, 0x0f, 0x04, 0x41, 0xee,
-        0xb0, 0x0a, 0xee, 0x66, 0xba, 0x01, 0x05, 0xb0, 0x00, 0xee, 0xf4,
-    ];
-    let image = dir.path().join("rdmsr.elf");
-    std::fs::write(&image, ftvm::loader::flat_elf(&code)).expect("image");
-    let log = dir.path().join("rdmsr.log");
+    let image = dir.path().join(format!("{name}.elf"));
+    std::fs::write(&image, ftvm::loader::flat_elf(code)).expect("image");
+    let log = dir.path().join(format!("{name}.log"));
     let serial = dir.path().join("rec.txt");
     let service = ftvm_tests::free_udp_addr().to_string();
     let rec = ftvm(
@@ -541,21 +529,51 @@ fn an_rdmsr_of_the_tsc_is_recorded_and_replayed() {
         &["log", "dump", &log.to_string_lossy()],
         Duration::from_secs(30),
     );
-    assert!(
-        String::from_utf8_lossy(&dump.stdout).contains("rdmsr msr 0x10"),
-        "{}",
-        String::from_utf8_lossy(&dump.stdout)
-    );
+    let listing = String::from_utf8_lossy(&dump.stdout).into_owned();
     let rep = replay(&log, &["--kernel", &image.to_string_lossy()]);
     assert_eq!(rep.code, Some(0), "{}", rep.stderr);
-    assert_eq!(
-        rep.console,
-        std::fs::read_to_string(&serial).expect("console")
-    );
-    assert_eq!(
-        rep.console.len(),
-        2,
-        "one letter and a newline: {:?}",
-        rep.console
-    );
+    let console = std::fs::read_to_string(&serial).expect("console");
+    assert_eq!(rep.console, console);
+    assert_eq!(console.len(), 2, "one letter and a newline: {console:?}");
+    (listing, console)
+}
+
+/// Prints `'A' + (al & 15)`, a newline, and powers off.
+const PRINT_AL_AND_OFF: [u8; 20] = [
+    0x66, 0xba, 0xf8, 0x03, 0x24, 0x0f, 0x04, 0x41, 0xee, 0xb0, 0x0a, 0xee, 0x66, 0xba, 0x01, 0x05,
+    0xb0, 0x00, 0xee, 0xf4,
+];
+
+/// A guest that reads the PIT's counter (a time-dependent device read)
+/// prints a letter derived from it: the value is logged and replayed.
+#[test]
+fn a_pit_counter_read_is_recorded_and_replayed() {
+    if !kvm_available() {
+        return;
+    }
+    let _g = vm_lock();
+    // Program channel 0 (mode 2, lobyte/hibyte, count 0xffff), latch it and
+    // read its low byte.
+    let mut code = vec![
+        0xb0, 0x34, 0xe6, 0x43, 0xb0, 0xff, 0xe6, 0x40, 0xe6, 0x40, 0xb0, 0x00, 0xe6, 0x43, 0xe4,
+        0x40,
+    ];
+    code.extend_from_slice(&PRINT_AL_AND_OFF);
+    let (listing, _) = record_and_replay_flat("pit", &code);
+    assert!(listing.contains("pit-read port 0x40"), "{listing}");
+}
+
+/// A guest that reads the TSC with `rdmsr` (which the VMM filters) prints a
+/// letter derived from it: the recording logs the value and the replay
+/// prints the same letter.
+#[test]
+fn an_rdmsr_of_the_tsc_is_recorded_and_replayed() {
+    if !kvm_available() {
+        return;
+    }
+    let _g = vm_lock();
+    let mut code = vec![0xb9, 0x10, 0, 0, 0, 0x0f, 0x32];
+    code.extend_from_slice(&PRINT_AL_AND_OFF);
+    let (listing, _) = record_and_replay_flat("rdmsr", &code);
+    assert!(listing.contains("rdmsr msr 0x10"), "{listing}");
 }
