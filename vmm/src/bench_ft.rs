@@ -33,6 +33,10 @@ pub struct FtBenchArgs {
     /// memory measurement.
     #[arg(long, default_value_t = 3.0)]
     pub lag_secs: f64,
+    /// Log entries in flight before the primary waits for its backup
+    /// (passed to both; the servers' default when omitted).
+    #[arg(long)]
+    pub window_entries: Option<u64>,
     /// Guest memory size.
     #[arg(long, default_value = "64M")]
     pub mem: String,
@@ -101,13 +105,8 @@ struct Pair {
 }
 
 impl Pair {
-    fn start(
-        dir: &Path,
-        n: usize,
-        mem: &str,
-        failure_ms: u64,
-        limit: Duration,
-    ) -> Result<Pair, String> {
+    fn start(dir: &Path, n: usize, args: &FtBenchArgs, limit: Duration) -> Result<Pair, String> {
+        let (mem, failure_ms) = (args.mem.as_str(), args.failure_timeout_ms);
         let arbiter_addr = free_tcp()?;
         let state = dir.join(format!("arbiter-{n}"));
         let arbiter = spawn(
@@ -128,7 +127,7 @@ impl Pair {
             std::thread::sleep(Duration::from_millis(10));
         }
         let common = |role: &str, service: SocketAddr, events: &Path| -> Vec<String> {
-            vec![
+            let mut a: Vec<String> = vec![
                 role.into(),
                 "--vm-id".into(),
                 VM_ID.into(),
@@ -146,7 +145,11 @@ impl Pair {
                 failure_ms.to_string(),
                 "--timeout".into(),
                 format!("{:.0}", limit.as_secs_f64()),
-            ]
+            ];
+            if let Some(w) = args.window_entries {
+                a.extend(["--window-entries".to_string(), w.to_string()]);
+            }
+            a
         };
         let primary_service = free_udp()?;
         let primary_events = dir.join(format!("primary-{n}.events"));
@@ -262,7 +265,7 @@ fn overhead(args: &FtBenchArgs, dir: &Path, report: &mut FtReport) -> Result<(),
     let limit = duration * 3 + Duration::from_secs(60);
     let run = serve_under_load(&["run"], args.clients, duration, &args.mem, dir)?;
     let (run_rate, run_lat) = (run.ops_per_sec, run.latencies);
-    let pair = Pair::start(dir, 0, &args.mem, args.failure_timeout_ms, limit)?;
+    let pair = Pair::start(dir, 0, args, limit)?;
     let t = Instant::now();
     let (ops, lat, _) = closed_loop(pair.primary_service, args.clients, duration)?;
     let seconds = t.elapsed().as_secs_f64();
@@ -345,13 +348,7 @@ fn closed_loop_tolerant(service: SocketAddr, clients: usize, duration: Duration)
 }
 
 fn failover_trial(args: &FtBenchArgs, dir: &Path, n: usize) -> Result<FailoverTrial, String> {
-    let pair = Pair::start(
-        dir,
-        n + 1,
-        &args.mem,
-        args.failure_timeout_ms,
-        Duration::from_secs(60),
-    )?;
+    let pair = Pair::start(dir, n + 1, args, Duration::from_secs(60))?;
     let mut pair = pair;
     let kill_ns = crate::events::unix_ns();
     let killed = Instant::now();

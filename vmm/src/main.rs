@@ -29,8 +29,8 @@ use logchannel::{image_hash, LogHeader, LogReader, LogWriter, ReplayConfig};
 const EXIT_DIVERGED: u8 = 3;
 const DEFAULT_DIGEST_INTERVAL: u64 = 4096;
 const VM_ID: &str = "ftvm";
-/// About a tenth of a second of a loaded guest's log on this platform.
-const DEFAULT_WINDOW_ENTRIES: u64 = 1024;
+/// A few dozen milliseconds of a loaded guest's log on this platform.
+const DEFAULT_WINDOW_ENTRIES: u64 = 256;
 
 #[derive(Parser)]
 #[command(
