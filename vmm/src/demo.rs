@@ -25,7 +25,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::history::{self, HistoryOp, OpKind, Recorder};
-use crate::kv::{ClientConfig, ClientError, KvClient};
+use crate::kv::{ClientConfig, ClientError, FailoverConfig, FailoverError, KvClient, ServerSource};
 use crate::linearizability::{self, CheckConfig, KeyVerdict, Overall};
 use crate::timeline::{self, Marker, Reply, Timeline};
 
@@ -725,69 +725,61 @@ enum Outcome {
     Failed(String),
 }
 
-/// A KV client that follows the primary through the arbiter.
+/// A KV client that follows the primary through the arbiter
+/// ([`kv::FailoverClient`](crate::kv::FailoverClient)), retrying a request
+/// with the same number until `give_up`.
 struct FailoverClient {
-    kv: KvClient,
-    arbiter: ArbiterClient,
-    vm_id: String,
+    kv: crate::kv::FailoverClient,
     resends: u64,
 }
 
 impl FailoverClient {
     fn new(a: &Addresses, vm_id: &str) -> Result<FailoverClient, String> {
-        let arbiter = ArbiterClient::with_timeout(a.arbiter, ARBITER_TIMEOUT);
-        let server = arbiter
-            .query(vm_id)
-            .ok()
-            .and_then(|v| v.primary)
-            .map_or(a.first_primary_service, |p| p.service_addr);
-        let config = ClientConfig {
-            attempt_timeout: ATTEMPT_TIMEOUT,
-            max_attempts: 1,
+        let config = FailoverConfig {
+            round: ClientConfig {
+                attempt_timeout: ATTEMPT_TIMEOUT,
+                max_attempts: 1,
+            },
+            arbiter_timeout: ARBITER_TIMEOUT,
+            ..FailoverConfig::default()
         };
-        let kv = KvClient::connect(server, config)
+        let kv = crate::kv::FailoverClient::new(ServerSource::arbiter(a.arbiter, vm_id), config)
             .map_err(|e| format!("cannot create a KV client: {e}"))?;
-        Ok(FailoverClient {
-            kv,
-            arbiter,
-            vm_id: vm_id.to_owned(),
-            resends: 0,
-        })
+        Ok(FailoverClient { kv, resends: 0 })
     }
 
-    /// Sends the request until a reply comes or `give_up` passes. After
-    /// every unanswered send it asks the arbiter for the primary and sends
-    /// the same request (the same request number) there, so that a
-    /// new primary that already executed it answers from its client table.
+    /// The server that sent the last reply.
+    fn answered_by(&self) -> SocketAddr {
+        self.kv
+            .last_answer()
+            .map(|a| a.from)
+            .or_else(|| self.kv.server())
+            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// Sends the request until a reply comes or `give_up` passes.
     fn call(&mut self, kind: OpKind, key: &[u8], value: &[u8], give_up: Instant) -> Outcome {
-        loop {
-            let result = match kind {
-                OpKind::Get => self.kv.get(key),
-                OpKind::Put => self.kv.put(key, value).map(|()| None),
-                OpKind::Append => self.kv.append(key, value).map(|()| None),
-            };
-            match result {
-                Ok(v) => return Outcome::Reply(v),
-                Err(ClientError::TooLarge { .. }) => return Outcome::Refused,
-                // A socket error can come from a server that just died; the
-                // request is retried like a lost one.
-                Err(e @ (ClientError::Timeout { .. } | ClientError::Io { .. })) => {
-                    if Instant::now() >= give_up {
-                        return Outcome::GaveUp;
-                    }
-                    if matches!(e, ClientError::Io { .. }) {
-                        // Unlike a timeout, an error comes back at once.
-                        std::thread::sleep(ATTEMPT_TIMEOUT / 10);
-                    }
-                    self.resends += 1;
-                    if let Some(p) = self.arbiter.query(&self.vm_id).ok().and_then(|v| v.primary) {
-                        if p.service_addr != self.kv.server() {
-                            self.kv.set_server(p.service_addr);
-                        }
-                    }
-                }
-                Err(e) => return Outcome::Failed(e.to_string()),
-            }
+        let mut config = self.kv.config();
+        config.total_timeout = give_up
+            .saturating_duration_since(Instant::now())
+            .max(ATTEMPT_TIMEOUT);
+        self.kv.set_config(config);
+        let before = self.kv.stats().failed_rounds;
+        let result = match kind {
+            OpKind::Get => self.kv.get(key),
+            OpKind::Put => self.kv.put(key, value).map(|()| None),
+            OpKind::Append => self.kv.append(key, value).map(|()| None),
+        };
+        self.resends += self.kv.stats().failed_rounds - before;
+        match result {
+            Ok(v) => Outcome::Reply(v),
+            Err(FailoverError::Client(ClientError::TooLarge { .. })) => Outcome::Refused,
+            Err(
+                FailoverError::Timeout { .. }
+                | FailoverError::NoPrimary { .. }
+                | FailoverError::Arbiter { .. },
+            ) => Outcome::GaveUp,
+            Err(e) => Outcome::Failed(e.to_string()),
         }
     }
 }
@@ -870,7 +862,7 @@ fn run_load(
                     let (kind, key, value) = work.next();
                     let id = recorder.invoke(client.kv.client_id(), &key, kind, &value);
                     match client.call(kind, &key, &value, give_up) {
-                        Outcome::Reply(v) => recorder.complete(id, v, client.kv.server()),
+                        Outcome::Reply(v) => recorder.complete(id, v, client.answered_by()),
                         Outcome::Refused => {
                             recorder.withdraw(id);
                             refused.fetch_add(1, Ordering::Relaxed);
@@ -955,7 +947,7 @@ fn read_back(args: &DemoArgs, a: &Addresses, recorder: &Recorder) -> (FinalValue
         let id = recorder.invoke(client.kv.client_id(), &key, OpKind::Get, b"");
         let value = match client.call(OpKind::Get, &key, b"", give_up) {
             Outcome::Reply(v) => {
-                recorder.complete(id, v.clone(), client.kv.server());
+                recorder.complete(id, v.clone(), client.answered_by());
                 Some(v)
             }
             Outcome::Failed(e) => {
