@@ -97,9 +97,25 @@ pub struct KvPoint {
     pub guest_mem_mib: f64,
 }
 
-fn free_udp_port() -> Result<SocketAddr, String> {
-    let s = UdpSocket::bind("127.0.0.1:0").map_err(|e| format!("no free port: {e}"))?;
-    s.local_addr().map_err(|e| e.to_string())
+pub(crate) fn free_udp_port() -> Result<SocketAddr, String> {
+    UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map_err(|e| format!("no free UDP port on loopback: {e}"))
+}
+
+pub(crate) fn free_tcp_port() -> Result<SocketAddr, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map_err(|e| format!("no free TCP port on loopback: {e}"))
+}
+
+/// The peak resident memory of process `pid` (VmHWM), in KiB.
+pub(crate) fn max_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// An `ftvm run` child that is killed if the bench stops early.
@@ -141,11 +157,7 @@ impl VmmProcess {
     }
 
     fn max_rss_kib(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        max_rss_kib(self.child.id())
     }
 
     /// SIGTERM, then the counters the VMM wrote on its way out.

@@ -2,15 +2,18 @@
 //! measured against real `ftvm` processes (an arbiter, a primary, a backup)
 //! and a plain `ftvm run` baseline in the same run.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use serde_json::Value;
 
-use crate::bench::{closed_loop, percentile, serve_under_load, wait_ready};
+use crate::bench::{
+    closed_loop, free_tcp_port, free_udp_port, max_rss_kib, percentile, serve_under_load,
+    wait_ready,
+};
+use crate::events::read_events;
 use crate::kv::{ClientConfig, KvClient};
 
 const VM_ID: &str = "bench";
@@ -45,16 +48,6 @@ pub struct FtBenchArgs {
     pub json: Option<PathBuf>,
 }
 
-fn free_tcp() -> Result<SocketAddr, String> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    l.local_addr().map_err(|e| e.to_string())
-}
-
-fn free_udp() -> Result<SocketAddr, String> {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    s.local_addr().map_err(|e| e.to_string())
-}
-
 struct Proc(Child);
 
 impl Drop for Proc {
@@ -85,14 +78,6 @@ fn spawn(args: &[String], stderr: &Path) -> Result<Proc, String> {
         })
 }
 
-fn events(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
 /// An arbiter, a primary and a backup, each with a time limit.
 struct Pair {
     /// Held so that the arbiter lives, and dies, with the pair.
@@ -107,7 +92,7 @@ struct Pair {
 impl Pair {
     fn start(dir: &Path, n: usize, args: &FtBenchArgs, limit: Duration) -> Result<Pair, String> {
         let (mem, failure_ms) = (args.mem.as_str(), args.failure_timeout_ms);
-        let arbiter_addr = free_tcp()?;
+        let arbiter_addr = free_tcp_port()?;
         let state = dir.join(format!("arbiter-{n}"));
         let arbiter = spawn(
             &[
@@ -151,14 +136,14 @@ impl Pair {
             }
             a
         };
-        let primary_service = free_udp()?;
+        let primary_service = free_udp_port()?;
         let primary_events = dir.join(format!("primary-{n}.events"));
         let mut p_args = common("primary", primary_service, &primary_events);
-        p_args.extend(["--log-listen".into(), free_tcp()?.to_string()]);
+        p_args.extend(["--log-listen".into(), free_tcp_port()?.to_string()]);
         let primary = spawn(&p_args, &dir.join(format!("primary-{n}.stderr")))?;
         let backup_events = dir.join(format!("backup-{n}.events"));
         let backup = spawn(
-            &common("backup", free_udp()?, &backup_events),
+            &common("backup", free_udp_port()?, &backup_events),
             &dir.join(format!("backup-{n}.stderr")),
         )?;
         let pair = Pair {
@@ -170,7 +155,7 @@ impl Pair {
             backup_events,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !events(&pair.primary_events)
+        while !read_events(&pair.primary_events)
             .iter()
             .any(|e| e["event"] == "role" && e["backup"].is_string())
         {
@@ -193,15 +178,7 @@ impl Pair {
 }
 
 fn max_rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        })
-        .map(|kib| kib / 1024.0)
-        .unwrap_or(0.0)
+    max_rss_kib(pid).map_or(0.0, |kib| kib as f64 / 1024.0)
 }
 
 fn signal(pid: u32, sig: nix::sys::signal::Signal) {
@@ -253,7 +230,7 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 fn status_series(path: &Path, field: &str) -> Vec<f64> {
-    events(path)
+    read_events(path)
         .iter()
         .filter(|e| e["event"] == "status")
         .filter_map(|e| e[field].as_f64())
@@ -355,7 +332,7 @@ fn failover_trial(args: &FtBenchArgs, dir: &Path, n: usize) -> Result<FailoverTr
     let _ = pair.primary.0.kill();
     let _ = pair.primary.0.wait();
     let backup_service = loop {
-        let evs = events(&pair.backup_events);
+        let evs = read_events(&pair.backup_events);
         if evs.iter().any(|e| e["event"] == "live") {
             break backup_service(&pair)?;
         }
@@ -372,7 +349,7 @@ fn failover_trial(args: &FtBenchArgs, dir: &Path, n: usize) -> Result<FailoverTr
     kv.get(b"failover")
         .map_err(|e| format!("trial {n}: the new primary does not answer: {e}"))?;
     let first_reply_ms = killed.elapsed().as_secs_f64() * 1000.0;
-    let evs = events(&pair.backup_events);
+    let evs = read_events(&pair.backup_events);
     let at = |name: &str| -> Result<f64, String> {
         evs.iter()
             .find(|e| e["event"] == name)

@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::net::SocketAddr;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
@@ -24,6 +24,8 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::bench::{free_tcp_port, free_udp_port};
+use crate::events::read_events;
 use crate::history::{self, HistoryOp, OpKind, Recorder};
 use crate::kv::{ClientConfig, ClientError, FailoverConfig, FailoverError, KvClient, ServerSource};
 use crate::linearizability::{self, CheckConfig, KeyVerdict, Overall};
@@ -515,18 +517,6 @@ impl Drop for TempDir {
     }
 }
 
-fn free_udp_port() -> Result<SocketAddr, String> {
-    UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map_err(|e| format!("no free UDP port on loopback: {e}"))
-}
-
-fn free_tcp_port() -> Result<SocketAddr, String> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map_err(|e| format!("no free TCP port on loopback: {e}"))
-}
-
 /// Long enough for the startup, the load, the clients' last retries and
 /// the final reads; the demo stops the servers itself well before.
 fn server_time_limit(args: &DemoArgs) -> String {
@@ -963,16 +953,6 @@ fn read_back(args: &DemoArgs, a: &Addresses, recorder: &Recorder) -> (FinalValue
 
 // ---------------------------------------------------------------------------
 // Events files and the live status
-
-fn read_events(path: &Path) -> Vec<Value> {
-    // A line being written is cut short; it is skipped and read next time.
-    fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(Value::is_object)
-        .collect()
-}
 
 fn kind(e: &Value) -> &str {
     e["event"].as_str().unwrap_or("")

@@ -18,6 +18,17 @@ pub fn unix_ns() -> u64 {
         .unwrap_or(0)
 }
 
+/// The events a server has written to `path` so far. A line still being
+/// written is cut short; it is skipped and read next time.
+pub fn read_events(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(Value::is_object)
+        .collect()
+}
+
 pub struct Events {
     name: String,
     file: Option<Mutex<File>>,

@@ -127,9 +127,4 @@ impl Recorder {
         }
         Ok(())
     }
-
-    /// Sizes by entry kind, once the log is closed.
-    pub fn stats(&self) -> &LogStats {
-        &self.stats
-    }
 }
