@@ -22,6 +22,12 @@ pub struct ChannelConfig {
     pub window_entries: u64,
     /// The same bound in bytes of entry frames.
     pub window_bytes: u64,
+    /// Primary: how far behind the backup may replay, as the age of the
+    /// oldest entry it has not yet reported replayed, before the window
+    /// counts as full. The primary then waits at its next exit and the
+    /// backup gets the CPU to catch up, as VMware FT slows a primary whose
+    /// backup lags. `None`: only the entry and byte bounds apply.
+    pub max_lag: Option<Duration>,
     /// Primary: the longest an entry waits to be batched with later ones
     /// before it is written (an entry the primary waits on is written at
     /// once). Backup: the longest a replay report waits for an ack to ride
@@ -40,6 +46,7 @@ impl Default for ChannelConfig {
             handshake_timeout: Duration::from_secs(1),
             window_entries: 65_536,
             window_bytes: 16 << 20,
+            max_lag: None,
             batch_delay: Duration::from_micros(200),
             batch_max_bytes: 64 << 10,
         }
@@ -57,6 +64,9 @@ impl ChannelConfig {
         }
         if self.window_entries == 0 || self.window_bytes == 0 {
             return bad("window_entries and window_bytes must be above zero");
+        }
+        if self.max_lag.is_some_and(|l| l.is_zero()) {
+            return bad("max_lag must be above zero");
         }
         if self.batch_max_bytes == 0 {
             return bad("batch_max_bytes must be above zero");

@@ -8,6 +8,8 @@
 use super::config::ChannelConfig;
 use super::error::{ChannelError, Peer};
 use super::liveness::Liveness;
+use super::wire::ControlSeq;
+use std::io::Write;
 use std::net::{Shutdown, TcpStream};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -32,7 +34,18 @@ pub(crate) trait HasHealth {
 /// that matters notifies the waiter anyway.
 pub(crate) const IDLE_RECHECK: Duration = Duration::from_secs(1);
 
+/// The sending half of the connection. Whoever holds it takes what is due
+/// from the state and writes it, so that messages reach the socket in the
+/// order their control sequence numbers were given; any thread may write
+/// (an end's writer thread, or a caller that must not wait for it).
+pub(crate) struct Outgoing {
+    pub control: ControlSeq,
+    pub buf: Vec<u8>,
+}
+
 pub(crate) struct Link<S> {
+    /// Locked before `state` when both are held.
+    out: Mutex<Outgoing>,
     state: Mutex<S>,
     /// Wakes the writer thread.
     to_writer: Condvar,
@@ -50,6 +63,10 @@ impl<S: HasHealth> Link<S> {
         let live = Liveness::new();
         live.touch();
         Link {
+            out: Mutex::new(Outgoing {
+                control: ControlSeq::after_handshake(),
+                buf: Vec::new(),
+            }),
             state: Mutex::new(state),
             to_writer: Condvar::new(),
             to_waiters: Condvar::new(),
@@ -64,6 +81,43 @@ impl<S: HasHealth> Link<S> {
     /// it, and the state stays consistent between statements.
     pub(crate) fn lock(&self) -> MutexGuard<'_, S> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Writes what `take` encodes (it is given the state, locked, and the
+    /// outgoing buffer, emptied), then lets `written` note the write in the
+    /// state. A failed write fails the link.
+    pub(crate) fn write_out(
+        &self,
+        take: impl FnOnce(&mut S, &mut Outgoing) -> Result<(), ChannelError>,
+        written: impl FnOnce(&mut S, usize),
+    ) -> Result<(), ChannelError> {
+        let mut out = self.out.lock().unwrap_or_else(PoisonError::into_inner);
+        out.buf.clear();
+        {
+            let mut st = self.lock();
+            self.check(&mut st)?;
+            if let Err(e) = take(&mut st, &mut out) {
+                self.fail(&mut st, e.clone());
+                return Err(e);
+            }
+        }
+        if out.buf.is_empty() {
+            return Ok(());
+        }
+        let mut stream = &self.stream;
+        let result = stream.write_all(&out.buf);
+        let mut st = self.lock();
+        match result {
+            Ok(()) => {
+                written(&mut st, out.buf.len());
+                Ok(())
+            }
+            Err(e) => {
+                let err = ChannelError::broken(self.peer, e);
+                self.fail(&mut st, err.clone());
+                Err(err)
+            }
+        }
     }
 
     /// Records the first failure and stops the connection.

@@ -13,7 +13,7 @@ use super::workers::Workers;
 use crate::entry::{Entry, Event};
 use crate::frame::FrameDecoder;
 use std::collections::VecDeque;
-use std::io::{BufReader, Read, Write};
+use std::io::{BufReader, Read};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -350,7 +350,9 @@ fn deliver(link: &Link<State>, chunk: &mut Vec<(Entry, usize)>) {
     }
     drop(st);
     link.wake_waiters();
-    link.wake_writer();
+    // From this thread, not the writer's: the primary may be holding an
+    // output for exactly this acknowledgement.
+    let _ = write_ack(link, false);
 }
 
 /// Waits until the queue has room and returns how much. While it waits,
@@ -382,10 +384,8 @@ fn wait_for_room(link: &Link<State>) -> Result<Room, ChannelError> {
 }
 
 fn write_loop(link: &Link<State>) {
-    let mut control = ControlSeq::after_handshake();
-    let mut out = Vec::new();
     loop {
-        let ack = {
+        let anyway = {
             let mut guard = link.lock();
             loop {
                 if link.stopping(&mut guard) {
@@ -395,14 +395,9 @@ fn write_loop(link: &Link<State>) {
                 let now = Instant::now();
                 let replay_at = st.replay_due.map(|t| t + link.config.batch_delay);
                 let beat_at = st.last_write + link.config.heartbeat_interval;
-                if st.received > st.acked || replay_at.is_some_and(|t| t <= now) || beat_at <= now {
-                    st.acked = st.received;
-                    st.replay_due = None;
-                    break Message::Ack {
-                        received: st.received,
-                        replayed_seq: st.replayed_seq,
-                        replayed_exits: st.replayed_exits,
-                    };
+                let report = replay_at.is_some_and(|t| t <= now) || beat_at <= now;
+                if report || st.received > st.acked {
+                    break report;
                 }
                 let until = replay_at
                     .unwrap_or(beat_at)
@@ -411,16 +406,30 @@ fn write_loop(link: &Link<State>) {
                 guard = link.wait_writer(guard, until);
             }
         };
-        out.clear();
-        if let Err(e) = control.encode(&ack, &mut out) {
-            link.fail(&mut link.lock(), e.into());
+        if write_ack(link, anyway).is_err() {
             return;
         }
-        let mut stream = &link.stream;
-        if let Err(e) = stream.write_all(&out) {
-            link.fail(&mut link.lock(), ChannelError::broken(link.peer, e));
-            return;
-        }
-        link.lock().last_write = Instant::now();
     }
+}
+
+/// Acknowledges what was received, with the last replay report; when
+/// nothing new was received, only if `anyway` (a report or a heartbeat is
+/// due).
+fn write_ack(link: &Link<State>, anyway: bool) -> Result<(), ChannelError> {
+    link.write_out(
+        |st, out| {
+            if st.received == st.acked && !anyway {
+                return Ok(());
+            }
+            st.acked = st.received;
+            st.replay_due = None;
+            let ack = Message::Ack {
+                received: st.received,
+                replayed_seq: st.replayed_seq,
+                replayed_exits: st.replayed_exits,
+            };
+            Ok(out.control.encode(&ack, &mut out.buf)?)
+        },
+        |st, _| st.last_write = Instant::now(),
+    )
 }

@@ -5,7 +5,7 @@ use super::config::ChannelConfig;
 use super::error::{ChannelError, Peer};
 use super::handshake::{handshake, Side};
 use super::hello::Hello;
-use super::link::{deadline, HasHealth, Health, Link};
+use super::link::{deadline, HasHealth, Health, Link, Outgoing};
 use super::liveness::StampingReader;
 use super::metrics::{ChannelMetrics, Rates};
 use super::wire::{ControlSeq, Message};
@@ -14,7 +14,7 @@ use crate::entry::{Entry, Event, Position};
 use crate::frame::FrameDecoder;
 use crate::frame::FrameEncoder;
 use std::collections::VecDeque;
-use std::io::{self, BufReader, Write};
+use std::io::{self, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::thread;
@@ -44,9 +44,12 @@ struct Sent {
     at: Instant,
 }
 
-#[derive(Debug)]
+/// Called with the new cumulative ack each time it moves.
+type AckHook = Arc<dyn Fn(u64) + Send + Sync>;
+
 struct State {
     health: Health,
+    on_ack: Option<AckHook>,
     encoder: FrameEncoder,
     /// Entry frames not yet taken by the writer, and their sizes.
     pending: Vec<u8>,
@@ -93,8 +96,21 @@ impl State {
         self.queued_bytes - self.acked_bytes
     }
 
-    fn window_full(&self, config: &ChannelConfig) -> bool {
-        self.in_flight() >= config.window_entries || self.in_flight_bytes() >= config.window_bytes
+    fn window_full(&self, config: &ChannelConfig, now: Instant) -> bool {
+        self.in_flight() >= config.window_entries
+            || self.in_flight_bytes() >= config.window_bytes
+            || config.max_lag.is_some_and(|max| self.lag(now) > max)
+    }
+
+    /// How long the oldest entry the backup has not reported replayed has
+    /// waited since `send`; zero when it has replayed everything.
+    fn lag(&self, now: Instant) -> Duration {
+        let oldest = self.record(self.replayed_seq + 1).or_else(|| {
+            (self.replayed_seq < self.queued_seq)
+                .then(|| self.sent.front())
+                .flatten()
+        });
+        oldest.map_or(Duration::ZERO, |s| now.duration_since(s.at))
     }
 
     /// Forgets what neither flow control nor the lag metric needs.
@@ -149,6 +165,7 @@ impl LogSender {
         let now = Instant::now();
         let state = State {
             health: Health::default(),
+            on_ack: None,
             encoder: FrameEncoder::new(hello.first_seq),
             pending: Vec::new(),
             pending_sizes: Vec::new(),
@@ -245,6 +262,23 @@ impl LogSender {
         }
     }
 
+    /// Writes everything queued, and the progress mark, now and from the
+    /// calling thread rather than the writer's: for the entry of an output,
+    /// which waits for the backup's acknowledgement, a thread woken is
+    /// latency added. An error if the peer has failed or the write fails.
+    pub fn flush(&self) -> Result<(), ChannelError> {
+        write_batch(&self.link, false)
+    }
+
+    /// Has `hook` called, from the thread that reads acks, with the new
+    /// cumulative ack each time it moves: a caller holding outputs can
+    /// release them there instead of in a thread of its own that would have
+    /// to be woken. The hook must not block for long; it is called with no
+    /// lock of the channel held, so it may call back into it.
+    pub fn on_ack(&self, hook: impl Fn(u64) + Send + Sync + 'static) {
+        self.link.lock().on_ack = Some(Arc::new(hook));
+    }
+
     /// The highest sequence number the backup has acknowledged receiving
     /// (everything up to it, since acks are cumulative).
     pub fn acked(&self) -> u64 {
@@ -278,11 +312,14 @@ impl LogSender {
         self.link.lock().in_flight()
     }
 
-    /// Whether the window is full: the primary should not run past its next
-    /// exit. The window is checked there, not in `send`, so it can be
-    /// exceeded by what one exit logs.
+    /// Whether the window is full (entries or bytes in flight, or the
+    /// backup's replay lag over `max_lag`): the primary should not run past
+    /// its next exit. The window is checked there, not in `send`, so it can
+    /// be exceeded by what one exit logs.
     pub fn window_full(&self) -> bool {
-        self.link.lock().window_full(&self.link.config)
+        self.link
+            .lock()
+            .window_full(&self.link.config, Instant::now())
     }
 
     /// Waits until the window has room. `Ok(false)` on timeout; an error if
@@ -291,7 +328,7 @@ impl LogSender {
         let until = deadline(timeout);
         let mut st = self.link.lock();
         loop {
-            if !st.window_full(&self.link.config) {
+            if !st.window_full(&self.link.config, Instant::now()) {
                 return Ok(true);
             }
             self.link.check(&mut st)?;
@@ -328,11 +365,6 @@ impl LogSender {
         let now = Instant::now();
         let (entries_per_sec, bytes_per_sec) =
             st.rates.update(now, st.entries_sent, st.bytes_written);
-        let oldest_unreplayed = st.record(st.replayed_seq + 1).or_else(|| {
-            (st.replayed_seq < st.queued_seq)
-                .then(|| st.sent.front())
-                .flatten()
-        });
         ChannelMetrics {
             entries_sent: st.entries_sent,
             bytes_sent: st.bytes_written,
@@ -343,7 +375,7 @@ impl LogSender {
             in_flight_bytes: st.in_flight_bytes(),
             lag_entries: st.queued_seq - st.replayed_seq,
             lag_exits: st.exits.saturating_sub(st.replayed_exits),
-            lag_ms: oldest_unreplayed.map_or(0.0, |s| now.duration_since(s.at).as_secs_f64() * 1e3),
+            lag_ms: st.lag(now).as_secs_f64() * 1e3,
         }
     }
 }
@@ -398,91 +430,86 @@ fn accept_within(
         .map_err(accept_err)
 }
 
-/// What the writer takes from the state in one go.
-struct Batch {
-    frames: Vec<u8>,
-    sizes: Vec<u32>,
-    progress: Option<u64>,
-}
-
 fn write_loop(link: &Link<State>) {
-    let mut out = Vec::new();
-    let mut control = ControlSeq::after_handshake();
-    let mut batch = Batch {
-        frames: Vec::new(),
-        sizes: Vec::new(),
-        progress: None,
-    };
-    while take_batch(link, &mut batch) {
-        out.clear();
-        if let Err(e) = encode_batch(link, &batch, &mut control, &mut out) {
-            link.fail(&mut link.lock(), e);
+    let config = &link.config;
+    loop {
+        let beat = {
+            let mut guard = link.lock();
+            loop {
+                if link.stopping(&mut guard) {
+                    return;
+                }
+                let st = &mut *guard;
+                let now = Instant::now();
+                let flush_at = if st.urgent || st.pending.len() >= config.batch_max_bytes {
+                    Some(now)
+                } else {
+                    st.due_since.map(|t| t + config.batch_delay)
+                };
+                let beat_at = st.last_write + config.heartbeat_interval;
+                if flush_at.is_some_and(|t| t <= now) {
+                    break false;
+                }
+                if beat_at <= now {
+                    break true;
+                }
+                let until = flush_at
+                    .unwrap_or(beat_at)
+                    .min(beat_at)
+                    .min(link.silence_deadline(st, now));
+                guard = link.wait_writer(guard, until);
+            }
+        };
+        if write_batch(link, beat).is_err() {
             return;
         }
-        if out.is_empty() {
-            continue;
-        }
-        let mut stream = &link.stream;
-        if let Err(e) = stream.write_all(&out) {
-            link.fail(&mut link.lock(), ChannelError::broken(link.peer, e));
-            return;
-        }
-        let mut st = link.lock();
-        st.bytes_written += out.len() as u64;
-        st.last_write = Instant::now();
     }
 }
 
-/// Waits until something must be written, and takes it. False when the
-/// writer should stop.
-fn take_batch(link: &Link<State>, batch: &mut Batch) -> bool {
+/// Writes every queued entry frame, then the progress mark if it moved (or
+/// as a heartbeat, if `beat` and nothing was written meanwhile).
+fn write_batch(link: &Link<State>, beat: bool) -> Result<(), ChannelError> {
     let config = &link.config;
-    let mut guard = link.lock();
-    loop {
-        if link.stopping(&mut guard) {
-            return false;
-        }
-        let st = &mut *guard;
-        let now = Instant::now();
-        let flush_at = if st.urgent || st.pending.len() >= config.batch_max_bytes {
-            Some(now)
-        } else {
-            st.due_since.map(|t| t + config.batch_delay)
-        };
-        let beat_at = st.last_write + config.heartbeat_interval;
-        let flush = flush_at.is_some_and(|t| t <= now);
-        let beat = beat_at <= now;
-        if flush || beat {
-            batch.frames.clear();
-            batch.sizes.clear();
-            std::mem::swap(&mut batch.frames, &mut st.pending);
-            std::mem::swap(&mut batch.sizes, &mut st.pending_sizes);
+    link.write_out(
+        |st, out| {
+            let beat = beat && st.last_write + config.heartbeat_interval <= Instant::now();
+            let progress = (beat || st.progress != st.progress_written).then_some(st.progress);
+            if st.pending_sizes.is_empty() && progress.is_none() {
+                return Ok(());
+            }
+            encode_batch(
+                config.batch_max_bytes,
+                &st.pending,
+                &st.pending_sizes,
+                progress,
+                out,
+            )?;
+            st.pending.clear();
+            st.pending_sizes.clear();
             st.written_seq = st.queued_seq;
             st.due_since = None;
             st.urgent = false;
-            batch.progress = (beat || st.progress != st.progress_written).then_some(st.progress);
             st.progress_written = st.progress;
-            return true;
-        }
-        let until = flush_at
-            .unwrap_or(beat_at)
-            .min(beat_at)
-            .min(link.silence_deadline(st, now));
-        guard = link.wait_writer(guard, until);
-    }
+            Ok(())
+        },
+        |st, bytes| {
+            st.bytes_written += bytes as u64;
+            st.last_write = Instant::now();
+        },
+    )
 }
 
-/// Entry frames in messages of at most `batch_max_bytes` (but at least one
-/// entry each), then the progress mark if there is one to send.
+/// Entry frames in messages of at most `max` bytes (but at least one entry
+/// each), then the progress mark if there is one to send.
 fn encode_batch(
-    link: &Link<State>,
-    batch: &Batch,
-    control: &mut ControlSeq,
-    out: &mut Vec<u8>,
+    max: usize,
+    frames: &[u8],
+    sizes: &[u32],
+    progress: Option<u64>,
+    out: &mut Outgoing,
 ) -> Result<(), ChannelError> {
-    let max = link.config.batch_max_bytes;
     let mut start = 0;
-    let mut sizes = batch.sizes.as_slice();
+    let mut sizes = sizes;
     while !sizes.is_empty() {
         let mut len = 0;
         let mut count = 0;
@@ -493,18 +520,19 @@ fn encode_batch(
             len += size as usize;
             count += 1;
         }
-        control.encode(
+        out.control.encode(
             &Message::Entries {
                 count: count as u32,
             },
-            out,
+            &mut out.buf,
         )?;
-        out.extend_from_slice(&batch.frames[start..start + len]);
+        out.buf.extend_from_slice(&frames[start..start + len]);
         start += len;
         sizes = &sizes[count..];
     }
-    if let Some(progress) = batch.progress {
-        control.encode(&Message::Heartbeat { progress }, out)?;
+    if let Some(progress) = progress {
+        out.control
+            .encode(&Message::Heartbeat { progress }, &mut out.buf)?;
     }
     Ok(())
 }
@@ -562,14 +590,19 @@ fn on_ack(
             format!("reported entry {replayed_seq} replayed but only {received} received"),
         ));
     }
-    if received > st.acked {
+    let moved = received > st.acked;
+    if moved {
         st.acked_bytes = st.record(received).map_or(st.acked_bytes, |s| s.bytes_end);
         st.acked = received;
     }
     st.replayed_seq = st.replayed_seq.max(replayed_seq);
     st.replayed_exits = st.replayed_exits.max(replayed_exits);
     st.trim(link.config.window_entries);
+    let hook = st.on_ack.clone().filter(|_| moved);
     drop(guard);
     link.wake_waiters();
+    if let Some(hook) = hook {
+        hook(received);
+    }
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 use crate::support::{bounded, entries, pair_via, relaxed, seed};
 use logchannel::{ChannelConfig, Event, Position};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -142,5 +143,123 @@ fn the_byte_window_bounds_what_is_in_flight() {
             assert_eq!(e.seq, seq);
         }
         assert!(sender.wait_window(Duration::from_secs(10)).expect("opens"));
+    });
+}
+
+fn one_entry(exits: u64) -> (Position, Event) {
+    (
+        Position { exits, rip: 0x1000 },
+        Event::Interrupt { vector: 0x20 },
+    )
+}
+
+#[test]
+fn a_backup_that_replays_too_slowly_holds_the_primary_until_it_reports() {
+    bounded(LIMIT, || {
+        const MAX_LAG: Duration = Duration::from_millis(50);
+        let (sender, receiver) = pair_via(
+            ChannelConfig {
+                max_lag: Some(MAX_LAG),
+                ..relaxed()
+            },
+            relaxed(),
+            None,
+        );
+        let (pos, event) = one_entry(10);
+        let seq = sender.send(pos, event).expect("send");
+        assert!(sender
+            .wait_acked(seq, Duration::from_secs(10))
+            .expect("acked"));
+        let entry = receiver
+            .recv(Duration::from_secs(10))
+            .expect("recv")
+            .expect("the entry");
+        // Received and acknowledged but not replayed: nothing is in flight,
+        // yet once the entry is older than the bound the window is full.
+        assert_eq!(sender.in_flight(), 0);
+        thread::sleep(MAX_LAG + Duration::from_millis(20));
+        assert!(sender.window_full(), "{:?}", sender.metrics());
+        assert!(!sender
+            .wait_window(Duration::from_millis(100))
+            .expect("no failure"));
+
+        receiver.report_replayed(entry.seq, entry.pos.exits);
+        assert!(sender
+            .wait_window(Duration::from_secs(10))
+            .expect("no failure"));
+        assert_eq!(sender.metrics().lag_ms, 0.0);
+    });
+}
+
+#[test]
+fn without_a_lag_bound_an_unreplayed_entry_does_not_fill_the_window() {
+    bounded(LIMIT, || {
+        let (sender, receiver) = pair_via(relaxed(), relaxed(), None);
+        let (pos, event) = one_entry(10);
+        let seq = sender.send(pos, event).expect("send");
+        assert!(sender
+            .wait_acked(seq, Duration::from_secs(10))
+            .expect("acked"));
+        assert!(receiver
+            .recv(Duration::from_secs(10))
+            .expect("recv")
+            .is_some());
+        thread::sleep(Duration::from_millis(100));
+        assert!(sender.metrics().lag_ms >= 100.0);
+        assert!(!sender.window_full());
+    });
+}
+
+#[test]
+fn flush_writes_at_once_what_batching_would_hold() {
+    bounded(LIMIT, || {
+        // Batching that would hold an entry for a minute, and heartbeats as
+        // rare: only `flush` can get the entry out in time.
+        let slow = ChannelConfig {
+            batch_delay: Duration::from_secs(60),
+            heartbeat_interval: Duration::from_secs(30),
+            failure_timeout: Duration::from_secs(90),
+            ..relaxed()
+        };
+        let (sender, receiver) = pair_via(slow, relaxed(), None);
+        let acks = Arc::new(Mutex::new(Vec::new()));
+        let seen = acks.clone();
+        sender.on_ack(move |acked| seen.lock().expect("lock").push(acked));
+
+        let (pos, event) = one_entry(10);
+        sender.send(pos, event.clone()).expect("send");
+        assert!(
+            receiver
+                .recv(Duration::from_millis(300))
+                .expect("recv")
+                .is_none(),
+            "the entry should still be waiting to be batched"
+        );
+        sender.flush().expect("flush");
+        let got = receiver
+            .recv(Duration::from_secs(10))
+            .expect("recv")
+            .expect("the flushed entry");
+        assert_eq!(got.seq, 1);
+
+        // The hook sees each cumulative ack as it moves.
+        for exits in [11, 12] {
+            let (pos, event) = one_entry(exits);
+            sender.send(pos, event).expect("send");
+        }
+        sender.flush().expect("flush");
+        assert!(sender
+            .wait_acked(3, Duration::from_secs(10))
+            .expect("acked"));
+        // The hook runs just after waiters are woken, on the ack reader.
+        let start = Instant::now();
+        while acks.lock().expect("lock").last() != Some(&3) {
+            assert!(start.elapsed() < Duration::from_secs(10), "{acks:?}");
+            thread::sleep(Duration::from_millis(1));
+        }
+        let acks = acks.lock().expect("lock").clone();
+        assert!(acks.windows(2).all(|w| w[0] < w[1]), "{acks:?}");
+        assert_eq!(acks.first(), Some(&1));
+        assert_eq!(acks.last(), Some(&3));
     });
 }
