@@ -55,7 +55,7 @@ pub struct RecordBenchArgs {
     pub json: Option<PathBuf>,
 }
 
-fn median(values: &mut [f64]) -> f64 {
+pub(crate) fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     match values.len() {
         0 => 0.0,
@@ -118,14 +118,28 @@ pub(crate) fn max_rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+/// CPU time process `pid` has used so far, all its threads, user and
+/// system (where KVM's emulation of the guest is counted), in seconds.
+pub(crate) fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which may itself hold spaces.
+    let mut fields = stat.get(stat.rfind(')')? + 2..)?.split(' ');
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    // SAFETY: sysconf reads a constant of the system; it has no
+    // preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (ticks > 0).then(|| (utime + stime) as f64 / ticks as f64)
+}
+
 /// An `ftvm run` child that is killed if the bench stops early.
-struct VmmProcess {
+pub(crate) struct VmmProcess {
     child: Child,
     stats: PathBuf,
 }
 
 impl VmmProcess {
-    fn start(
+    pub(crate) fn start(
         command: &[&str],
         service: SocketAddr,
         mem: &str,
@@ -156,12 +170,16 @@ impl VmmProcess {
         Ok(VmmProcess { child, stats })
     }
 
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     fn max_rss_kib(&self) -> Option<u64> {
         max_rss_kib(self.child.id())
     }
 
     /// SIGTERM, then the counters the VMM wrote on its way out.
-    fn stop(mut self) -> Result<serde_json::Value, String> {
+    pub(crate) fn stop(mut self) -> Result<serde_json::Value, String> {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -219,6 +237,18 @@ pub(crate) fn closed_loop(
     clients: usize,
     duration: Duration,
 ) -> Result<(u64, Vec<u64>, u64), String> {
+    paced_loop(service, clients, duration, None)
+}
+
+/// Like [`closed_loop`], but with `pace` each client starts a request only
+/// every `pace` (at once if the last one took longer), so that the server
+/// is not saturated and latency is the path's, not the queue's.
+pub(crate) fn paced_loop(
+    service: SocketAddr,
+    clients: usize,
+    duration: Duration,
+    pace: Option<Duration>,
+) -> Result<(u64, Vec<u64>, u64), String> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::new();
     for c in 0..clients {
@@ -229,7 +259,12 @@ pub(crate) fn closed_loop(
                     .map_err(|e| e.to_string())?;
                 let mut lat = Vec::new();
                 let mut i = 0u64;
+                let mut next = Instant::now();
                 while !stop.load(Ordering::Relaxed) {
+                    if let Some(pace) = pace {
+                        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+                        next = next.max(Instant::now() - pace) + pace;
+                    }
                     let key = format!("k{}", (i * 7 + c as u64) % 64);
                     let t = Instant::now();
                     if i.is_multiple_of(2) {
@@ -314,8 +349,6 @@ pub(crate) fn check_duration(d: f64) -> Result<Duration, String> {
 /// What one served run measured.
 pub(crate) struct Served {
     pub ops_per_sec: f64,
-    /// Sorted, in ns.
-    pub latencies: Vec<u64>,
     /// The VMM's counters.
     pub stats: serde_json::Value,
 }
@@ -339,17 +372,15 @@ pub(crate) fn serve_under_load(
     )?;
     wait_ready(service, Duration::from_secs(30))?;
     let t = Instant::now();
-    let (ops, latencies) = if clients == 0 {
+    let ops = if clients == 0 {
         std::thread::sleep(duration);
-        (0, Vec::new())
+        0
     } else {
-        let (ops, lat, _) = closed_loop(service, clients, duration)?;
-        (ops, lat)
+        closed_loop(service, clients, duration)?.0
     };
     let ops_per_sec = ops as f64 / t.elapsed().as_secs_f64();
     Ok(Served {
         ops_per_sec,
-        latencies,
         stats: vmm.stop()?,
     })
 }

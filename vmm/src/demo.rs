@@ -93,6 +93,7 @@ pub struct DemoReport {
     pub ops: OpCounts,
     pub throughput: Throughput,
     pub failover: Failover,
+    pub fault_tolerant_phase: FtPhase,
     pub writes: WriteCheck,
     pub linearizability: linearizability::Report,
     /// Per view, every server that said it was the view's primary.
@@ -136,6 +137,33 @@ pub struct Throughput {
     /// From the new primary's first reply to the end of the load.
     pub ops_per_sec_after_failover: f64,
     pub ops_per_sec_overall: f64,
+}
+
+/// What the first primary measured of its backup up to the kill, from its
+/// last status line before it: the lag at every exit, and how long each
+/// output waited for the backup's acknowledgement.
+#[derive(Debug, Default, Serialize)]
+pub struct FtPhase {
+    pub lag_p50_ms: f64,
+    pub lag_p99_ms: f64,
+    pub lag_max_ms: f64,
+    pub output_hold_p50_ms: f64,
+    pub output_hold_p99_ms: f64,
+}
+
+fn ft_phase(events: &ServerEvents, kill_ns: Option<u64>) -> FtPhase {
+    let last = events
+        .of(FIRST)
+        .iter()
+        .rfind(|e| kind(e) == "status" && kill_ns.is_none_or(|k| t_ns(e).is_some_and(|t| t <= k)));
+    let field = |name: &str| last.and_then(|e| e[name].as_f64()).unwrap_or(0.0);
+    FtPhase {
+        lag_p50_ms: field("lag_p50_ms"),
+        lag_p99_ms: field("lag_p99_ms"),
+        lag_max_ms: field("lag_max_ms"),
+        output_hold_p50_ms: field("output_hold_p50_ms"),
+        output_hold_p99_ms: field("output_hold_p99_ms"),
+    }
 }
 
 /// Milliseconds after the SIGKILL.
@@ -240,6 +268,7 @@ pub fn run(args: &DemoArgs) -> Result<DemoReport, String> {
         final_view.as_ref(),
     );
     let primaries = primaries_per_view(&events);
+    let fault_tolerant_phase = ft_phase(&events, load.kill_ns);
     let writes = check_writes(&load_ops, &final_values, load.kill_ns);
     let counts = op_counts(&load_ops, &load, final_values.len());
     let throughput = throughput(
@@ -290,6 +319,7 @@ pub fn run(args: &DemoArgs) -> Result<DemoReport, String> {
         ops: counts,
         throughput,
         failover,
+        fault_tolerant_phase,
         writes,
         linearizability: without_passing_keys(lin),
         primaries_per_view: primaries,
@@ -1353,6 +1383,11 @@ fn print_summary(r: &DemoReport, svg: &Path, metrics: &Path, history: &Path) {
         r.ops.resends,
         r.throughput.ops_per_sec_before_kill,
         r.throughput.ops_per_sec_after_failover
+    );
+    let ft = &r.fault_tolerant_phase;
+    println!(
+        "before the kill, at every exit of {FIRST}: backup lag p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; outputs held for the backup's ack p50 {:.3} ms, p99 {:.3} ms",
+        ft.lag_p50_ms, ft.lag_p99_ms, ft.lag_max_ms, ft.output_hold_p50_ms, ft.output_hold_p99_ms
     );
     println!(
         "acknowledged writes: {} ({} before the kill), {} checked by reading back {} keys, {} lost",

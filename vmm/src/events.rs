@@ -11,6 +11,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
+use crate::histogram::Histogram;
+
 pub fn unix_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -76,6 +78,11 @@ pub struct StatusBoard {
     pub served: Arc<AtomicU64>,
     pub lag_exits: AtomicU64,
     pub lag_us: AtomicU64,
+    /// The lag at every exit of a primary with a backup, since it started.
+    pub lag: Histogram,
+    /// How long each output of a primary waited for the backup's
+    /// acknowledgement (the output rule), since it started.
+    pub output_hold: Arc<Histogram>,
     pub log_entries: AtomicU64,
     pub log_bytes: AtomicU64,
 }
@@ -98,6 +105,13 @@ impl StatusBoard {
             "served": self.served.load(Ordering::Relaxed),
             "lag_exits": self.lag_exits.load(Ordering::Relaxed),
             "lag_ms": self.lag_us.load(Ordering::Relaxed) as f64 / 1000.0,
+            "lag_p50_ms": self.lag.quantile_ms(0.50),
+            "lag_p99_ms": self.lag.quantile_ms(0.99),
+            "lag_max_ms": self.lag.max_ms(),
+            "lag_samples": self.lag.count(),
+            "output_hold_p50_ms": self.output_hold.quantile_ms(0.50),
+            "output_hold_p99_ms": self.output_hold.quantile_ms(0.99),
+            "outputs_held": self.output_hold.count(),
             "log_entries": self.log_entries.load(Ordering::Relaxed),
             "log_bytes": self.log_bytes.load(Ordering::Relaxed),
         })

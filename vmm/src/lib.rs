@@ -13,6 +13,7 @@ pub mod events;
 pub mod exit;
 pub mod frame;
 pub mod guest_image;
+pub mod histogram;
 pub mod history;
 pub mod kv;
 pub mod layout;

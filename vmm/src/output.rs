@@ -3,21 +3,22 @@
 //! the backup has acknowledged every log entry up to it (the output rule of
 //! VMware FT).
 
+use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
 use logchannel::LogSender;
 use logchannel::OutputKind;
 
 use crate::capture::Capture;
+use crate::histogram::Histogram;
 use crate::net_backend::NetBackend;
 
-/// How long the gate waits for an ack before it looks again at whether the
-/// primary has gone on alone.
+/// How often the gate's thread looks at whether the primary has gone on
+/// alone (and, closing, whether the last outputs were released).
 const ACK_POLL: Duration = Duration::from_millis(20);
 /// How long a closing gate waits for the acknowledgements of the outputs it
 /// still holds; outputs never acknowledged are dropped, never released.
@@ -69,97 +70,164 @@ struct Held {
     seq: u64,
     kind: OutputKind,
     bytes: Vec<u8>,
+    since: Instant,
 }
 
-/// Holds outputs until the backup acknowledges them, then emits them in
-/// order from its own thread, so the guest keeps running meanwhile.
+/// The outputs held, in order, and where they go once released.
+struct HeldOutputs {
+    queue: VecDeque<Held>,
+    /// Taken back by `finish`.
+    emitter: Option<Emitter>,
+}
+
+struct Shared {
+    held: Mutex<HeldOutputs>,
+    /// Wakes the gate's thread: the primary went on alone, or the gate
+    /// closes.
+    wake: Condvar,
+    alone: Arc<AtomicBool>,
+    closing: AtomicBool,
+    /// How long each released output was held.
+    hold: Arc<Histogram>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, HeldOutputs> {
+        self.held.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Emits, in order, every held output up to entry `acked` (all of them
+    /// once the primary is alone).
+    fn release(&self, held: &mut HeldOutputs, acked: u64) {
+        let alone = self.alone.load(Ordering::SeqCst);
+        while held.queue.front().is_some_and(|h| alone || h.seq <= acked) {
+            let Some(h) = held.queue.pop_front() else {
+                break;
+            };
+            // Outputs of a primary already alone were never held.
+            if h.seq != 0 {
+                self.hold.record(h.since.elapsed().as_micros() as u64);
+            }
+            if let Some(emitter) = &mut held.emitter {
+                if let Err(e) = emitter.emit(h.kind, &h.bytes) {
+                    tracing::warn!("releasing an output failed: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// Holds outputs until the backup acknowledges them. They are released by
+/// the channel's ack reader as each ack arrives (no thread to wake on the
+/// output's path), or by the gate's own thread once the primary goes on
+/// alone; the guest keeps running meanwhile.
 pub struct OutputGate {
-    tx: Option<Sender<Held>>,
-    thread: Option<JoinHandle<Emitter>>,
-    /// Set when the gate closes: from then on, outputs whose
-    /// acknowledgement has not come by the close deadline are dropped.
-    closing: Arc<AtomicBool>,
+    shared: Arc<Shared>,
+    sender: Arc<LogSender>,
+    thread: Option<JoinHandle<()>>,
 }
 
 impl OutputGate {
     /// `alone` becomes true when the primary has won the right to go on
-    /// without a backup: held outputs are then released at once.
+    /// without a backup: held outputs are then released at once. `hold`
+    /// gets how long each output waited.
     pub fn new(
-        mut emitter: Emitter,
+        emitter: Emitter,
         sender: Arc<LogSender>,
         alone: Arc<AtomicBool>,
+        hold: Arc<Histogram>,
     ) -> std::io::Result<Self> {
-        let (tx, rx): (Sender<Held>, Receiver<Held>) = crossbeam_channel::unbounded();
-        let closing = Arc::new(AtomicBool::new(false));
-        let closing_seen = closing.clone();
+        let shared = Arc::new(Shared {
+            held: Mutex::new(HeldOutputs {
+                queue: VecDeque::new(),
+                emitter: Some(emitter),
+            }),
+            wake: Condvar::new(),
+            alone,
+            closing: AtomicBool::new(false),
+            hold,
+        });
+        let on_ack = Arc::clone(&shared);
+        sender.on_ack(move |acked| on_ack.release(&mut on_ack.lock(), acked));
+        let gate = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("ftvm-output-gate".into())
-            .spawn(move || {
-                let mut give_up_at = None;
-                for held in rx {
-                    let released = loop {
-                        if alone.load(Ordering::SeqCst) {
-                            break true;
-                        }
-                        if closing_seen.load(Ordering::SeqCst) {
-                            let at = *give_up_at.get_or_insert_with(|| Instant::now() + CLOSE_WAIT);
-                            if Instant::now() >= at {
-                                break false;
-                            }
-                        }
-                        match sender.wait_acked(held.seq, ACK_POLL) {
-                            Ok(true) => break true,
-                            Ok(false) => {}
-                            // The backup failed: the output stays held until
-                            // the primary wins test-and-set (alone) or stops.
-                            Err(_) => std::thread::sleep(ACK_POLL),
-                        }
-                    };
-                    if !released {
-                        tracing::warn!(
-                            "dropped an output the backup never acknowledged (entry #{})",
-                            held.seq
-                        );
-                        continue;
-                    }
-                    if let Err(e) = emitter.emit(held.kind, &held.bytes) {
-                        tracing::warn!("releasing an output failed: {e}");
-                    }
-                }
-                emitter
-            })?;
+            .spawn(move || watch(&gate))?;
         Ok(OutputGate {
-            tx: Some(tx),
+            shared,
+            sender,
             thread: Some(thread),
-            closing,
         })
     }
 
     pub fn submit(&self, seq: u64, kind: OutputKind, bytes: &[u8]) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(Held {
-                seq,
-                kind,
-                bytes: bytes.to_vec(),
-            });
+        // The output's entry goes to the backup now rather than after the
+        // writer thread wakes; a failure is the gate thread's to notice.
+        if seq != 0 {
+            let _ = self.sender.flush();
         }
+        let mut held = self.shared.lock();
+        held.queue.push_back(Held {
+            seq,
+            kind,
+            bytes: bytes.to_vec(),
+            since: Instant::now(),
+        });
+        // The ack may have come before the output was queued.
+        self.shared.release(&mut held, self.sender.acked());
     }
 
-    /// Waits until every submitted output is released and returns the
-    /// emitter.
+    /// Waits until every submitted output is released or, after
+    /// `CLOSE_WAIT`, dropped; returns the emitter.
     pub fn finish(mut self) -> Option<Emitter> {
-        self.tx = None;
-        self.closing.store(true, Ordering::SeqCst);
-        self.thread.take().and_then(|t| t.join().ok())
+        self.close();
+        self.shared.lock().emitter.take()
+    }
+
+    fn close(&mut self) {
+        self.shared.closing.store(true, Ordering::SeqCst);
+        self.shared.wake.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The gate's thread: releases everything once the primary is alone, and
+/// on closing waits up to `CLOSE_WAIT` for the last acknowledgements.
+/// Outputs never acknowledged are dropped, never released.
+fn watch(shared: &Shared) {
+    let mut give_up_at = None;
+    let mut held = shared.lock();
+    loop {
+        if shared.alone.load(Ordering::SeqCst) {
+            shared.release(&mut held, u64::MAX);
+        }
+        if shared.closing.load(Ordering::SeqCst) {
+            let at = *give_up_at.get_or_insert_with(|| Instant::now() + CLOSE_WAIT);
+            if held.queue.is_empty() {
+                return;
+            }
+            if Instant::now() >= at {
+                for h in held.queue.drain(..) {
+                    tracing::warn!(
+                        "dropped an output the backup never acknowledged (entry #{})",
+                        h.seq
+                    );
+                }
+                return;
+            }
+        }
+        held = shared
+            .wake
+            .wait_timeout(held, ACK_POLL)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0;
     }
 }
 
 impl Drop for OutputGate {
     fn drop(&mut self) {
-        self.tx = None;
-        self.closing.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.close();
     }
 }

@@ -51,8 +51,15 @@ fn channel_config(ft: &FtArgs) -> Result<ChannelConfig, String> {
             ft.failure_timeout_ms
         ));
     }
+    if !(ft.max_lag_ms >= 0.0 && ft.max_lag_ms.is_finite()) {
+        return Err(format!(
+            "--max-lag-ms {} must be a number of milliseconds, 0 or more",
+            ft.max_lag_ms
+        ));
+    }
     Ok(ChannelConfig {
         failure_timeout,
+        max_lag: (ft.max_lag_ms > 0.0).then(|| Duration::from_secs_f64(ft.max_lag_ms / 1000.0)),
         heartbeat_interval: (failure_timeout / 10).max(Duration::from_millis(2)),
         handshake_timeout: Duration::from_secs(1),
         window_entries: ft.window_entries,
@@ -185,8 +192,13 @@ pub fn cmd_primary(args: &PrimaryArgs) -> Result<ExitCode, String> {
         capture: capture(&ft.guest)?,
         served: board.served.clone(),
     };
-    let gate = OutputGate::new(emitter, sender.clone(), alone.clone())
-        .map_err(|e| format!("cannot start the output gate: {e}"))?;
+    let gate = OutputGate::new(
+        emitter,
+        sender.clone(),
+        alone.clone(),
+        board.output_hold.clone(),
+    )
+    .map_err(|e| format!("cannot start the output gate: {e}"))?;
     let sink = FtSink::new(
         sender,
         membership.clone(),

@@ -135,22 +135,23 @@ impl EntrySink for FtSink {
             return Ok(());
         }
         self.sender.set_progress(pos.exits);
-        // Flow control: a backup that lags holds the primary at this exit,
-        // so the log in flight stays within the window.
+        // The lag as this exit finds it, before any wait below shortens it.
+        let m = self.sender.metrics();
+        let lag_us = (m.lag_ms * 1000.0) as u64;
+        self.board.lag_exits.store(m.lag_exits, Ordering::Relaxed);
+        self.board.lag_us.store(lag_us, Ordering::Relaxed);
+        self.board.lag.record(lag_us);
+        self.board
+            .log_entries
+            .store(m.entries_sent, Ordering::Relaxed);
+        self.board.log_bytes.store(m.bytes_sent, Ordering::Relaxed);
+        // Flow control: a backup that lags (too much in flight, or replay
+        // too far behind) holds the primary at this exit.
         while self.sender.window_full() {
             if let Err(e) = self.sender.wait_window(WINDOW_WAIT) {
                 return self.backup_failed(e.to_string());
             }
         }
-        let m = self.sender.metrics();
-        self.board.lag_exits.store(m.lag_exits, Ordering::Relaxed);
-        self.board
-            .lag_us
-            .store((m.lag_ms * 1000.0) as u64, Ordering::Relaxed);
-        self.board
-            .log_entries
-            .store(m.entries_sent, Ordering::Relaxed);
-        self.board.log_bytes.store(m.bytes_sent, Ordering::Relaxed);
         Ok(())
     }
 
