@@ -81,3 +81,37 @@ fn the_kv_client_times_out_with_a_clear_message() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.starts_with("ftvm kv: "), "{err}");
 }
+
+#[test]
+fn fault_tolerance_knobs_that_cannot_work_together_are_refused() {
+    for (knobs, says) in [
+        (
+            ["--max-lag-ms", "5", "--batch-delay-ms", "5"],
+            "--batch-delay-ms 5 must be below --max-lag-ms 5",
+        ),
+        (
+            ["--max-lag-ms", "NaN", "--batch-delay-ms", "2"],
+            "--max-lag-ms NaN must be",
+        ),
+        (
+            ["--max-lag-ms", "0", "--batch-delay-ms", "0"],
+            "--batch-delay-ms 0 must be a positive number",
+        ),
+    ] {
+        let mut args = vec![
+            "primary",
+            "--arbiter",
+            "127.0.0.1:9",
+            "--service",
+            "127.0.0.1:0",
+            "--log-listen",
+            "127.0.0.1:0",
+            "--timeout",
+            "5",
+        ];
+        args.extend(knobs);
+        let (code, err) = stderr_of(&args);
+        assert_eq!(code, Some(1), "{knobs:?}: {err}");
+        assert!(err.contains(says), "{knobs:?}: {err}");
+    }
+}

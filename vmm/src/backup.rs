@@ -51,6 +51,14 @@ impl ChannelSource {
         }
     }
 
+    /// Caught up with the log: report how far replay got (the primary may
+    /// be holding its guest for that), then wait for an entry or for the
+    /// log to be known complete up to `exits`.
+    fn wait_for_log(&self, exits: u64) -> Result<Option<Entry>, logchannel::ChannelError> {
+        self.receiver.flush_report()?;
+        self.receiver.recv_or_complete(exits, RECV_SLICE)
+    }
+
     /// Reports the primary's failure when the channel first knows of it,
     /// not when replay has drained the backlog.
     fn notice_failure(&mut self) {
@@ -80,7 +88,7 @@ impl LogSource for ChannelSource {
             match self.receiver.recv(Duration::ZERO) {
                 Ok(Some(e)) => self.next = Some(e),
                 Ok(None) if complete >= exits => return Ok(None),
-                Ok(None) => match self.receiver.recv(RECV_SLICE) {
+                Ok(None) => match self.wait_for_log(exits) {
                     Ok(Some(e)) => self.next = Some(e),
                     Ok(None) => {}
                     Err(e) => {

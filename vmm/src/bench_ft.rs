@@ -52,6 +52,10 @@ pub struct FtBenchArgs {
     /// to both; the servers' default when omitted; 0 turns it off).
     #[arg(long)]
     pub max_lag_ms: Option<f64>,
+    /// How long the log channel batches entries (passed to both; the
+    /// servers' default when omitted).
+    #[arg(long)]
+    pub batch_delay_ms: Option<f64>,
     /// Guest memory size.
     #[arg(long, default_value = "64M")]
     pub mem: String,
@@ -143,11 +147,20 @@ impl Pair {
                 "--timeout".into(),
                 format!("{:.0}", limit.as_secs_f64()),
             ];
-            if let Some(w) = args.window_entries {
-                a.extend(["--window-entries".to_string(), w.to_string()]);
-            }
-            if let Some(l) = args.max_lag_ms {
-                a.extend(["--max-lag-ms".to_string(), l.to_string()]);
+            for (flag, value) in [
+                (
+                    "--window-entries",
+                    args.window_entries.map(|w| w.to_string()),
+                ),
+                ("--max-lag-ms", args.max_lag_ms.map(|l| l.to_string())),
+                (
+                    "--batch-delay-ms",
+                    args.batch_delay_ms.map(|d| d.to_string()),
+                ),
+            ] {
+                if let Some(value) = value {
+                    a.extend([flag.to_string(), value]);
+                }
             }
             a
         };

@@ -161,6 +161,8 @@ impl OutputGate {
     }
 
     pub fn submit(&self, seq: u64, kind: OutputKind, bytes: &[u8]) {
+        // Held from now: the ack can come before the output is queued.
+        let since = Instant::now();
         // The output's entry goes to the backup now rather than after the
         // writer thread wakes; a failure is the gate thread's to notice.
         if seq != 0 {
@@ -171,7 +173,7 @@ impl OutputGate {
             seq,
             kind,
             bytes: bytes.to_vec(),
-            since: Instant::now(),
+            since,
         });
         // The ack may have come before the output was queued.
         self.shared.release(&mut held, self.sender.acked());

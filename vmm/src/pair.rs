@@ -57,9 +57,22 @@ fn channel_config(ft: &FtArgs) -> Result<ChannelConfig, String> {
             ft.max_lag_ms
         ));
     }
+    if !(ft.batch_delay_ms > 0.0 && ft.batch_delay_ms.is_finite()) {
+        return Err(format!(
+            "--batch-delay-ms {} must be a positive number of milliseconds",
+            ft.batch_delay_ms
+        ));
+    }
+    if ft.max_lag_ms > 0.0 && ft.batch_delay_ms >= ft.max_lag_ms {
+        return Err(format!(
+            "--batch-delay-ms {} must be below --max-lag-ms {}: the lag bound would hold the primary for entries it has not sent yet",
+            ft.batch_delay_ms, ft.max_lag_ms
+        ));
+    }
     Ok(ChannelConfig {
         failure_timeout,
         max_lag: (ft.max_lag_ms > 0.0).then(|| Duration::from_secs_f64(ft.max_lag_ms / 1000.0)),
+        batch_delay: Duration::from_secs_f64(ft.batch_delay_ms / 1000.0),
         heartbeat_interval: (failure_timeout / 10).max(Duration::from_millis(2)),
         handshake_timeout: Duration::from_secs(1),
         window_entries: ft.window_entries,

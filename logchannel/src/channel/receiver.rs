@@ -180,6 +180,35 @@ impl LogReceiver {
         }
     }
 
+    /// Like [`LogReceiver::recv`], but also returns `Ok(None)` as soon as
+    /// the log is known complete up to `exits` with no entry waiting: for a
+    /// replay that may run on as far as `exits` without one.
+    pub fn recv_or_complete(
+        &self,
+        exits: u64,
+        timeout: Duration,
+    ) -> Result<Option<Entry>, ChannelError> {
+        let until = deadline(timeout);
+        let mut st = self.link.lock();
+        loop {
+            if let Some((entry, size)) = st.queue.pop_front() {
+                st.queued_bytes -= u64::from(size);
+                if st.health.not_reading {
+                    self.link.wake_waiters();
+                }
+                return Ok(Some(entry));
+            }
+            if st.complete_up_to >= exits {
+                return Ok(None);
+            }
+            self.link.check(&mut st)?;
+            if Instant::now() >= until {
+                return Ok(None);
+            }
+            st = self.link.wait_waiters(st, until);
+        }
+    }
+
     /// The highest exit count up to which the primary's log is known to be
     /// complete: every entry at an exit count up to it has been received
     /// (and is available from `recv` without waiting). It comes from
@@ -223,6 +252,13 @@ impl LogReceiver {
             drop(st);
             self.link.wake_writer();
         }
+    }
+
+    /// Sends the last replay report now, from the calling thread, if it has
+    /// not been sent: for a backup about to wait for more log, whose
+    /// primary may be waiting for exactly this report (its lag bound).
+    pub fn flush_report(&self) -> Result<(), ChannelError> {
+        write_ack(&self.link, Ack::IfReportPending)
     }
 
     /// Whether the primary is considered failed: nothing from it for
@@ -352,7 +388,7 @@ fn deliver(link: &Link<State>, chunk: &mut Vec<(Entry, usize)>) {
     link.wake_waiters();
     // From this thread, not the writer's: the primary may be holding an
     // output for exactly this acknowledgement.
-    let _ = write_ack(link, false);
+    let _ = write_ack(link, Ack::IfReceived);
 }
 
 /// Waits until the queue has room and returns how much. While it waits,
@@ -406,19 +442,36 @@ fn write_loop(link: &Link<State>) {
                 guard = link.wait_writer(guard, until);
             }
         };
-        if write_ack(link, anyway).is_err() {
+        let when = if anyway { Ack::Always } else { Ack::IfReceived };
+        if write_ack(link, when).is_err() {
             return;
         }
     }
 }
 
-/// Acknowledges what was received, with the last replay report; when
-/// nothing new was received, only if `anyway` (a report or a heartbeat is
-/// due).
-fn write_ack(link: &Link<State>, anyway: bool) -> Result<(), ChannelError> {
+/// When an ack (which always carries the last replay report) is worth
+/// sending.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ack {
+    /// Entries arrived since the last one.
+    IfReceived,
+    /// That, or a replay report has not been sent.
+    IfReportPending,
+    /// A heartbeat or a report is due.
+    Always,
+}
+
+/// Acknowledges what was received, with the last replay report, if `when`
+/// says so.
+fn write_ack(link: &Link<State>, when: Ack) -> Result<(), ChannelError> {
     link.write_out(
         |st, out| {
-            if st.received == st.acked && !anyway {
+            let send = match when {
+                Ack::IfReceived => st.received > st.acked,
+                Ack::IfReportPending => st.received > st.acked || st.replay_due.is_some(),
+                Ack::Always => true,
+            };
+            if !send {
                 return Ok(());
             }
             st.acked = st.received;

@@ -263,3 +263,39 @@ fn flush_writes_at_once_what_batching_would_hold() {
         assert_eq!(acks.last(), Some(&3));
     });
 }
+
+#[test]
+fn flush_report_tells_the_primary_at_once_how_far_replay_got() {
+    bounded(LIMIT, || {
+        // A backup whose writer would hold a report for a minute: only
+        // `flush_report` gets it to the primary in time.
+        let slow = ChannelConfig {
+            batch_delay: Duration::from_secs(60),
+            heartbeat_interval: Duration::from_secs(30),
+            failure_timeout: Duration::from_secs(90),
+            ..relaxed()
+        };
+        let (sender, receiver) = pair_via(relaxed(), slow, None);
+        let (pos, event) = one_entry(10);
+        let seq = sender.send(pos, event).expect("send");
+        sender.flush().expect("flush");
+        let entry = receiver
+            .recv(Duration::from_secs(10))
+            .expect("recv")
+            .expect("the entry");
+        assert!(sender
+            .wait_acked(seq, Duration::from_secs(10))
+            .expect("acked"));
+        receiver.report_replayed(entry.seq, entry.pos.exits);
+        thread::sleep(Duration::from_millis(200));
+        assert_eq!(sender.metrics().lag_entries, 1, "not reported yet");
+
+        receiver.flush_report().expect("flush_report");
+        let start = Instant::now();
+        while sender.metrics().lag_entries != 0 {
+            assert!(start.elapsed() < Duration::from_secs(10), "no report");
+            thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(sender.metrics().lag_exits, 0);
+    });
+}

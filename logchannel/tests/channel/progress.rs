@@ -72,3 +72,42 @@ fn an_idle_channel_stays_up_on_heartbeats() {
         assert!(!receiver.primary_failed(), "{:?}", receiver.failure());
     });
 }
+
+#[test]
+fn recv_or_complete_returns_on_an_entry_or_on_completeness() {
+    bounded(LIMIT, || {
+        let (sender, receiver) = pair(ChannelConfig::default());
+        // Nothing known yet: it waits out its timeout.
+        assert!(receiver
+            .recv_or_complete(100, Duration::from_millis(50))
+            .expect("no failure")
+            .is_none());
+        assert_eq!(receiver.complete_up_to(), 0);
+
+        // A progress mark alone is enough, well before the timeout.
+        sender.set_progress(100);
+        let start = std::time::Instant::now();
+        assert!(receiver
+            .recv_or_complete(100, Duration::from_secs(30))
+            .expect("no failure")
+            .is_none());
+        assert!(start.elapsed() < Duration::from_secs(10));
+        assert!(receiver.complete_up_to() >= 100);
+
+        // Beyond what is known complete, an entry ends the wait.
+        sender
+            .send(
+                Position {
+                    exits: 150,
+                    rip: 0x1000,
+                },
+                Event::Interrupt { vector: 0x20 },
+            )
+            .expect("send");
+        let entry = receiver
+            .recv_or_complete(200, Duration::from_secs(30))
+            .expect("no failure");
+        assert_eq!(entry.map(|e| e.seq), Some(1));
+        assert_eq!(receiver.complete_up_to(), 149);
+    });
+}
