@@ -82,9 +82,11 @@ struct HeldOutputs {
 
 struct Shared {
     held: Mutex<HeldOutputs>,
-    /// Wakes the gate's thread: the primary went on alone, or the gate
-    /// closes.
+    /// Wakes the gate's thread: a console line is acknowledged, or the
+    /// gate closes. It looks at `alone` every `ACK_POLL` on its own.
     wake: Condvar,
+    /// The backup's cumulative ack, as the ack reader last saw it.
+    acked: AtomicU64,
     alone: Arc<AtomicBool>,
     closing: AtomicBool,
     /// How long each released output was held.
@@ -97,10 +99,19 @@ impl Shared {
     }
 
     /// Emits, in order, every held output up to entry `acked` (all of them
-    /// once the primary is alone).
-    fn release(&self, held: &mut HeldOutputs, acked: u64) {
+    /// once the primary is alone). The channel's ack reader leaves console
+    /// lines, and whatever follows them, to the gate's thread: a console on
+    /// a stalled pipe may block, and the reader must go on reading acks.
+    fn release(&self, held: &mut HeldOutputs, acked: u64, by_ack_reader: bool) {
         let alone = self.alone.load(Ordering::SeqCst);
-        while held.queue.front().is_some_and(|h| alone || h.seq <= acked) {
+        while let Some(front) = held.queue.front() {
+            if !(alone || front.seq <= acked) {
+                break;
+            }
+            if by_ack_reader && front.kind == OutputKind::Console {
+                self.wake.notify_all();
+                break;
+            }
             let Some(h) = held.queue.pop_front() else {
                 break;
             };
@@ -143,12 +154,16 @@ impl OutputGate {
                 emitter: Some(emitter),
             }),
             wake: Condvar::new(),
+            acked: AtomicU64::new(0),
             alone,
             closing: AtomicBool::new(false),
             hold,
         });
         let on_ack = Arc::clone(&shared);
-        sender.on_ack(move |acked| on_ack.release(&mut on_ack.lock(), acked));
+        sender.on_ack(move |acked| {
+            on_ack.acked.store(acked, Ordering::SeqCst);
+            on_ack.release(&mut on_ack.lock(), acked, true);
+        });
         let gate = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("ftvm-output-gate".into())
@@ -176,7 +191,7 @@ impl OutputGate {
             since,
         });
         // The ack may have come before the output was queued.
-        self.shared.release(&mut held, self.sender.acked());
+        self.shared.release(&mut held, self.sender.acked(), false);
     }
 
     /// Waits until every submitted output is released or, after
@@ -195,16 +210,15 @@ impl OutputGate {
     }
 }
 
-/// The gate's thread: releases everything once the primary is alone, and
-/// on closing waits up to `CLOSE_WAIT` for the last acknowledgements.
-/// Outputs never acknowledged are dropped, never released.
+/// The gate's thread: releases acknowledged console lines, everything
+/// once the primary is alone, and on closing waits up to `CLOSE_WAIT` for
+/// the last acknowledgements. Outputs never acknowledged are dropped, never
+/// released.
 fn watch(shared: &Shared) {
     let mut give_up_at = None;
     let mut held = shared.lock();
     loop {
-        if shared.alone.load(Ordering::SeqCst) {
-            shared.release(&mut held, u64::MAX);
-        }
+        shared.release(&mut held, shared.acked.load(Ordering::SeqCst), false);
         if shared.closing.load(Ordering::SeqCst) {
             let at = *give_up_at.get_or_insert_with(|| Instant::now() + CLOSE_WAIT);
             if held.queue.is_empty() {
