@@ -29,6 +29,9 @@ pub enum BenchWhat {
     /// FT overhead (primary+backup vs `run`), the output rule's latency,
     /// backup lag, log bandwidth, memory under lag, failover time.
     Ft(crate::bench_ft::FtBenchArgs),
+    /// The log channel alone on loopback: entries per second, and send to
+    /// ack with the writer thread against `flush`.
+    Channel(crate::bench_channel::ChannelBenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -336,6 +339,7 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
         BenchWhat::Kv(kv) => bench_kv(kv),
         BenchWhat::Record(r) => bench_record(r),
         BenchWhat::Ft(f) => crate::bench_ft::bench_ft(f),
+        BenchWhat::Channel(c) => crate::bench_channel::bench_channel(c),
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod backup;
 pub mod bench;
+pub mod bench_channel;
 pub mod bench_ft;
 pub mod boot;
 pub mod capture;

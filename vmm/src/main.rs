@@ -36,7 +36,7 @@ const DEFAULT_WINDOW_ENTRIES: u64 = 256;
 const DEFAULT_MAX_LAG_MS: f64 = 5.0;
 /// Every output flushes the log anyway, so a longer delay only spares the
 /// writes (and the backup's wake-ups) of entries between outputs; measured:
-/// FT overhead 0.75 at 0.2 ms, 0.86 at 2 ms (BENCHMARKS.md).
+/// FT overhead 0.76 at 0.2 ms, 0.85-0.88 at 2 ms (BENCHMARKS.md).
 const DEFAULT_BATCH_DELAY_MS: f64 = 2.0;
 
 #[derive(Parser)]

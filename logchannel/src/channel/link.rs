@@ -24,6 +24,9 @@ pub(crate) struct Health {
     /// This end has stopped reading on purpose (its buffer is full), so the
     /// peer's silence means nothing.
     pub not_reading: bool,
+    /// The log's `End` entry has gone through this end: the peer closing
+    /// the connection now is the run ending, not a failure to warn about.
+    pub ended: bool,
 }
 
 pub(crate) trait HasHealth {
@@ -126,7 +129,11 @@ impl<S: HasHealth> Link<S> {
         if h.closing || h.failure.is_some() {
             return;
         }
-        tracing::warn!("log channel failed: {err}");
+        if h.ended && matches!(err, ChannelError::Closed { .. }) {
+            tracing::debug!("log channel closed after the end of the log: {err}");
+        } else {
+            tracing::warn!("log channel failed: {err}");
+        }
         h.failure = Some(err);
         let _ = self.stream.shutdown(Shutdown::Both);
         self.to_writer.notify_all();

@@ -84,6 +84,7 @@ impl State {
     }
 
     fn push(&mut self, entry: Entry, size: usize) {
+        self.health.ended |= matches!(entry.event, Event::End { .. });
         let implied = match entry.event {
             Event::Progress { exits } | Event::End { exits, .. } => exits,
             _ => entry.pos.exits.saturating_sub(1),

@@ -222,6 +222,7 @@ impl LogSender {
             event,
         };
         let size = st.encoder.encode_entry(&entry, &mut st.pending)?;
+        st.health.ended |= matches!(entry.event, Event::End { .. });
         let now = Instant::now();
         st.pending_sizes.push(size as u32);
         st.queued_seq = entry.seq;
