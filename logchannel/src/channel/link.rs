@@ -184,11 +184,30 @@ impl<S: HasHealth> Link<S> {
             + Duration::from_millis(1)
     }
 
-    pub(crate) fn wait_writer<'a>(
+    /// The writer thread's wait: `due` says, under the lock, what is to be
+    /// written now (`Ok`) or until when nothing is (`Err`). `None` when the
+    /// writer should stop.
+    pub(crate) fn writer_wait<T>(
         &self,
-        g: MutexGuard<'a, S>,
-        until: Instant,
-    ) -> MutexGuard<'a, S> {
+        mut due: impl FnMut(&mut S, Instant) -> Result<T, Instant>,
+    ) -> Option<T> {
+        let mut guard = self.lock();
+        loop {
+            if self.stopping(&mut guard) {
+                return None;
+            }
+            let now = Instant::now();
+            match due(&mut guard, now) {
+                Ok(what) => return Some(what),
+                Err(at) => {
+                    let until = at.min(self.silence_deadline(&mut guard, now));
+                    guard = self.wait_writer(guard, until);
+                }
+            }
+        }
+    }
+
+    fn wait_writer<'a>(&self, g: MutexGuard<'a, S>, until: Instant) -> MutexGuard<'a, S> {
         wait(&self.to_writer, g, until)
     }
 

@@ -163,22 +163,7 @@ impl LogReceiver {
     /// are delivered first; then the failure is returned (a bad frame names
     /// its number and byte offset), and keeps being returned.
     pub fn recv(&self, timeout: Duration) -> Result<Option<Entry>, ChannelError> {
-        let until = deadline(timeout);
-        let mut st = self.link.lock();
-        loop {
-            if let Some((entry, size)) = st.queue.pop_front() {
-                st.queued_bytes -= u64::from(size);
-                if st.health.not_reading {
-                    self.link.wake_waiters();
-                }
-                return Ok(Some(entry));
-            }
-            self.link.check(&mut st)?;
-            if Instant::now() >= until {
-                return Ok(None);
-            }
-            st = self.link.wait_waiters(st, until);
-        }
+        self.next(timeout, None)
     }
 
     /// Like [`LogReceiver::recv`], but also returns `Ok(None)` as soon as
@@ -188,6 +173,14 @@ impl LogReceiver {
         &self,
         exits: u64,
         timeout: Duration,
+    ) -> Result<Option<Entry>, ChannelError> {
+        self.next(timeout, Some(exits))
+    }
+
+    fn next(
+        &self,
+        timeout: Duration,
+        complete: Option<u64>,
     ) -> Result<Option<Entry>, ChannelError> {
         let until = deadline(timeout);
         let mut st = self.link.lock();
@@ -199,7 +192,7 @@ impl LogReceiver {
                 }
                 return Ok(Some(entry));
             }
-            if st.complete_up_to >= exits {
+            if complete.is_some_and(|exits| st.complete_up_to >= exits) {
                 return Ok(None);
             }
             self.link.check(&mut st)?;
@@ -421,29 +414,17 @@ fn wait_for_room(link: &Link<State>) -> Result<Room, ChannelError> {
 }
 
 fn write_loop(link: &Link<State>) {
-    loop {
-        let anyway = {
-            let mut guard = link.lock();
-            loop {
-                if link.stopping(&mut guard) {
-                    return;
-                }
-                let st = &mut *guard;
-                let now = Instant::now();
-                let replay_at = st.replay_due.map(|t| t + link.config.batch_delay);
-                let beat_at = st.last_write + link.config.heartbeat_interval;
-                let report = replay_at.is_some_and(|t| t <= now) || beat_at <= now;
-                if report || st.received > st.acked {
-                    break report;
-                }
-                let until = replay_at
-                    .unwrap_or(beat_at)
-                    .min(beat_at)
-                    .min(link.silence_deadline(st, now));
-                guard = link.wait_writer(guard, until);
-            }
-        };
-        let when = if anyway { Ack::Always } else { Ack::IfReceived };
+    let due = |st: &mut State, now: Instant| {
+        let replay_at = st.replay_due.map(|t| t + link.config.batch_delay);
+        let beat_at = st.last_write + link.config.heartbeat_interval;
+        let report = replay_at.is_some_and(|t| t <= now) || beat_at <= now;
+        if report || st.received > st.acked {
+            Ok(if report { Ack::Always } else { Ack::IfReceived })
+        } else {
+            Err(replay_at.unwrap_or(beat_at).min(beat_at))
+        }
+    };
+    while let Some(when) = link.writer_wait(due) {
         if write_ack(link, when).is_err() {
             return;
         }

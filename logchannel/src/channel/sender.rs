@@ -433,34 +433,22 @@ fn accept_within(
 
 fn write_loop(link: &Link<State>) {
     let config = &link.config;
-    loop {
-        let beat = {
-            let mut guard = link.lock();
-            loop {
-                if link.stopping(&mut guard) {
-                    return;
-                }
-                let st = &mut *guard;
-                let now = Instant::now();
-                let flush_at = if st.urgent || st.pending.len() >= config.batch_max_bytes {
-                    Some(now)
-                } else {
-                    st.due_since.map(|t| t + config.batch_delay)
-                };
-                let beat_at = st.last_write + config.heartbeat_interval;
-                if flush_at.is_some_and(|t| t <= now) {
-                    break false;
-                }
-                if beat_at <= now {
-                    break true;
-                }
-                let until = flush_at
-                    .unwrap_or(beat_at)
-                    .min(beat_at)
-                    .min(link.silence_deadline(st, now));
-                guard = link.wait_writer(guard, until);
-            }
+    let due = |st: &mut State, now: Instant| {
+        let flush_at = if st.urgent || st.pending.len() >= config.batch_max_bytes {
+            Some(now)
+        } else {
+            st.due_since.map(|t| t + config.batch_delay)
         };
+        let beat_at = st.last_write + config.heartbeat_interval;
+        if flush_at.is_some_and(|t| t <= now) {
+            Ok(false)
+        } else if beat_at <= now {
+            Ok(true)
+        } else {
+            Err(flush_at.unwrap_or(beat_at).min(beat_at))
+        }
+    };
+    while let Some(beat) = link.writer_wait(due) {
         if write_batch(link, beat).is_err() {
             return;
         }

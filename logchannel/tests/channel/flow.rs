@@ -146,6 +146,17 @@ fn the_byte_window_bounds_what_is_in_flight() {
     });
 }
 
+/// An end whose writer thread would hold an entry or a report for a minute,
+/// and sends heartbeats as rarely.
+fn slow_writer() -> ChannelConfig {
+    ChannelConfig {
+        batch_delay: Duration::from_secs(60),
+        heartbeat_interval: Duration::from_secs(30),
+        failure_timeout: Duration::from_secs(90),
+        ..relaxed()
+    }
+}
+
 fn one_entry(exits: u64) -> (Position, Event) {
     (
         Position { exits, rip: 0x1000 },
@@ -213,15 +224,8 @@ fn without_a_lag_bound_an_unreplayed_entry_does_not_fill_the_window() {
 #[test]
 fn flush_writes_at_once_what_batching_would_hold() {
     bounded(LIMIT, || {
-        // Batching that would hold an entry for a minute, and heartbeats as
-        // rare: only `flush` can get the entry out in time.
-        let slow = ChannelConfig {
-            batch_delay: Duration::from_secs(60),
-            heartbeat_interval: Duration::from_secs(30),
-            failure_timeout: Duration::from_secs(90),
-            ..relaxed()
-        };
-        let (sender, receiver) = pair_via(slow, relaxed(), None);
+        // Only `flush` can get the entry out in time.
+        let (sender, receiver) = pair_via(slow_writer(), relaxed(), None);
         let acks = Arc::new(Mutex::new(Vec::new()));
         let seen = acks.clone();
         sender.on_ack(move |acked| seen.lock().expect("lock").push(acked));
@@ -267,15 +271,8 @@ fn flush_writes_at_once_what_batching_would_hold() {
 #[test]
 fn flush_report_tells_the_primary_at_once_how_far_replay_got() {
     bounded(LIMIT, || {
-        // A backup whose writer would hold a report for a minute: only
-        // `flush_report` gets it to the primary in time.
-        let slow = ChannelConfig {
-            batch_delay: Duration::from_secs(60),
-            heartbeat_interval: Duration::from_secs(30),
-            failure_timeout: Duration::from_secs(90),
-            ..relaxed()
-        };
-        let (sender, receiver) = pair_via(relaxed(), slow, None);
+        // Only `flush_report` gets the report to the primary in time.
+        let (sender, receiver) = pair_via(relaxed(), slow_writer(), None);
         let (pos, event) = one_entry(10);
         let seq = sender.send(pos, event).expect("send");
         sender.flush().expect("flush");
