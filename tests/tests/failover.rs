@@ -184,6 +184,52 @@ fn killing_the_backup_leaves_the_primary_serving() {
 }
 
 #[test]
+fn a_backup_whose_replay_stalls_while_its_connection_lives_is_given_up() {
+    if !kvm_available() {
+        return;
+    }
+    let _g = vm_lock();
+    let mut cluster = Cluster::start(ClusterOptions::default());
+    cluster.wait_fault_tolerant();
+    let mut kv = client(cluster.arbiter_addr);
+    kv.put(b"before", b"1").expect("put");
+    // Stop the backup's vCPU thread alone (its main thread): ptrace stops
+    // one thread, where SIGSTOP would stop the process and so its acks and
+    // heartbeats, which is the silence the partition test covers. Its
+    // channel threads go on answering; only its replay stalls.
+    let vcpu = nix::unistd::Pid::from_raw(cluster.backup.child.id() as i32);
+    nix::sys::ptrace::seize(vcpu, nix::sys::ptrace::Options::empty()).expect("seize");
+    nix::sys::ptrace::interrupt(vcpu).expect("interrupt");
+    let stopped = Instant::now();
+    // The primary keeps running into its window and lag bound, and gives
+    // the backup up once it has made no room for the failure timeout.
+    kv.put(b"during", b"2")
+        .expect("the primary serves again on its own");
+    let failure = cluster
+        .primary
+        .wait_event("failure_detected", Duration::from_secs(10));
+    let detail = failure["detail"].as_str().unwrap_or_default().to_string();
+    assert!(detail.contains("made no room"), "{failure}");
+    let tas = cluster.primary.wait_event("tas", Duration::from_secs(10));
+    assert_eq!(tas["won"], true);
+    assert!(
+        stopped.elapsed() < Duration::from_secs(10),
+        "given up after {:?}",
+        stopped.elapsed()
+    );
+    assert_eq!(kv.get(b"before").expect("get").as_deref(), Some(&b"1"[..]));
+    assert_eq!(kv.get(b"during").expect("get").as_deref(), Some(&b"2"[..]));
+
+    // Resumed, the backup finds its primary gone on alone: it replays
+    // what it has, claims the view and loses.
+    let _ = nix::sys::ptrace::detach(vcpu, None);
+    let status = cluster.backup.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(4), "{}", cluster.backup.stderr());
+    assert!(cluster.primary.running());
+    cluster.assert_one_primary_per_view();
+}
+
+#[test]
 fn a_partitioned_pair_has_exactly_one_survivor_and_clients_never_see_two_primaries() {
     if !kvm_available() {
         return;

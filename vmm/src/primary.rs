@@ -5,7 +5,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use logchannel::{Event, LogSender, Position};
 use serde_json::json;
@@ -67,7 +67,7 @@ impl FtSink {
             "failure_detected",
             json!({ "peer": "backup", "detail": why }),
             Some(format!(
-                "the backup is silent ({why}); claiming view {}",
+                "the backup has failed ({why}); claiming view {}",
                 self.view
             )),
         );
@@ -84,6 +84,9 @@ impl FtSink {
                 self.view = won.number;
                 self.board.view.store(won.number, Ordering::Relaxed);
                 self.alone.store(true, Ordering::SeqCst);
+                // A backup still connected (one whose replay stalled) must
+                // learn that this primary goes on without it.
+                self.sender.close();
                 Ok(())
             }
             Err(e) => {
@@ -146,8 +149,18 @@ impl EntrySink for FtSink {
             .store(m.entries_sent, Ordering::Relaxed);
         self.board.log_bytes.store(m.bytes_sent, Ordering::Relaxed);
         // Flow control: a backup that lags (too much in flight, or replay
-        // too far behind) holds the primary at this exit.
+        // too far behind) holds the primary at this exit. One that makes no
+        // room for as long as silence would take to declare it dead has
+        // failed as surely, even if its connection still answers.
+        let held = Instant::now();
+        let limit = self.sender.config().failure_timeout;
         while self.sender.window_full() {
+            if held.elapsed() > limit {
+                return self.backup_failed(format!(
+                    "its replay made no room in the window for {} ms",
+                    held.elapsed().as_millis()
+                ));
+            }
             if let Err(e) = self.sender.wait_window(WINDOW_WAIT) {
                 return self.backup_failed(e.to_string());
             }

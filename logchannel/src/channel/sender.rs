@@ -360,6 +360,17 @@ impl LogSender {
         self.link.peer.addr
     }
 
+    pub fn config(&self) -> &ChannelConfig {
+        &self.link.config
+    }
+
+    /// Closes the connection now, as dropping the last handle would: for a
+    /// primary that goes on alone while other threads still hold the
+    /// sender. The backup sees the close; every later call here fails.
+    pub fn close(&self) {
+        self.link.close();
+    }
+
     pub fn metrics(&self) -> ChannelMetrics {
         let mut guard = self.link.lock();
         let st = &mut *guard;
