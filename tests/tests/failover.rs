@@ -169,16 +169,33 @@ fn killing_the_backup_leaves_the_primary_serving() {
         return;
     }
     let _g = vm_lock();
+    let (mut cluster, mut kv) = pair_with_a_write();
+    cluster.backup.kill();
+    kv.put(b"after", b"2").expect("the primary keeps serving");
+    assert_primary_alone_with(&mut cluster, &mut kv, b"after", b"2");
+}
+
+/// A fault-tolerant pair, and a client that has written `before` = 1.
+fn pair_with_a_write() -> (Cluster, FailoverClient) {
     let mut cluster = Cluster::start(ClusterOptions::default());
     cluster.wait_fault_tolerant();
     let mut kv = client(cluster.arbiter_addr);
     kv.put(b"before", b"1").expect("put");
-    cluster.backup.kill();
+    (cluster, kv)
+}
+
+/// The primary won test-and-set, serves alone, and has both the write
+/// made before the backup failed and `key` = `value` made after.
+fn assert_primary_alone_with(
+    cluster: &mut Cluster,
+    kv: &mut FailoverClient,
+    key: &[u8],
+    value: &[u8],
+) {
     let tas = cluster.primary.wait_event("tas", Duration::from_secs(10));
     assert_eq!(tas["won"], true);
-    kv.put(b"after", b"2").expect("the primary keeps serving");
     assert_eq!(kv.get(b"before").expect("get").as_deref(), Some(&b"1"[..]));
-    assert_eq!(kv.get(b"after").expect("get").as_deref(), Some(&b"2"[..]));
+    assert_eq!(kv.get(key).expect("get").as_deref(), Some(value));
     assert!(cluster.primary.running());
     cluster.assert_one_primary_per_view();
 }
@@ -189,10 +206,7 @@ fn a_backup_whose_replay_stalls_while_its_connection_lives_is_given_up() {
         return;
     }
     let _g = vm_lock();
-    let mut cluster = Cluster::start(ClusterOptions::default());
-    cluster.wait_fault_tolerant();
-    let mut kv = client(cluster.arbiter_addr);
-    kv.put(b"before", b"1").expect("put");
+    let (mut cluster, mut kv) = pair_with_a_write();
     // Stop the backup's vCPU thread alone (its main thread): ptrace stops
     // one thread, where SIGSTOP would stop the process and so its acks and
     // heartbeats, which is the silence the partition test covers. Its
@@ -210,15 +224,12 @@ fn a_backup_whose_replay_stalls_while_its_connection_lives_is_given_up() {
         .wait_event("failure_detected", Duration::from_secs(10));
     let detail = failure["detail"].as_str().unwrap_or_default().to_string();
     assert!(detail.contains("made no room"), "{failure}");
-    let tas = cluster.primary.wait_event("tas", Duration::from_secs(10));
-    assert_eq!(tas["won"], true);
     assert!(
         stopped.elapsed() < Duration::from_secs(10),
         "given up after {:?}",
         stopped.elapsed()
     );
-    assert_eq!(kv.get(b"before").expect("get").as_deref(), Some(&b"1"[..]));
-    assert_eq!(kv.get(b"during").expect("get").as_deref(), Some(&b"2"[..]));
+    assert_primary_alone_with(&mut cluster, &mut kv, b"during", b"2");
 
     // Resumed, the backup finds its primary gone on alone: it replays
     // what it has, claims the view and loses.
