@@ -211,6 +211,29 @@ impl<S: HasHealth> Link<S> {
         wait(&self.to_writer, g, until)
     }
 
+    /// Waits on behalf of a caller until `ready`, run under the lock at
+    /// every change, gives a value, the peer fails (the error), or
+    /// `timeout` passes (`Ok(None)`). `ready` comes first, so what arrived
+    /// before a failure is still delivered.
+    pub(crate) fn wait_for<T>(
+        &self,
+        timeout: Duration,
+        mut ready: impl FnMut(&mut S) -> Option<T>,
+    ) -> Result<Option<T>, ChannelError> {
+        let until = deadline(timeout);
+        let mut st = self.lock();
+        loop {
+            if let Some(value) = ready(&mut st) {
+                return Ok(Some(value));
+            }
+            self.check(&mut st)?;
+            if Instant::now() >= until {
+                return Ok(None);
+            }
+            st = self.wait_waiters(st, until);
+        }
+    }
+
     /// Waits on behalf of a caller or the reader, waking in time to notice
     /// silence.
     pub(crate) fn wait_waiters<'a>(

@@ -5,7 +5,7 @@ use super::config::ChannelConfig;
 use super::error::{ChannelError, Peer};
 use super::handshake::{handshake, Side};
 use super::hello::Hello;
-use super::link::{deadline, HasHealth, Health, Link, IDLE_RECHECK};
+use super::link::{HasHealth, Health, Link, IDLE_RECHECK};
 use super::liveness::StampingReader;
 use super::metrics::ReceiverMetrics;
 use super::wire::{ControlSeq, Message};
@@ -182,25 +182,19 @@ impl LogReceiver {
         timeout: Duration,
         complete: Option<u64>,
     ) -> Result<Option<Entry>, ChannelError> {
-        let until = deadline(timeout);
-        let mut st = self.link.lock();
-        loop {
+        let next = self.link.wait_for(timeout, |st| {
             if let Some((entry, size)) = st.queue.pop_front() {
                 st.queued_bytes -= u64::from(size);
                 if st.health.not_reading {
                     self.link.wake_waiters();
                 }
-                return Ok(Some(entry));
+                return Some(Some(entry));
             }
-            if complete.is_some_and(|exits| st.complete_up_to >= exits) {
-                return Ok(None);
-            }
-            self.link.check(&mut st)?;
-            if Instant::now() >= until {
-                return Ok(None);
-            }
-            st = self.link.wait_waiters(st, until);
-        }
+            complete
+                .is_some_and(|exits| st.complete_up_to >= exits)
+                .then_some(None)
+        })?;
+        Ok(next.flatten())
     }
 
     /// The highest exit count up to which the primary's log is known to be
@@ -216,18 +210,10 @@ impl LogReceiver {
     /// Waits until `complete_up_to() >= exits`. `Ok(false)` on timeout; an
     /// error if the primary fails first.
     pub fn wait_complete(&self, exits: u64, timeout: Duration) -> Result<bool, ChannelError> {
-        let until = deadline(timeout);
-        let mut st = self.link.lock();
-        loop {
-            if st.complete_up_to >= exits {
-                return Ok(true);
-            }
-            self.link.check(&mut st)?;
-            if Instant::now() >= until {
-                return Ok(false);
-            }
-            st = self.link.wait_waiters(st, until);
-        }
+        let done = self
+            .link
+            .wait_for(timeout, |st| (st.complete_up_to >= exits).then_some(()))?;
+        Ok(done.is_some())
     }
 
     /// Tells the primary (with the next ack, within `batch_delay`) that the

@@ -290,22 +290,16 @@ impl LogSender {
     /// Entries still waiting to be batched are written at once. `Ok(false)`
     /// on timeout; an error if the peer fails first.
     pub fn wait_acked(&self, seq: u64, timeout: Duration) -> Result<bool, ChannelError> {
-        let until = deadline(timeout);
         let mut st = self.link.lock();
         if st.acked < seq && seq > st.written_seq && !st.pending_sizes.is_empty() {
             st.urgent = true;
             self.link.wake_writer();
         }
-        loop {
-            if st.acked >= seq {
-                return Ok(true);
-            }
-            self.link.check(&mut st)?;
-            if Instant::now() >= until {
-                return Ok(false);
-            }
-            st = self.link.wait_waiters(st, until);
-        }
+        drop(st);
+        let acked = self
+            .link
+            .wait_for(timeout, |st| (st.acked >= seq).then_some(()))?;
+        Ok(acked.is_some())
     }
 
     /// Entries sent and not yet acknowledged.
@@ -326,18 +320,11 @@ impl LogSender {
     /// Waits until the window has room. `Ok(false)` on timeout; an error if
     /// the peer fails first.
     pub fn wait_window(&self, timeout: Duration) -> Result<bool, ChannelError> {
-        let until = deadline(timeout);
-        let mut st = self.link.lock();
-        loop {
-            if !st.window_full(&self.link.config, Instant::now()) {
-                return Ok(true);
-            }
-            self.link.check(&mut st)?;
-            if Instant::now() >= until {
-                return Ok(false);
-            }
-            st = self.link.wait_waiters(st, until);
-        }
+        let config = &self.link.config;
+        let room = self.link.wait_for(timeout, |st| {
+            (!st.window_full(config, Instant::now())).then_some(())
+        })?;
+        Ok(room.is_some())
     }
 
     /// Whether the backup is considered failed: nothing from it for
