@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ftvm::history::{Clock, OpKind, Recorder};
-use ftvm::kv::{ClientConfig, FailoverClient, FailoverConfig, KvClient, ServerSource};
-use ftvm::linearizability::{check, CheckConfig, Overall};
+use ftvm_harness::history::{Clock, OpKind, Recorder};
+use ftvm_harness::linearizability::{check, CheckConfig, Overall};
+use ftvm_kvclient::{ClientConfig, FailoverClient, FailoverConfig, KvClient, ServerSource};
 use ftvm_tests::cluster::{Cluster, ClusterOptions, VM_ID};
 use ftvm_tests::{kvm_available, vm_lock};
 use rand::{Rng, SeedableRng};
@@ -400,7 +400,7 @@ fn a_backup_with_another_image_or_memory_size_is_refused_clearly() {
     let _g = vm_lock();
     let dir = tempfile::tempdir().expect("dir");
     let other = dir.path().join("other.elf");
-    std::fs::write(&other, ftvm::loader::flat_elf(&[0xf4])).expect("image");
+    std::fs::write(&other, ftvm_core::machine::loader::flat_elf(&[0xf4])).expect("image");
     for (extra, needle) in [
         (
             vec!["--kernel".to_string(), other.to_string_lossy().into_owned()],

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use ftvm::loader::flat_elf;
+use ftvm_core::machine::loader::flat_elf;
 use ftvm_tests::{ftvm, kvm_available, vm_lock};
 
 /// Runs a guest made of `code`; returns (exit code, stdout, stderr).

@@ -4,8 +4,8 @@ use std::collections::HashMap;
 use std::net::UdpSocket;
 use std::time::Duration;
 
-use ftvm::kv::proto::{Op, Reply, Request, Status};
-use ftvm::kv::{ClientConfig, KvClient};
+use ftvm_kvclient::proto::{Op, Reply, Request, Status};
+use ftvm_kvclient::{ClientConfig, KvClient};
 use ftvm_tests::{ftvm, kvm_available, vm_lock, Vmm};
 use rand::{Rng, SeedableRng};
 

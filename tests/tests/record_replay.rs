@@ -6,8 +6,8 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use ftvm::capture::read_frames;
-use ftvm::kv::{ClientConfig, KvClient};
+use ftvm_core::host::capture::read_frames;
+use ftvm_kvclient::{ClientConfig, KvClient};
 use ftvm_tests::{ftvm, kvm_available, vm_lock, Vmm};
 use serde_json::Value;
 
@@ -429,7 +429,7 @@ fn a_log_for_another_image_or_memory_size_is_refused_before_running() {
     let _g = vm_lock();
     let rec = loaded_recording();
     let other = rec.dir.path().join("other.elf");
-    std::fs::write(&other, ftvm::loader::flat_elf(&[0xf4])).expect("image");
+    std::fs::write(&other, ftvm_core::machine::loader::flat_elf(&[0xf4])).expect("image");
     let rep = replay(&rec.log, &["--kernel", &other.to_string_lossy()]);
     assert_eq!(rep.code, Some(1), "{}", rep.stderr);
     assert!(rep.stderr.contains("another guest image"), "{}", rep.stderr);
@@ -500,7 +500,7 @@ fn sigint_closes_the_log_cleanly() {
 fn record_and_replay_flat(name: &str, code: &[u8]) -> (String, String) {
     let dir = tempfile::tempdir().expect("dir");
     let image = dir.path().join(format!("{name}.elf"));
-    std::fs::write(&image, ftvm::loader::flat_elf(code)).expect("image");
+    std::fs::write(&image, ftvm_core::machine::loader::flat_elf(code)).expect("image");
     let log = dir.path().join(format!("{name}.log"));
     let serial = dir.path().join("rec.txt");
     let service = ftvm_tests::free_udp_addr().to_string();

@@ -31,7 +31,7 @@ fn a_missing_guest_image_is_named() {
 fn a_truncated_guest_image_is_refused_with_the_offset() {
     let dir = tempfile::tempdir().expect("dir");
     let path = dir.path().join("cut.elf");
-    std::fs::write(&path, &ftvm::guest_image::GUEST_ELF[..4000]).expect("write");
+    std::fs::write(&path, &ftvm_core::machine::guest_image::GUEST_ELF[..4000]).expect("write");
     let p = path.to_string_lossy();
     let (code, err) = stderr_of(&["run", "--kernel", &p, "--timeout", "5"]);
     assert_eq!(code, Some(1));

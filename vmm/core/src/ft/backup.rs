@@ -1,0 +1,313 @@
+//! The backup of a fault-tolerant pair: it replays the primary's log as it
+//! arrives, never running past what the log covers, drops its outputs after
+//! checking them, and when the primary falls silent it claims the view at
+//! the arbiter and, on winning, goes live at exactly the point the log
+//! reached.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use logchannel::{Entry, LogReceiver, OutputKind, Position};
+use serde_json::json;
+
+use crate::ft::membership::{ArbitrationError, Membership};
+use crate::host::capture::Capture;
+use crate::host::emitter::Emitter;
+use crate::host::events::{Events, StatusBoard, ROLE_PRIMARY};
+use crate::host::net_backend::NetBackend;
+use crate::live::Live;
+use crate::machine::patch::TrapResult;
+use crate::machine::scan::NondetSite;
+use crate::replay::{LogSource, Replay};
+use crate::run::run_loop::{Machine, Mode, RunError, StopReason};
+use crate::run::stop::StopSignal;
+
+/// How long one wait for the primary's log lasts before the source looks
+/// again at what it knows.
+const RECV_SLICE: Duration = Duration::from_millis(20);
+
+/// The primary's log as it arrives over the channel.
+pub struct ChannelSource {
+    receiver: Arc<LogReceiver>,
+    next: Option<Entry>,
+    board: Arc<StatusBoard>,
+    events: Arc<Events>,
+    /// The primary's failure, once noticed. The backup then still replays
+    /// what it received before it claims the view.
+    failure_noticed: bool,
+}
+
+impl ChannelSource {
+    pub fn new(receiver: Arc<LogReceiver>, board: Arc<StatusBoard>, events: Arc<Events>) -> Self {
+        ChannelSource {
+            receiver,
+            next: None,
+            board,
+            events,
+            failure_noticed: false,
+        }
+    }
+
+    /// Caught up with the log: report how far replay got (the primary may
+    /// be holding its guest for that), then wait for an entry or for the
+    /// log to be known complete up to `exits`.
+    fn wait_for_log(&self, exits: u64) -> Result<Option<Entry>, logchannel::ChannelError> {
+        self.receiver.flush_report()?;
+        self.receiver.recv_or_complete(exits, RECV_SLICE)
+    }
+
+    /// Reports the primary's failure when the channel first knows of it,
+    /// not when replay has drained the backlog.
+    fn notice_failure(&mut self) {
+        if self.failure_noticed {
+            return;
+        }
+        if let Some(failure) = self.receiver.failure() {
+            self.failure_noticed = true;
+            self.events.emit(
+                "failure_detected",
+                json!({ "peer": "primary", "detail": failure.to_string() }),
+                Some(format!(
+                    "the primary is silent ({failure}); replaying what it sent"
+                )),
+            );
+        }
+    }
+}
+
+impl LogSource for ChannelSource {
+    fn peek(&mut self, exits: u64) -> Result<Option<&Entry>, RunError> {
+        self.notice_failure();
+        while self.next.is_none() {
+            // Read before polling: every entry at an exit up to `complete`
+            // was already receivable when it was read.
+            let complete = self.receiver.complete_up_to();
+            match self.receiver.recv(Duration::ZERO) {
+                Ok(Some(e)) => self.next = Some(e),
+                Ok(None) if complete >= exits => return Ok(None),
+                Ok(None) => match self.wait_for_log(exits) {
+                    Ok(Some(e)) => self.next = Some(e),
+                    Ok(None) => {}
+                    Err(e) => {
+                        self.notice_failure();
+                        return Err(RunError::PeerFailed(e.to_string()));
+                    }
+                },
+                Err(e) => {
+                    self.notice_failure();
+                    return Err(RunError::PeerFailed(e.to_string()));
+                }
+            }
+        }
+        Ok(self.next.as_ref())
+    }
+
+    fn take(&mut self) -> Option<Entry> {
+        self.next.take()
+    }
+
+    fn finite(&self) -> bool {
+        false
+    }
+
+    fn applied(&mut self, seq: u64, exits: u64) {
+        self.receiver.report_replayed(seq, exits);
+        self.board.exits.store(exits, Ordering::Relaxed);
+        let m = self.receiver.metrics();
+        self.board
+            .log_entries
+            .store(m.entries_received, Ordering::Relaxed);
+        self.board
+            .log_bytes
+            .store(m.bytes_received, Ordering::Relaxed);
+        self.board
+            .lag_exits
+            .store(m.complete_up_to.saturating_sub(exits), Ordering::Relaxed);
+    }
+}
+
+/// What the backup needs to go live.
+pub struct GoLive {
+    pub membership: Arc<Membership>,
+    pub view: u64,
+    pub service: SocketAddr,
+    pub console: Box<dyn Write + Send>,
+    pub capture: Option<Capture>,
+    pub stop: StopSignal,
+    pub timeout: Option<Duration>,
+    pub events: Arc<Events>,
+    pub board: Arc<StatusBoard>,
+}
+
+pub struct Backup {
+    replay: Replay<ChannelSource>,
+    live: Option<Live>,
+    go_live: Option<GoLive>,
+}
+
+impl Backup {
+    pub fn new(replay: Replay<ChannelSource>, go_live: GoLive) -> Self {
+        Backup {
+            replay,
+            live: None,
+            go_live: Some(go_live),
+        }
+    }
+
+    pub fn is_live(&self) -> bool {
+        self.live.is_some()
+    }
+
+    pub fn replay_counts(&self) -> &crate::replay::ReplayCounts {
+        &self.replay.counts
+    }
+
+    /// The primary is gone and everything it sent has been replayed: claim
+    /// its view and, on winning, become the primary from this very point.
+    fn fail_over(&mut self, why: &str) -> Result<(), RunError> {
+        let Some(g) = self.go_live.take() else {
+            return Ok(());
+        };
+        g.events.emit(
+            "caught_up",
+            json!({ "view": g.view, "detail": why }),
+            Some(format!(
+                "replayed everything the primary sent; claiming view {}",
+                g.view
+            )),
+        );
+        let won = match g.membership.claim(g.view, Some(g.service)) {
+            Ok(won) => won,
+            Err(e) => {
+                let event = match &e {
+                    ArbitrationError::Unreachable { .. } => "arbiter_unreachable",
+                    ArbitrationError::Lost { .. } => "lost",
+                };
+                g.events
+                    .emit(event, json!({ "view": g.view }), Some(e.to_string()));
+                return Err(e.into());
+            }
+        };
+        g.events.emit(
+            "tas",
+            json!({ "view": g.view, "won": true }),
+            Some(format!("won test-and-set for view {}", g.view)),
+        );
+        let net = Arc::new(
+            NetBackend::bind(g.service)
+                .map_err(|e| RunError::PeerFailed(format!("cannot serve after failover: {e}")))?,
+        );
+        let emitter = Emitter {
+            net: Some(net.clone()),
+            console: g.console,
+            capture: g.capture,
+            served: g.board.served.clone(),
+        };
+        self.live = Some(
+            Live::new(Some(net), Box::new(emitter), None, g.stop, g.timeout)
+                .with_board(g.board.clone()),
+        );
+        g.board.view.store(won.number, Ordering::Relaxed);
+        g.board.role.store(ROLE_PRIMARY, Ordering::Relaxed);
+        g.events.emit(
+            "live",
+            json!({ "view": won.number }),
+            Some(format!(
+                "live as the primary of view {} on {}",
+                won.number, g.service
+            )),
+        );
+        Ok(())
+    }
+}
+
+/// Runs `$call` on the replay; if the primary's log ran dry because it
+/// failed, fails over and runs `$live_call` on the live side instead.
+macro_rules! replay_or_live {
+    ($self:ident, $live:ident => $live_call:expr, $call:expr) => {{
+        if let Some($live) = $self.live.as_mut() {
+            return $live_call;
+        }
+        match $call {
+            Err(RunError::PeerFailed(why)) => {
+                $self.fail_over(&why)?;
+                match $self.live.as_mut() {
+                    Some($live) => $live_call,
+                    None => Err(RunError::PeerFailed(why)),
+                }
+            }
+            other => other,
+        }
+    }};
+}
+
+impl Mode for Backup {
+    fn now_ns(&self) -> u64 {
+        match &self.live {
+            Some(l) => l.now_ns(),
+            None => self.replay.now_ns(),
+        }
+    }
+
+    fn should_stop(
+        &mut self,
+        m: &mut Machine,
+        pos: Position,
+    ) -> Result<Option<StopReason>, RunError> {
+        replay_or_live!(self, live => live.should_stop(m, pos), self.replay.should_stop(m, pos))
+    }
+
+    fn trap(&mut self, pos: Position, site: &NondetSite) -> Result<TrapResult, RunError> {
+        replay_or_live!(self, live => live.trap(pos, site), self.replay.trap(pos, site))
+    }
+
+    fn time_msr(&mut self, pos: Position, msr: u32) -> Result<u64, RunError> {
+        replay_or_live!(self, live => live.time_msr(pos, msr), self.replay.time_msr(pos, msr))
+    }
+
+    fn time_read(&mut self, pos: Position, port: u16, value: u8) -> Result<u8, RunError> {
+        replay_or_live!(self, live => live.time_read(pos, port, value), self.replay.time_read(pos, port, value))
+    }
+
+    fn output(
+        &mut self,
+        m: &mut Machine,
+        pos: Position,
+        kind: OutputKind,
+        bytes: &[u8],
+    ) -> Result<(), RunError> {
+        replay_or_live!(self, live => live.output(m, pos, kind, bytes), self.replay.output(m, pos, kind, bytes))
+    }
+
+    fn after_exit(&mut self, m: &mut Machine, pos: Position) -> Result<(), RunError> {
+        replay_or_live!(self, live => live.after_exit(m, pos), self.replay.after_exit(m, pos))
+    }
+
+    fn deliver(&mut self, m: &mut Machine, pos: Position, ready: bool) -> Result<bool, RunError> {
+        replay_or_live!(self, live => live.deliver(m, pos, ready), self.replay.deliver(m, pos, ready))
+    }
+
+    fn resume(&mut self, m: &mut Machine, pos: Position) -> Result<(), RunError> {
+        replay_or_live!(self, live => live.resume(m, pos), self.replay.resume(m, pos))
+    }
+
+    fn wait_idle(&mut self, m: &mut Machine, pos: Position) -> Result<(), RunError> {
+        replay_or_live!(self, live => live.wait_idle(m, pos), self.replay.wait_idle(m, pos))
+    }
+
+    fn finish(
+        &mut self,
+        m: &mut Machine,
+        pos: Position,
+        reason: StopReason,
+        at_position: bool,
+    ) -> Result<(), RunError> {
+        match self.live.as_mut() {
+            Some(live) => live.finish(m, pos, reason, at_position),
+            None => self.replay.finish(m, pos, reason, at_position),
+        }
+    }
+}

@@ -1,0 +1,375 @@
+//! A live run: host time, the host's random numbers, the network and the
+//! console. With an [`EntrySink`] every nondeterministic input goes into a
+//! log at the position where the guest took it: a file (`ftvm record`) or
+//! the log channel to a backup (`ftvm primary`).
+
+pub mod record;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use logchannel::{DigestReason, Event, OutputKind, Position};
+
+use crate::devices::virtio_net::VirtioNetError;
+use crate::host::emitter::Emitter;
+use crate::host::events::StatusBoard;
+use crate::host::net_backend::{Datagram, NetBackend};
+use crate::machine::patch::TrapResult;
+use crate::machine::scan::{NondetKind, NondetSite};
+use crate::run::digest;
+use crate::run::run_loop::{Machine, Mode, RunError, StopReason, TIMER_IRQ};
+use crate::run::stop::StopSignal;
+
+/// Datagrams held while the guest has no free receive buffer.
+const MAX_PENDING_DATAGRAMS: usize = 1024;
+
+/// Where a live run's log entries go.
+pub trait EntrySink: Send {
+    /// Appends an entry; returns its sequence number.
+    fn log(&mut self, pos: Position, event: Event) -> Result<u64, RunError>;
+    fn digest_due(&self, pos: Position) -> bool;
+    /// Whether output checks bring the memory hash up to date.
+    fn output_memory(&self) -> bool {
+        false
+    }
+    /// Everything at exits up to `pos` has been logged and the guest is
+    /// about to run again (progress marks, flow control, failure checks).
+    fn resume(&mut self, _pos: Position) -> Result<(), RunError> {
+        Ok(())
+    }
+    /// The guest is idle; a good moment to push buffered entries out.
+    fn flush(&mut self) -> Result<(), RunError>;
+    fn end(&mut self, pos: Position, reason: StopReason) -> Result<(), RunError>;
+    /// The run failed: close what can be closed, so that what was logged
+    /// stays readable.
+    fn abort(&mut self, _why: &str) -> Result<(), RunError> {
+        Ok(())
+    }
+    /// A line for the user about what was logged.
+    fn report(&self) -> Option<String> {
+        None
+    }
+}
+
+/// How a live run's outputs leave: at once (an [`Emitter`]), or through the
+/// primary's gate that holds them until the backup has acknowledged them.
+pub trait Outputs: Send {
+    /// Takes the output logged as entry `seq` (0: not logged).
+    fn submit(&mut self, seq: u64, kind: OutputKind, bytes: &[u8]) -> std::io::Result<()>;
+    /// Releases or drops what is still held and hands back the emitter.
+    fn finish(self: Box<Self>) -> Option<Emitter>;
+}
+
+impl Outputs for Emitter {
+    fn submit(&mut self, _seq: u64, kind: OutputKind, bytes: &[u8]) -> std::io::Result<()> {
+        self.emit(kind, bytes)
+    }
+
+    fn finish(self: Box<Self>) -> Option<Emitter> {
+        Some(*self)
+    }
+}
+
+pub struct Live {
+    net: Option<Arc<NetBackend>>,
+    outputs: Option<Box<dyn Outputs>>,
+    sink: Option<Box<dyn EntrySink>>,
+    start: Instant,
+    deadline: Option<Instant>,
+    stop: StopSignal,
+    pending: VecDeque<Datagram>,
+    board: Option<Arc<StatusBoard>>,
+}
+
+impl Live {
+    pub fn new(
+        net: Option<Arc<NetBackend>>,
+        outputs: Box<dyn Outputs>,
+        sink: Option<Box<dyn EntrySink>>,
+        stop: StopSignal,
+        timeout: Option<Duration>,
+    ) -> Self {
+        let start = Instant::now();
+        Live {
+            net,
+            outputs: Some(outputs),
+            sink,
+            start,
+            deadline: timeout.map(|t| start + t),
+            stop,
+            pending: VecDeque::new(),
+            board: None,
+        }
+    }
+
+    /// Reports the guest's progress on `board`.
+    pub fn with_board(mut self, board: Arc<StatusBoard>) -> Self {
+        self.board = Some(board);
+        self
+    }
+
+    pub fn sink_mut(&mut self) -> Option<&mut (dyn EntrySink + 'static)> {
+        self.sink.as_deref_mut()
+    }
+
+    fn log(&mut self, pos: Position, event: Event) -> Result<Option<u64>, RunError> {
+        match &mut self.sink {
+            Some(s) => s.log(pos, event).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn collect_datagrams(&mut self) {
+        let Some(net) = &self.net else { return };
+        while self.pending.len() < MAX_PENDING_DATAGRAMS {
+            match net.incoming().try_recv() {
+                Ok(d) => self.pending.push_back(d),
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Releases every output still held and flushes the emitter.
+    fn close_outputs(&mut self) -> Result<(), RunError> {
+        let emitter = self.outputs.take().and_then(|o| o.finish());
+        if let Some(mut e) = emitter {
+            e.flush().map_err(RunError::Capture)?;
+        }
+        Ok(())
+    }
+}
+
+/// Errors of `deliver_rx` that left the device and memory untouched; any
+/// other outcome changed guest state and must be logged like a delivery.
+fn delivery_changed_nothing(e: &VirtioNetError) -> bool {
+    matches!(
+        e,
+        VirtioNetError::NotActive
+            | VirtioNetError::NoRxBuffer
+            | VirtioNetError::FrameTooLong { .. }
+    )
+}
+
+fn host_result(kind: NondetKind) -> (TrapResult, Event) {
+    // SAFETY: rdtsc has no preconditions; this VMM only runs on x86_64.
+    let tsc = unsafe { core::arch::x86_64::_rdtsc() };
+    let random: u64 = rand::random();
+    let ok = |value| TrapResult {
+        value,
+        aux: 0,
+        ok: true,
+    };
+    match kind {
+        NondetKind::Rdtsc => (ok(tsc), Event::Rdtsc { value: tsc }),
+        // The guest never writes IA32_TSC_AUX, which stays 0.
+        NondetKind::Rdtscp => (ok(tsc), Event::Rdtscp { value: tsc, aux: 0 }),
+        NondetKind::Rdrand => (
+            ok(random),
+            Event::Rdrand {
+                value: random,
+                ok: true,
+            },
+        ),
+        NondetKind::Rdseed => (
+            ok(random),
+            Event::Rdseed {
+                value: random,
+                ok: true,
+            },
+        ),
+    }
+}
+
+impl Mode for Live {
+    fn now_ns(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+
+    fn should_stop(
+        &mut self,
+        _m: &mut Machine,
+        _pos: Position,
+    ) -> Result<Option<StopReason>, RunError> {
+        if self.stop.is_requested() {
+            return Ok(Some(StopReason::Requested));
+        }
+        Ok(match self.deadline {
+            Some(d) if Instant::now() >= d => Some(StopReason::Timeout),
+            _ => None,
+        })
+    }
+
+    fn trap(&mut self, pos: Position, site: &NondetSite) -> Result<TrapResult, RunError> {
+        let (result, event) = host_result(site.kind);
+        self.log(pos, event)?;
+        Ok(result)
+    }
+
+    fn time_msr(&mut self, pos: Position, msr: u32) -> Result<u64, RunError> {
+        // SAFETY: rdtsc has no preconditions; this VMM only runs on x86_64.
+        let value = unsafe { core::arch::x86_64::_rdtsc() };
+        self.log(pos, Event::Rdmsr { msr, value })?;
+        Ok(value)
+    }
+
+    fn time_read(&mut self, pos: Position, port: u16, value: u8) -> Result<u8, RunError> {
+        self.log(pos, Event::PitRead { port, value })?;
+        Ok(value)
+    }
+
+    fn output(
+        &mut self,
+        m: &mut Machine,
+        pos: Position,
+        kind: OutputKind,
+        bytes: &[u8],
+    ) -> Result<(), RunError> {
+        let mut seq = 0;
+        if let Some(sink) = &self.sink {
+            let (regs, mem_hash) = m.output_state(sink.output_memory())?;
+            let check = Event::Output {
+                kind,
+                hash: digest::output_hash(bytes),
+                state: digest::state_hash(&regs, mem_hash),
+            };
+            seq = self.log(pos, check)?.unwrap_or(0);
+        }
+        if let Some(outputs) = &mut self.outputs {
+            outputs
+                .submit(seq, kind, bytes)
+                .map_err(RunError::Capture)?;
+        }
+        Ok(())
+    }
+
+    fn after_exit(&mut self, m: &mut Machine, pos: Position) -> Result<(), RunError> {
+        if self.sink.as_ref().is_some_and(|s| s.digest_due(pos)) {
+            let digest = m.full_digest(DigestReason::Periodic)?;
+            self.log(pos, Event::Digest(digest))?;
+        }
+        Ok(())
+    }
+
+    fn deliver(&mut self, m: &mut Machine, pos: Position, ready: bool) -> Result<bool, RunError> {
+        if !ready {
+            return Ok(false);
+        }
+        if m.vm.devices.pit.poll_irq0(self.now_ns()) {
+            m.summary.timer_irqs += 1;
+            m.vm.devices.pic.raise_irq(TIMER_IRQ);
+        }
+        self.collect_datagrams();
+        while !self.pending.is_empty() && m.vm.devices.net.rx_buffers_available(&m.vm.mem) > 0 {
+            let Some(datagram) = self.pending.pop_front() else {
+                break;
+            };
+            let frame = match datagram.to_frame() {
+                Ok(f) => f,
+                Err(e) => {
+                    m.summary.datagrams_dropped += 1;
+                    tracing::debug!("datagram from {} not deliverable: {e}", datagram.from);
+                    continue;
+                }
+            };
+            let head = match m.vm.devices.net.deliver_rx(&m.vm.mem, &frame) {
+                Ok(placed) => {
+                    m.summary.packets_delivered += 1;
+                    placed.head
+                }
+                Err(e) if delivery_changed_nothing(&e) => {
+                    m.summary.datagrams_dropped += 1;
+                    continue;
+                }
+                Err(e) => {
+                    m.summary.datagrams_dropped += 1;
+                    tracing::debug!("receive delivery consumed a buffer but failed: {e}");
+                    crate::run::divergence::FAILED_DELIVERY
+                }
+            };
+            self.log(
+                pos,
+                Event::Packet {
+                    desc_head: head,
+                    frame,
+                },
+            )?;
+        }
+        m.raise_device_irqs();
+        match m.inject_pending()? {
+            Some(vector) => {
+                self.log(pos, Event::Interrupt { vector })?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    fn resume(&mut self, _m: &mut Machine, pos: Position) -> Result<(), RunError> {
+        if let Some(b) = &self.board {
+            b.exits
+                .store(pos.exits, std::sync::atomic::Ordering::Relaxed);
+        }
+        match &mut self.sink {
+            Some(s) => s.resume(pos),
+            None => Ok(()),
+        }
+    }
+
+    fn wait_idle(&mut self, m: &mut Machine, _pos: Position) -> Result<(), RunError> {
+        if let Some(s) = &mut self.sink {
+            s.flush()?;
+        }
+        let now = self.now_ns();
+        let mut wake_at =
+            m.vm.devices
+                .pit
+                .next_irq0_ns()
+                .map(|ns| self.start + Duration::from_nanos(ns.max(now)));
+        if let Some(deadline) = self.deadline {
+            wake_at = Some(wake_at.map_or(deadline, |w| w.min(deadline)));
+        }
+        let never = crossbeam_channel::never();
+        let incoming = self.net.as_ref().map_or(&never, |n| n.incoming());
+        let timeout = match wake_at {
+            Some(w) => crossbeam_channel::at(w),
+            None => crossbeam_channel::never(),
+        };
+        crossbeam_channel::select! {
+            recv(incoming) -> d => {
+                if let Ok(d) = d {
+                    self.pending.push_back(d);
+                }
+            }
+            recv(self.stop.wake()) -> _ => {}
+            recv(timeout) -> _ => {}
+        }
+        Ok(())
+    }
+
+    fn finish(
+        &mut self,
+        m: &mut Machine,
+        pos: Position,
+        reason: StopReason,
+        at_position: bool,
+    ) -> Result<(), RunError> {
+        if self.sink.is_some() && at_position {
+            let digest = m.full_digest(DigestReason::End)?;
+            self.log(pos, Event::Digest(digest))?;
+        }
+        if let Some(s) = &mut self.sink {
+            s.end(pos, reason)?;
+        }
+        self.close_outputs()?;
+        if let Some(net) = &self.net {
+            use std::sync::atomic::Ordering::Relaxed;
+            let c = &net.counters;
+            m.summary.datagrams_received = c.received.load(Relaxed);
+            m.summary.datagrams_dropped +=
+                c.dropped_full.load(Relaxed) + c.dropped_unusable.load(Relaxed);
+            m.summary.tx_frames_unparseable = c.tx_unparseable.load(Relaxed);
+        }
+        Ok(())
+    }
+}

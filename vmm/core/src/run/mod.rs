@@ -1,0 +1,10 @@
+//! Running the guest: the vm (KVM file descriptors, memory, devices), the
+//! pure exit handler, the one run loop shared by live runs, recordings and
+//! replays, divergence digests and reports, and the stop signal.
+
+pub mod digest;
+pub mod divergence;
+pub mod exit;
+pub mod run_loop;
+pub mod stop;
+pub mod vm;

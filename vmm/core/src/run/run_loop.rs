@@ -1,0 +1,508 @@
+//! The one run loop: `VcpuFd::run()`, the pure exit handler, trapped
+//! instructions, outputs and the delivery rule of DESIGN.md §3, shared by a
+//! live run, a recording and a replay. What differs between them (where time,
+//! random numbers, packets and interrupts come from, where outputs go) is a
+//! [`Mode`]; the loop calls it at the same points of every synchronous exit
+//! in the same order, which is what makes a recording replayable.
+
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::VcpuExit;
+use logchannel::{Digest, DigestReason, OutputKind, Position, Registers};
+use serde::Serialize;
+
+use crate::devices::virtio_net::NET_IRQ;
+use crate::machine::patch::{emulate, TrapResult};
+use crate::machine::scan::NondetSite;
+use crate::run::digest::{self, MemoryHasher};
+use crate::run::divergence::Divergence;
+use crate::run::exit::{handle_exit, Action, Exit, ExitKind};
+use crate::run::stop::StopSignal;
+use crate::run::vm::{Vm, VmError};
+
+pub const TIMER_IRQ: u8 = 0;
+pub const SERIAL_IRQ: u8 = crate::machine::boot::SERIAL_IRQ as u8;
+/// PIT counter ports whose reads depend on time.
+const PIT_COUNTER_PORTS: std::ops::RangeInclusive<u16> = 0x40..=0x42;
+/// How long a stop request waits for the guest's next synchronous exit, so
+/// that the run ends at a position (where a replay can compare state),
+/// before it takes the vCPU wherever it is.
+pub const STOP_GRACE: Duration = Duration::from_millis(500);
+/// A console line longer than this is cut into several outputs, so that a
+/// guest that never prints a newline still has its output released.
+const MAX_CONSOLE_LINE: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error("KVM_RUN failed: {0}")]
+    Run(kvm_ioctls::Error),
+    #[error("the guest stopped the VM: {exit} at RIP {rip:#x} (code there: {code}) after {position} synchronous exits")]
+    GuestFault {
+        exit: String,
+        rip: u64,
+        code: String,
+        position: u64,
+    },
+    #[error(
+        "the guest executed hlt with interrupts disabled at RIP {rip:#x}: it can never wake up"
+    )]
+    DeadHalt { rip: u64 },
+    #[error("cannot prepare the vCPU thread: {0}")]
+    Thread(std::io::Error),
+    #[error("writing the log failed: {0}")]
+    Log(#[from] logchannel::LogError),
+    #[error("reading the log failed: {0}")]
+    LogRead(logchannel::LogError),
+    #[error("replay diverged from the recording:\n{0}")]
+    Diverged(Box<Divergence>),
+    #[error("writing the packet capture failed: {0}")]
+    Capture(std::io::Error),
+    /// The log channel's peer fell silent or broke: the caller decides
+    /// whether to fail over.
+    #[error("the log channel failed: {0}")]
+    PeerFailed(String),
+    /// The mode stopped the run for a reason of its own that the loop knows
+    /// nothing of (the `ft` layer's arbitration outcomes); the caller that
+    /// chose the mode looks inside with `downcast_ref`.
+    #[error(transparent)]
+    Mode(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Why a run ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind", content = "code")]
+pub enum StopReason {
+    /// The guest wrote 0 to the exit port.
+    PowerOff,
+    /// The guest wrote this non-zero code to the exit port.
+    GuestError(u32),
+    /// Someone asked the VMM to stop (SIGINT, SIGTERM, a caller).
+    Requested,
+    /// The run's time limit passed.
+    Timeout,
+    /// A replay reached the end of its log.
+    EndOfLog,
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct ExitCounts {
+    /// All synchronous exits: the guest's position.
+    pub synchronous: u64,
+    pub pio: u64,
+    pub mmio: u64,
+    pub hlt: u64,
+    /// Reads and writes of filtered MSRs (the TSC).
+    pub msr: u64,
+    /// `hlt` exits that were patched instructions.
+    pub trapped: u64,
+    /// Instructions emulated at those exits (adjacent sites share one).
+    pub trapped_instructions: u64,
+    /// Signal kicks and other exits that are not positions.
+    pub asynchronous: u64,
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct RunSummary {
+    pub reason: Option<StopReason>,
+    pub elapsed_secs: f64,
+    pub exits: ExitCounts,
+    pub interrupts_injected: u64,
+    pub timer_irqs: u64,
+    pub packets_delivered: u64,
+    pub frames_transmitted: u64,
+    pub console_lines: u64,
+    pub console_bytes: u64,
+    pub datagrams_received: u64,
+    pub datagrams_dropped: u64,
+    pub tx_frames_unparseable: u64,
+    pub virtio_errors: u64,
+    pub unknown_pio: u64,
+    pub unknown_mmio: u64,
+}
+
+/// The VM plus what every mode needs to look at it.
+pub struct Machine<'a> {
+    pub vm: &'a mut Vm,
+    /// Present when the mode takes digests (record, replay).
+    pub hasher: Option<MemoryHasher>,
+    pub summary: RunSummary,
+    console_line: Vec<u8>,
+}
+
+impl Machine<'_> {
+    pub fn regs(&mut self) -> kvm_bindings::kvm_regs {
+        self.vm.vcpu.sync_regs().regs
+    }
+
+    /// Registers and an up-to-date memory hash, for digests.
+    pub fn state(&mut self) -> Result<(Registers, u64), RunError> {
+        let regs = digest::registers(&self.regs());
+        let dirty = self.vm.take_dirty_pages()?;
+        let hasher = self
+            .hasher
+            .get_or_insert_with(|| MemoryHasher::new(&self.vm.mem, self.vm.config.mem_size));
+        hasher.refresh(&self.vm.mem, dirty);
+        Ok((regs, hasher.mem_hash()))
+    }
+
+    /// The state an output check covers: the registers, and the memory hash
+    /// either brought up to date now (`refresh_memory`) or as of the last
+    /// digest. Refreshing re-arms KVM's dirty log, which makes the guest's
+    /// next write to every page it touches fault; at every output that costs
+    /// a loaded guest 15-20% on this platform (BENCHMARKS.md), so by default
+    /// memory is checked by the periodic digests.
+    pub fn output_state(&mut self, refresh_memory: bool) -> Result<(Registers, u64), RunError> {
+        if refresh_memory {
+            return self.state();
+        }
+        let regs = digest::registers(&self.regs());
+        let mem_hash = self.hasher.as_ref().map_or(0, |h| h.mem_hash());
+        Ok((regs, mem_hash))
+    }
+
+    /// Hands the guest the interrupt the PIC has for it, if any.
+    pub fn inject_pending(&mut self) -> Result<Option<u8>, RunError> {
+        match self.vm.devices.pic.acknowledge() {
+            Some(vector) => {
+                self.vm.inject(vector)?;
+                self.summary.interrupts_injected += 1;
+                Ok(Some(vector))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Raises the interrupt lines of devices that signalled since the last
+    /// look (deterministic: it depends only on device state).
+    pub fn raise_device_irqs(&mut self) {
+        if self.vm.devices.net.take_irq() {
+            self.vm.devices.pic.raise_irq(NET_IRQ);
+        }
+        if self.vm.devices.serial.irq_pending() {
+            self.vm.devices.pic.raise_irq(SERIAL_IRQ);
+        }
+    }
+
+    fn fault(&self, exit: String) -> RunError {
+        let (rip, bytes) = self.vm.code_at_rip();
+        let code = if bytes.is_empty() {
+            "unreadable".to_string()
+        } else {
+            bytes
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        RunError::GuestFault {
+            exit,
+            rip,
+            code,
+            position: self.summary.exits.synchronous,
+        }
+    }
+}
+
+/// What distinguishes a live run, a recording and a replay.
+pub trait Mode {
+    /// Time as the devices see it.
+    fn now_ns(&self) -> u64;
+    /// Checked before every entry into the guest.
+    fn should_stop(
+        &mut self,
+        m: &mut Machine,
+        pos: Position,
+    ) -> Result<Option<StopReason>, RunError>;
+    /// The result of a trapped instruction.
+    fn trap(&mut self, pos: Position, site: &NondetSite) -> Result<TrapResult, RunError>;
+    /// The value of a time MSR (IA32_TSC) the guest reads with `rdmsr`.
+    fn time_msr(&mut self, pos: Position, msr: u32) -> Result<u64, RunError>;
+    /// A time-dependent device read returned `value`; returns what the guest sees.
+    fn time_read(&mut self, pos: Position, port: u16, value: u8) -> Result<u8, RunError>;
+    /// An output the guest produced (a console line, a frame).
+    fn output(
+        &mut self,
+        m: &mut Machine,
+        pos: Position,
+        kind: OutputKind,
+        bytes: &[u8],
+    ) -> Result<(), RunError>;
+    /// After every synchronous exit (periodic digests).
+    fn after_exit(&mut self, m: &mut Machine, pos: Position) -> Result<(), RunError>;
+    /// Packets and interrupts for the guest at this exit; `ready` says
+    /// whether it can take an interrupt. Returns whether one was injected.
+    fn deliver(&mut self, m: &mut Machine, pos: Position, ready: bool) -> Result<bool, RunError>;
+    /// Everything for exit `pos` is done and the guest is about to run.
+    fn resume(&mut self, _m: &mut Machine, _pos: Position) -> Result<(), RunError> {
+        Ok(())
+    }
+    /// The guest is halted with nothing delivered: wait for something to
+    /// deliver, or say why nothing ever will.
+    fn wait_idle(&mut self, m: &mut Machine, pos: Position) -> Result<(), RunError>;
+    /// The run ends at `pos`. `at_position` is false when a stop request
+    /// had to take the vCPU between two synchronous exits (a guest that made
+    /// none for [`STOP_GRACE`]), where its state belongs to no position.
+    fn finish(
+        &mut self,
+        m: &mut Machine,
+        pos: Position,
+        reason: StopReason,
+        at_position: bool,
+    ) -> Result<(), RunError>;
+}
+
+fn flush_outputs<M: Mode>(
+    m: &mut Machine,
+    mode: &mut M,
+    pos: Position,
+    all: bool,
+) -> Result<(), RunError> {
+    let console = m.vm.devices.serial.take_output();
+    m.summary.console_bytes += console.len() as u64;
+    m.console_line.extend_from_slice(&console);
+    while let Some(end) = m
+        .console_line
+        .iter()
+        .position(|b| *b == b'\n')
+        .map(|i| i + 1)
+        .or_else(|| (m.console_line.len() >= MAX_CONSOLE_LINE).then_some(MAX_CONSOLE_LINE))
+        .or_else(|| (all && !m.console_line.is_empty()).then_some(m.console_line.len()))
+    {
+        let line: Vec<u8> = m.console_line.drain(..end).collect();
+        m.summary.console_lines += 1;
+        mode.output(m, pos, OutputKind::Console, &line)?;
+    }
+    if m.vm.devices.net.is_active() {
+        let batch = m.vm.devices.net.pop_tx_frames(&m.vm.mem);
+        m.summary.virtio_errors += batch.errors.len() as u64;
+        for e in &batch.errors {
+            tracing::debug!("guest transmit error: {e}");
+        }
+        for frame in &batch.frames {
+            m.summary.frames_transmitted += 1;
+            mode.output(m, pos, OutputKind::Transmit, frame)?;
+        }
+    }
+    Ok(())
+}
+
+/// One synchronous exit's worth of work before delivery. Returns `None` for
+/// an exit that is not a position (a signal kick).
+fn step<M: Mode>(m: &mut Machine, mode: &mut M) -> Result<Option<(Position, Action)>, RunError> {
+    let now = mode.now_ns();
+    // The exit's data borrows the vCPU, so it is handled first and the
+    // registers (for the position) are read once that borrow ends.
+    let mut pit_read = None;
+    let mut msr_read = None;
+    let (kind, action) = 'exit: {
+        let Vm {
+            vcpu, devices, mem, ..
+        } = &mut *m.vm;
+        let exit = match vcpu.run() {
+            Ok(VcpuExit::X86Rdmsr(e)) => {
+                msr_read = Some(e.index);
+                break 'exit (ExitKind::Msr, Action::Resume);
+            }
+            // The guest cannot set its TSC on this platform either: a
+            // write to a filtered MSR is dropped.
+            Ok(VcpuExit::X86Wrmsr(_)) => break 'exit (ExitKind::Msr, Action::Resume),
+            Ok(VcpuExit::IoIn(port, data)) => Exit::IoIn { port, data },
+            Ok(VcpuExit::IoOut(port, data)) => Exit::IoOut { port, data },
+            Ok(VcpuExit::MmioRead(addr, data)) => Exit::MmioRead { addr, data },
+            Ok(VcpuExit::MmioWrite(addr, data)) => Exit::MmioWrite { addr, data },
+            Ok(VcpuExit::Hlt) => Exit::Hlt,
+            Ok(VcpuExit::Intr) => {
+                m.summary.exits.asynchronous += 1;
+                return Ok(None);
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                m.summary.exits.asynchronous += 1;
+                return Ok(None);
+            }
+            Err(e) => return Err(RunError::Run(e)),
+            Ok(VcpuExit::Shutdown) => {
+                return Err(m.fault("KVM_EXIT_SHUTDOWN (triple fault)".into()))
+            }
+            Ok(VcpuExit::InternalError) => {
+                // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so
+                // `internal` is the union member KVM filled in.
+                let suberror =
+                    unsafe { m.vm.vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                return Err(m.fault(format!(
+                    "KVM_EXIT_INTERNAL_ERROR (suberror {suberror}; on this platform often an instruction the CPL0 emulator cannot run, such as SSE)"
+                )));
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                return Err(m.fault(format!(
+                    "KVM_EXIT_FAIL_ENTRY (hardware reason {reason:#x}, cpu {cpu})"
+                )))
+            }
+            Ok(other) => {
+                let described = format!("unexpected exit {other:?}");
+                return Err(m.fault(described));
+            }
+        };
+        let kind = exit.kind();
+        let action = match exit {
+            Exit::IoIn { port, data } if PIT_COUNTER_PORTS.contains(&port) => {
+                let action = handle_exit(
+                    devices,
+                    mem,
+                    now,
+                    Exit::IoIn {
+                        port,
+                        data: &mut *data,
+                    },
+                );
+                pit_read = Some((port, data.to_vec()));
+                action
+            }
+            exit => handle_exit(devices, mem, now, exit),
+        };
+        (kind, action)
+    };
+    let position = m.summary.exits.synchronous + 1;
+    m.summary.exits.synchronous = position;
+    let mut regs = m.regs();
+    let pos = Position {
+        exits: position,
+        rip: regs.rip,
+    };
+    if kind == ExitKind::Hlt {
+        let trapped = m.vm.patches.trapped_run(regs.rip);
+        if !trapped.is_empty() {
+            let counts = &mut m.summary.exits;
+            counts.trapped += 1;
+            counts.trapped_instructions += trapped.len() as u64;
+            for site in trapped {
+                let result = mode.trap(pos, site)?;
+                emulate(&mut regs, site, result);
+            }
+            m.vm.vcpu.sync_regs_mut().regs = regs;
+            m.vm.vcpu.set_sync_dirty_reg(kvm_ioctls::SyncReg::Register);
+            return Ok(Some((pos, Action::Resume)));
+        }
+    }
+    let counts = &mut m.summary.exits;
+    match kind {
+        ExitKind::Pio => counts.pio += 1,
+        ExitKind::Mmio => counts.mmio += 1,
+        ExitKind::Hlt => counts.hlt += 1,
+        ExitKind::Msr => counts.msr += 1,
+    }
+    if let Some(msr) = msr_read {
+        let value = mode.time_msr(pos, msr)?;
+        m.vm.set_msr_data(value);
+    }
+    if let Some((port, mut data)) = pit_read {
+        for byte in data.iter_mut() {
+            *byte = mode.time_read(pos, port, *byte)?;
+        }
+        m.vm.set_io_in_data(&data);
+    }
+    Ok(Some((pos, action)))
+}
+
+/// Runs the guest until it powers off, fails, or `mode` stops it.
+pub fn run<M: Mode>(
+    vm: &mut Vm,
+    mode: &mut M,
+    stop: &StopSignal,
+    hashing: bool,
+) -> Result<RunSummary, RunError> {
+    let _guard = stop.enter_vcpu_thread().map_err(RunError::Thread)?;
+    let start = Instant::now();
+    let hasher = hashing.then(|| MemoryHasher::new(&vm.mem, vm.config.mem_size));
+    if hashing {
+        vm.take_dirty_pages()?;
+    }
+    let mut m = Machine {
+        vm,
+        hasher,
+        summary: RunSummary::default(),
+        console_line: Vec::new(),
+    };
+    let mut pos = Position {
+        exits: 0,
+        rip: m.regs().rip,
+    };
+    let mut at_position = true;
+    let mut stop_seen: Option<Instant> = None;
+    let reason = loop {
+        if at_position {
+            if let Some(reason) = mode.should_stop(&mut m, pos)? {
+                break reason;
+            }
+            mode.resume(&mut m, pos)?;
+        } else if stop.is_requested()
+            && stop_seen.get_or_insert_with(Instant::now).elapsed() > STOP_GRACE
+        {
+            break StopReason::Requested;
+        }
+        let Some((at, action)) = step(&mut m, mode)? else {
+            at_position = false;
+            continue;
+        };
+        at_position = true;
+        pos = at;
+        if let Action::GuestExit { code } = action {
+            flush_outputs(&mut m, mode, pos, true)?;
+            break if code == 0 {
+                StopReason::PowerOff
+            } else {
+                StopReason::GuestError(code)
+            };
+        }
+        flush_outputs(&mut m, mode, pos, false)?;
+        mode.after_exit(&mut m, pos)?;
+        let (ready, if_flag) = {
+            let run = m.vm.vcpu.get_kvm_run();
+            (
+                run.ready_for_interrupt_injection != 0 && run.if_flag != 0,
+                run.if_flag != 0,
+            )
+        };
+        let mut injected = mode.deliver(&mut m, pos, ready)?;
+        if action == Action::Idle && !injected {
+            if !if_flag {
+                return Err(RunError::DeadHalt { rip: pos.rip });
+            }
+            while !injected {
+                if mode.should_stop(&mut m, pos)?.is_some() {
+                    break;
+                }
+                mode.wait_idle(&mut m, pos)?;
+                injected = mode.deliver(&mut m, pos, true)?;
+            }
+        }
+    };
+    flush_outputs(&mut m, mode, pos, true)?;
+    mode.finish(&mut m, pos, reason, at_position)?;
+    let mut summary = m.summary;
+    summary.reason = Some(reason);
+    summary.elapsed_secs = start.elapsed().as_secs_f64();
+    summary.unknown_pio = m.vm.devices.unknown_pio;
+    summary.unknown_mmio = m.vm.devices.unknown_mmio;
+    Ok(summary)
+}
+
+impl Machine<'_> {
+    /// Registers, the memory hash and the pages dirtied since the last digest.
+    pub fn full_digest(&mut self, reason: DigestReason) -> Result<Digest, RunError> {
+        let (regs, mem_hash) = self.state()?;
+        let dirty_pages = self
+            .hasher
+            .as_mut()
+            .map(|h| h.take_dirty())
+            .unwrap_or_default();
+        Ok(Digest {
+            reason,
+            regs,
+            mem_hash,
+            dirty_pages,
+            output_hash: None,
+        })
+    }
+}
