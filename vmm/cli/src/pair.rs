@@ -14,7 +14,7 @@ use ftvm_core::ft::membership::Membership;
 use ftvm_core::ft::output_gate::OutputGate;
 use ftvm_core::ft::primary::FtSink;
 use ftvm_core::host::emitter::Emitter;
-use ftvm_core::host::events::{Events, StatusBoard};
+use ftvm_core::host::events::{Events, ServerEvent, ServerRole, StatusBoard};
 use ftvm_core::host::net_backend::NetBackend;
 use ftvm_core::live::Live;
 use ftvm_core::replay::Replay;
@@ -22,7 +22,6 @@ use ftvm_core::run::run_loop::{self, RunError, RunSummary};
 use ftvm_core::run::stop::StopSignal;
 use ftvm_core::run::vm::{Vm, VmConfig};
 use logchannel::{image_hash, ChannelConfig, ChannelError, Hello, LogReceiver, LogSender, Role};
-use serde_json::json;
 
 use super::{
     capture, console, exit_for, print_summary, read_image, seconds, stop_on_signals, BackupArgs,
@@ -98,8 +97,9 @@ fn finish(result: Result<RunSummary, RunError>, events: &Events) -> Result<ExitC
         Ok(summary) => {
             print_summary(&summary);
             events.emit(
-                "stopped",
-                json!({ "reason": format!("{:?}", summary.reason) }),
+                ServerEvent::Stopped {
+                    reason: format!("{:?}", summary.reason),
+                },
                 None,
             );
             Ok(exit_for(summary.reason))
@@ -112,7 +112,12 @@ fn finish(result: Result<RunSummary, RunError>, events: &Events) -> Result<ExitC
             }))
         }
         Err(RunError::Diverged(d)) => {
-            events.emit("diverged", json!({ "detail": d.to_string() }), None);
+            events.emit(
+                ServerEvent::Diverged {
+                    detail: d.to_string(),
+                },
+                None,
+            );
             Err(format!("the backup diverged from the primary:\n{d}"))
         }
         Err(e) => Err(e.to_string()),
@@ -161,8 +166,11 @@ pub fn cmd_primary(args: &PrimaryArgs) -> Result<ExitCode, String> {
     }
     membership.acknowledge(view.number);
     events.emit(
-        "role",
-        json!({ "role": "primary", "view": view.number }),
+        ServerEvent::Role {
+            role: ServerRole::Primary,
+            view: view.number,
+            backup: None,
+        },
         Some(format!("primary of view {}", view.number)),
     );
 
@@ -191,9 +199,16 @@ pub fn cmd_primary(args: &PrimaryArgs) -> Result<ExitCode, String> {
     };
     membership.acknowledge(view.number);
     events.emit(
-        "role",
-        json!({ "role": "primary", "view": view.number, "backup": view.backup.as_ref().map(|b| b.id.clone()) }),
-        Some(format!("view {}: backup {} connected, fault tolerance on", view.number, view.backup.as_ref().map(|b| b.id.as_str()).unwrap_or("?"))),
+        ServerEvent::Role {
+            role: ServerRole::Primary,
+            view: view.number,
+            backup: view.backup.as_ref().map(|b| b.id.clone()),
+        },
+        Some(format!(
+            "view {}: backup {} connected, fault tolerance on",
+            view.number,
+            view.backup.as_ref().map(|b| b.id.as_str()).unwrap_or("?")
+        )),
     );
 
     let sender = Arc::new(sender);
@@ -302,8 +317,11 @@ pub fn cmd_backup(args: &BackupArgs) -> Result<ExitCode, String> {
         }
     };
     events.emit(
-        "role",
-        json!({ "role": "backup", "view": view.number }),
+        ServerEvent::Role {
+            role: ServerRole::Backup,
+            view: view.number,
+            backup: None,
+        },
         Some(format!(
             "backup of view {}, following {}",
             view.number,

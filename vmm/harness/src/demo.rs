@@ -22,13 +22,14 @@ use nix::sys::signal::Signal;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
-use serde_json::Value;
 
 use crate::bench::{free_tcp_port, free_udp_port};
 use crate::history::{self, HistoryOp, OpKind, Recorder};
 use crate::linearizability::{self, CheckConfig, KeyVerdict, Overall};
 use crate::timeline::{self, Marker, Reply, Timeline};
-use ftvm_core::host::events::read_events;
+use ftvm_core::host::events::{
+    read_events, EventRecord, ServerEvent, ServerRole, Status as ServerStatus,
+};
 use ftvm_kvclient::{
     ClientConfig, ClientError, FailoverConfig, FailoverError, KvClient, ServerSource,
 };
@@ -157,14 +158,19 @@ fn ft_phase(events: &ServerEvents, kill_ns: Option<u64>) -> FtPhase {
     let last = events
         .of(FIRST)
         .iter()
-        .rfind(|e| kind(e) == "status" && kill_ns.is_none_or(|k| t_ns(e).is_some_and(|t| t <= k)));
-    let field = |name: &str| last.and_then(|e| e[name].as_f64()).unwrap_or(0.0);
+        .filter(|e| kill_ns.is_none_or(|k| e.t_ns <= k))
+        .rev()
+        .find_map(|e| match &e.event {
+            ServerEvent::Status(s) => Some(s.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| ServerStatus::zero(ServerRole::Primary));
     FtPhase {
-        lag_p50_ms: field("lag_p50_ms"),
-        lag_p99_ms: field("lag_p99_ms"),
-        lag_max_ms: field("lag_max_ms"),
-        output_hold_p50_ms: field("output_hold_p50_ms"),
-        output_hold_p99_ms: field("output_hold_p99_ms"),
+        lag_p50_ms: last.lag_p50_ms,
+        lag_p99_ms: last.lag_p99_ms,
+        lag_max_ms: last.lag_max_ms,
+        output_hold_p50_ms: last.output_hold_p50_ms,
+        output_hold_p99_ms: last.output_hold_p99_ms,
     }
 }
 
@@ -715,7 +721,11 @@ fn wait_ready(
         following = following
             || read_events(&files.events[1])
                 .iter()
-                .any(|e| matches!(kind(e), "role" | "status") && e["role"] == "backup");
+                .any(|e| match &e.event {
+                    ServerEvent::Role { role, .. } => *role == ServerRole::Backup,
+                    ServerEvent::Status(s) => s.role == ServerRole::Backup,
+                    _ => false,
+                });
         answered = answered || client.get(READY_KEY).is_ok();
         if !(following && answered) {
             std::thread::sleep(Duration::from_millis(50));
@@ -987,16 +997,8 @@ fn read_back(args: &DemoArgs, a: &Addresses, recorder: &Recorder) -> (FinalValue
 // ---------------------------------------------------------------------------
 // Events files and the live status
 
-fn kind(e: &Value) -> &str {
-    e["event"].as_str().unwrap_or("")
-}
-
-fn t_ns(e: &Value) -> Option<u64> {
-    e["t_ns"].as_u64()
-}
-
 /// The events of both VMMs, by server id.
-struct ServerEvents(Vec<(String, Vec<Value>)>);
+struct ServerEvents(Vec<(String, Vec<EventRecord>)>);
 
 impl ServerEvents {
     fn read(files: &OutFiles) -> ServerEvents {
@@ -1009,7 +1011,7 @@ impl ServerEvents {
         )
     }
 
-    fn of(&self, name: &str) -> &[Value] {
+    fn of(&self, name: &str) -> &[EventRecord] {
         self.0
             .iter()
             .find(|(n, _)| n == name)
@@ -1054,27 +1056,25 @@ impl<'a> Status<'a> {
                 continue;
             }
             let events = read_events(&self.files.events[i]);
-            let Some(s) = events.iter().rev().find(|e| kind(e) == "status") else {
+            let Some(s) = events.iter().rev().find_map(|e| match &e.event {
+                ServerEvent::Status(s) => Some(s),
+                _ => None,
+            }) else {
                 parts.push(format!("{name} starting"));
                 continue;
             };
-            let n = |field: &str| s[field].as_u64().unwrap_or(0);
-            parts.push(match s["role"].as_str() {
+            parts.push(match s.role {
                 // Lag is the backup's distance behind this primary, so it
                 // means nothing once the primary is alone.
-                Some("primary") if has_backup => format!(
+                ServerRole::Primary if has_backup => format!(
                     "{name} primary: served {}, backup lag {:.1} ms ({} exits)",
-                    n("served"),
-                    s["lag_ms"].as_f64().unwrap_or(0.0),
-                    n("lag_exits")
+                    s.served, s.lag_ms, s.lag_exits
                 ),
-                Some("primary") => format!("{name} primary alone: served {}", n("served")),
-                Some("backup") => format!(
+                ServerRole::Primary => format!("{name} primary alone: served {}", s.served),
+                ServerRole::Backup => format!(
                     "{name} backup: replayed {} exits, {} log entries",
-                    n("exits"),
-                    n("log_entries")
+                    s.exits, s.log_entries
                 ),
-                other => format!("{name} {}", other.unwrap_or("?")),
             });
         }
         let (then, before) = self.last.get();
@@ -1118,17 +1118,17 @@ fn failover_timeline(
     };
     let Some(kill) = kill_ns else { return f };
     let backup = events.of(SECOND);
-    let first = |pred: &dyn Fn(&Value) -> bool| {
+    let first = |pred: &dyn Fn(&ServerEvent) -> bool| {
         backup
             .iter()
-            .filter(|e| pred(e))
-            .filter_map(t_ns)
+            .filter(|e| pred(&e.event))
+            .map(|e| e.t_ns)
             .find(|t| *t >= kill)
             .map(|t| ms_after(t, kill))
     };
-    f.detected_ms = first(&|e| kind(e) == "failure_detected");
-    f.test_and_set_won_ms = first(&|e| kind(e) == "tas" && e["won"] == true);
-    f.live_ms = first(&|e| kind(e) == "live");
+    f.detected_ms = first(&|e| matches!(e, ServerEvent::FailureDetected { .. }));
+    f.test_and_set_won_ms = first(&|e| matches!(e, ServerEvent::Tas { won: true, .. }));
+    f.live_ms = first(&|e| matches!(e, ServerEvent::Live { .. }));
     f.first_reply_ms = ops
         .iter()
         .filter(|o| o.server == Some(new_primary_service))
@@ -1147,10 +1147,14 @@ fn primaries_per_view(events: &ServerEvents) -> BTreeMap<u64, BTreeSet<String>> 
     let mut out: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
     for (name, list) in &events.0 {
         for e in list {
-            let view = match kind(e) {
-                "role" if e["role"] == "primary" => e["view"].as_u64(),
-                "live" => e["view"].as_u64(),
-                "tas" if e["won"] == true => e["view"].as_u64().map(|v| v + 1),
+            let view = match &e.event {
+                ServerEvent::Role {
+                    role: ServerRole::Primary,
+                    view,
+                    ..
+                } => Some(*view),
+                ServerEvent::Live { view } => Some(*view),
+                ServerEvent::Tas { view, won: true } => Some(view + 1),
                 _ => None,
             };
             if let Some(v) = view {
@@ -1441,7 +1445,7 @@ fn print_summary(r: &DemoReport, svg: &Path, metrics: &Path, history: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     fn write(client: u64, kind: OpKind, v: &str, at: u64, done: Option<u64>) -> HistoryOp {
         HistoryOp {
@@ -1553,8 +1557,13 @@ mod tests {
         }
     }
 
+    /// Events as the servers write them: JSON lines read back through
+    /// the one event type.
     fn events(list: Vec<Value>) -> ServerEvents {
-        let (a, b): (Vec<_>, Vec<_>) = list.into_iter().partition(|e| e["server"] == FIRST);
+        let records = list
+            .into_iter()
+            .map(|line| serde_json::from_value::<EventRecord>(line).expect("an event line"));
+        let (a, b): (Vec<_>, Vec<_>) = records.partition(|e| e.server == FIRST);
         ServerEvents(vec![(FIRST.into(), a), (SECOND.into(), b)])
     }
 
@@ -1605,7 +1614,15 @@ mod tests {
         let ev = events(vec![
             json!({"t_ns": 1, "event": "role", "role": "primary", "view": 3, "server": FIRST}),
             json!({"t_ns": 2, "event": "tas", "view": 2, "won": true, "server": SECOND}),
-            json!({"t_ns": 3, "event": "status", "role": "primary", "view": 2, "server": SECOND}),
+            serde_json::to_value(EventRecord {
+                t_ns: 3,
+                server: SECOND.into(),
+                event: ServerEvent::Status(ServerStatus {
+                    view: 2,
+                    ..ServerStatus::zero(ServerRole::Primary)
+                }),
+            })
+            .expect("a status line"),
         ]);
         let primaries = primaries_per_view(&ev);
         assert_eq!(primaries.len(), 1);

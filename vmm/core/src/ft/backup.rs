@@ -11,12 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use logchannel::{Entry, LogReceiver, OutputKind, Position};
-use serde_json::json;
 
 use crate::ft::membership::{ArbitrationError, Membership};
 use crate::host::capture::Capture;
 use crate::host::emitter::Emitter;
-use crate::host::events::{Events, StatusBoard, ROLE_PRIMARY};
+use crate::host::events::{Events, ServerEvent, ServerRole, StatusBoard, ROLE_PRIMARY};
 use crate::host::net_backend::NetBackend;
 use crate::live::Live;
 use crate::machine::patch::TrapResult;
@@ -68,8 +67,10 @@ impl ChannelSource {
         if let Some(failure) = self.receiver.failure() {
             self.failure_noticed = true;
             self.events.emit(
-                "failure_detected",
-                json!({ "peer": "primary", "detail": failure.to_string() }),
+                ServerEvent::FailureDetected {
+                    peer: ServerRole::Primary,
+                    detail: failure.to_string(),
+                },
                 Some(format!(
                     "the primary is silent ({failure}); replaying what it sent"
                 )),
@@ -172,8 +173,10 @@ impl Backup {
             return Ok(());
         };
         g.events.emit(
-            "caught_up",
-            json!({ "view": g.view, "detail": why }),
+            ServerEvent::CaughtUp {
+                view: g.view,
+                detail: why.to_string(),
+            },
             Some(format!(
                 "replayed everything the primary sent; claiming view {}",
                 g.view
@@ -183,17 +186,20 @@ impl Backup {
             Ok(won) => won,
             Err(e) => {
                 let event = match &e {
-                    ArbitrationError::Unreachable { .. } => "arbiter_unreachable",
-                    ArbitrationError::Lost { .. } => "lost",
+                    ArbitrationError::Unreachable { .. } => {
+                        ServerEvent::ArbiterUnreachable { view: g.view }
+                    }
+                    ArbitrationError::Lost { .. } => ServerEvent::Lost { view: g.view },
                 };
-                g.events
-                    .emit(event, json!({ "view": g.view }), Some(e.to_string()));
+                g.events.emit(event, Some(e.to_string()));
                 return Err(e.into());
             }
         };
         g.events.emit(
-            "tas",
-            json!({ "view": g.view, "won": true }),
+            ServerEvent::Tas {
+                view: g.view,
+                won: true,
+            },
             Some(format!("won test-and-set for view {}", g.view)),
         );
         let net = Arc::new(
@@ -213,8 +219,7 @@ impl Backup {
         g.board.view.store(won.number, Ordering::Relaxed);
         g.board.role.store(ROLE_PRIMARY, Ordering::Relaxed);
         g.events.emit(
-            "live",
-            json!({ "view": won.number }),
+            ServerEvent::Live { view: won.number },
             Some(format!(
                 "live as the primary of view {} on {}",
                 won.number, g.service

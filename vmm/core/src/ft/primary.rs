@@ -8,10 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use logchannel::{Event, LogSender, Position};
-use serde_json::json;
 
 use crate::ft::membership::{ArbitrationError, Membership};
-use crate::host::events::{Events, StatusBoard, ROLE_PRIMARY};
+use crate::host::events::{Events, ServerEvent, ServerRole, StatusBoard, ROLE_PRIMARY};
 use crate::live::EntrySink;
 use crate::run::run_loop::{RunError, StopReason};
 
@@ -64,8 +63,10 @@ impl FtSink {
     /// losing or not reaching the arbiter stops this primary.
     fn backup_failed(&mut self, why: String) -> Result<(), RunError> {
         self.events.emit(
-            "failure_detected",
-            json!({ "peer": "backup", "detail": why }),
+            ServerEvent::FailureDetected {
+                peer: ServerRole::Backup,
+                detail: why.to_string(),
+            },
             Some(format!(
                 "the backup has failed ({why}); claiming view {}",
                 self.view
@@ -74,8 +75,10 @@ impl FtSink {
         match self.membership.claim(self.view, None) {
             Ok(won) => {
                 self.events.emit(
-                    "tas",
-                    json!({ "view": self.view, "won": true }),
+                    ServerEvent::Tas {
+                        view: self.view,
+                        won: true,
+                    },
                     Some(format!(
                         "won test-and-set; primary of view {} alone",
                         won.number
@@ -91,11 +94,12 @@ impl FtSink {
             }
             Err(e) => {
                 let event = match &e {
-                    ArbitrationError::Unreachable { .. } => "arbiter_unreachable",
-                    ArbitrationError::Lost { .. } => "lost",
+                    ArbitrationError::Unreachable { .. } => {
+                        ServerEvent::ArbiterUnreachable { view: self.view }
+                    }
+                    ArbitrationError::Lost { .. } => ServerEvent::Lost { view: self.view },
                 };
-                self.events
-                    .emit(event, json!({ "view": self.view }), Some(e.to_string()));
+                self.events.emit(event, Some(e.to_string()));
                 Err(e.into())
             }
         }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 
 use crate::host::histogram::Histogram;
 
@@ -20,14 +20,108 @@ pub fn unix_ns() -> u64 {
         .unwrap_or(0)
 }
 
+/// A server's role in its view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServerRole {
+    Primary,
+    Backup,
+}
+
+/// One thing that happened to a primary or backup: the one type that both
+/// writes the events file and reads it back (`ftvm demo`, the benchmarks,
+/// the end-to-end tests), so that a renamed field breaks the build, not a
+/// string match somewhere.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum ServerEvent {
+    /// The server took a role in a view; a primary names its backup once
+    /// one has connected.
+    Role {
+        role: ServerRole,
+        view: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        backup: Option<String>,
+    },
+    /// The peer fell silent or broke the channel.
+    FailureDetected { peer: ServerRole, detail: String },
+    /// A backup replayed everything its primary sent and claims the view.
+    CaughtUp { view: u64, detail: String },
+    /// Test-and-set for `view` was won.
+    Tas { view: u64, won: bool },
+    /// Test-and-set for `view` was lost: this server stops.
+    Lost { view: u64 },
+    /// The arbiter could not be reached for `view`: nobody goes live.
+    ArbiterUnreachable { view: u64 },
+    /// A former backup serves clients as the primary of `view`.
+    Live { view: u64 },
+    /// The run ended without an error.
+    Stopped { reason: String },
+    /// The backup's replay parted ways with the primary's log.
+    Diverged { detail: String },
+    /// What the server is doing, every [`STATUS_INTERVAL`].
+    Status(Status),
+}
+
+/// A line of the events file: when, which server, what.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventRecord {
+    pub t_ns: u64,
+    pub server: String,
+    #[serde(flatten)]
+    pub event: ServerEvent,
+}
+
+/// The status a server reports every [`STATUS_INTERVAL`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub role: ServerRole,
+    pub view: u64,
+    pub exits: u64,
+    pub served: u64,
+    pub lag_exits: u64,
+    pub lag_ms: f64,
+    pub lag_p50_ms: f64,
+    pub lag_p99_ms: f64,
+    pub lag_max_ms: f64,
+    pub lag_samples: u64,
+    pub output_hold_p50_ms: f64,
+    pub output_hold_p99_ms: f64,
+    pub outputs_held: u64,
+    pub log_entries: u64,
+    pub log_bytes: u64,
+}
+
+impl Status {
+    /// What a server reports before it has done anything.
+    pub fn zero(role: ServerRole) -> Status {
+        Status {
+            role,
+            view: 0,
+            exits: 0,
+            served: 0,
+            lag_exits: 0,
+            lag_ms: 0.0,
+            lag_p50_ms: 0.0,
+            lag_p99_ms: 0.0,
+            lag_max_ms: 0.0,
+            lag_samples: 0,
+            output_hold_p50_ms: 0.0,
+            output_hold_p99_ms: 0.0,
+            outputs_held: 0,
+            log_entries: 0,
+            log_bytes: 0,
+        }
+    }
+}
+
 /// The events a server has written to `path` so far. A line still being
 /// written is cut short; it is skipped and read next time.
-pub fn read_events(path: &Path) -> Vec<Value> {
+pub fn read_events(path: &Path) -> Vec<EventRecord> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(Value::is_object)
+        .filter_map(|l| serde_json::from_str::<EventRecord>(l).ok())
         .collect()
 }
 
@@ -50,20 +144,26 @@ impl Events {
         }))
     }
 
-    /// Records `event` with `fields` (a JSON object); `say` also tells the
-    /// user on stderr.
-    pub fn emit(&self, event: &str, fields: Value, say: Option<String>) {
+    /// Records `event`; `say` also tells the user on stderr.
+    pub fn emit(&self, event: ServerEvent, say: Option<String>) {
         if let Some(line) = say {
             eprintln!("ftvm {}: {line}", self.name);
         }
         let Some(file) = &self.file else { return };
-        let mut record = json!({ "t_ns": unix_ns(), "event": event, "server": self.name });
-        if let (Some(obj), Value::Object(extra)) = (record.as_object_mut(), fields) {
-            obj.extend(extra);
-        }
+        let record = EventRecord {
+            t_ns: unix_ns(),
+            server: self.name.clone(),
+            event,
+        };
+        let line = match serde_json::to_string(&record) {
+            Ok(line) => line + "\n",
+            Err(e) => {
+                tracing::warn!("cannot encode an event: {e}");
+                return;
+            }
+        };
         // One write per line, not one per JSON token: cheaper, and a reader
         // never sees half a line.
-        let line = format!("{record}\n");
         let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(e) = f.write_all(line.as_bytes()) {
             tracing::warn!("writing the events file failed: {e}");
@@ -95,29 +195,29 @@ pub const ROLE_PRIMARY: u8 = 1;
 pub const STATUS_INTERVAL: Duration = Duration::from_millis(250);
 
 impl StatusBoard {
-    pub fn json(&self) -> Value {
+    pub fn status(&self) -> Status {
         let role = if self.role.load(Ordering::Relaxed) == ROLE_PRIMARY {
-            "primary"
+            ServerRole::Primary
         } else {
-            "backup"
+            ServerRole::Backup
         };
-        json!({
-            "role": role,
-            "view": self.view.load(Ordering::Relaxed),
-            "exits": self.exits.load(Ordering::Relaxed),
-            "served": self.served.load(Ordering::Relaxed),
-            "lag_exits": self.lag_exits.load(Ordering::Relaxed),
-            "lag_ms": self.lag_us.load(Ordering::Relaxed) as f64 / 1000.0,
-            "lag_p50_ms": self.lag.quantile_ms(0.50),
-            "lag_p99_ms": self.lag.quantile_ms(0.99),
-            "lag_max_ms": self.lag.max_ms(),
-            "lag_samples": self.lag.count(),
-            "output_hold_p50_ms": self.output_hold.quantile_ms(0.50),
-            "output_hold_p99_ms": self.output_hold.quantile_ms(0.99),
-            "outputs_held": self.output_hold.count(),
-            "log_entries": self.log_entries.load(Ordering::Relaxed),
-            "log_bytes": self.log_bytes.load(Ordering::Relaxed),
-        })
+        Status {
+            role,
+            view: self.view.load(Ordering::Relaxed),
+            exits: self.exits.load(Ordering::Relaxed),
+            served: self.served.load(Ordering::Relaxed),
+            lag_exits: self.lag_exits.load(Ordering::Relaxed),
+            lag_ms: self.lag_us.load(Ordering::Relaxed) as f64 / 1000.0,
+            lag_p50_ms: self.lag.quantile_ms(0.50),
+            lag_p99_ms: self.lag.quantile_ms(0.99),
+            lag_max_ms: self.lag.max_ms(),
+            lag_samples: self.lag.count(),
+            output_hold_p50_ms: self.output_hold.quantile_ms(0.50),
+            output_hold_p99_ms: self.output_hold.quantile_ms(0.99),
+            outputs_held: self.output_hold.count(),
+            log_entries: self.log_entries.load(Ordering::Relaxed),
+            log_bytes: self.log_bytes.load(Ordering::Relaxed),
+        }
     }
 
     /// Writes a `status` event every interval until the process ends.
@@ -126,10 +226,51 @@ impl StatusBoard {
             .name("ftvm-status".into())
             .spawn(move || loop {
                 std::thread::sleep(STATUS_INTERVAL);
-                events.emit("status", board.json(), None);
+                events.emit(ServerEvent::Status(board.status()), None);
             });
         if let Err(e) = spawned {
             tracing::warn!("cannot start the status reporter: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_read_back_as_written() {
+        let dir = std::env::temp_dir().join(format!("ftvm-events-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("events.jsonl");
+        let _ = std::fs::remove_file(&path);
+        let events = Events::open("vmm1", Some(&path)).expect("open");
+        let written = [
+            ServerEvent::Role {
+                role: ServerRole::Primary,
+                view: 2,
+                backup: Some("vmm2".into()),
+            },
+            ServerEvent::Tas { view: 2, won: true },
+            ServerEvent::Status(Status {
+                lag_ms: 1.5,
+                ..Status::zero(ServerRole::Backup)
+            }),
+        ];
+        for e in &written {
+            events.emit(e.clone(), None);
+        }
+        // A line cut short by a crash is skipped, not an error.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(b"{\"t_ns\": 1, \"event\": \"ro"))
+            .expect("append");
+        let read: Vec<ServerEvent> = read_events(&path).into_iter().map(|r| r.event).collect();
+        assert_eq!(read, written);
+        let line = std::fs::read_to_string(&path).expect("read");
+        assert!(line.starts_with("{\"t_ns\":"), "{line}");
+        assert!(line.contains("\"event\":\"role\""), "{line}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -13,7 +13,7 @@ use crate::bench::{
     closed_loop, cpu_secs, free_tcp_port, free_udp_port, max_rss_kib, median, paced_loop,
     percentile, wait_ready, VmmProcess,
 };
-use ftvm_core::host::events::read_events;
+use ftvm_core::host::events::{read_events, ServerEvent, ServerRole, Status};
 use ftvm_kvclient::{ClientConfig, KvClient};
 
 const VM_ID: &str = "bench";
@@ -184,10 +184,15 @@ impl Pair {
             backup_events,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !read_events(&pair.primary_events)
-            .iter()
-            .any(|e| e["event"] == "role" && e["backup"].is_string())
-        {
+        while !read_events(&pair.primary_events).iter().any(|e| {
+            matches!(
+                &e.event,
+                ServerEvent::Role {
+                    backup: Some(_),
+                    ..
+                }
+            )
+        }) {
             if Instant::now() > deadline {
                 let tail = |who: &str| {
                     std::fs::read_to_string(dir.join(format!("{who}-{n}.stderr")))
@@ -299,12 +304,16 @@ pub struct FtReport {
     pub failover_max_ms: f64,
 }
 
-fn status_series(path: &Path, field: &str) -> Vec<f64> {
-    read_events(path)
-        .iter()
-        .filter(|e| e["event"] == "status")
-        .filter_map(|e| e[field].as_f64())
-        .collect()
+/// The primary's latest status line, or one of zeros before its first.
+fn status(pair: &Pair) -> Status {
+    read_events(&pair.primary_events)
+        .into_iter()
+        .rev()
+        .find_map(|e| match e.event {
+            ServerEvent::Status(s) => Some(s),
+            _ => None,
+        })
+        .unwrap_or_else(|| Status::zero(ServerRole::Primary))
 }
 
 /// What one server (or pair) did under the closed-loop load.
@@ -344,14 +353,6 @@ fn pace(service: SocketAddr, args: &FtBenchArgs) -> Result<Vec<u64>, String> {
     Ok(paced_loop(service, 1, duration, Some(pace))?.1)
 }
 
-/// The latest value of `field` in the primary's status lines.
-fn status(pair: &Pair, field: &str) -> f64 {
-    status_series(&pair.primary_events, field)
-        .last()
-        .copied()
-        .unwrap_or(0.0)
-}
-
 fn merge(into: &mut Vec<u64>, more: &[u64]) {
     into.extend_from_slice(more);
     into.sort_unstable();
@@ -374,7 +375,7 @@ fn overhead(args: &FtBenchArgs, dir: &Path, report: &mut FtReport) -> Result<(),
     let (mut run_sat, mut run_paced, mut ft_sat, mut ft_paced) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut loaded = Duration::ZERO;
-    let bytes_before = status(&pair, "log_bytes");
+    let bytes_before = status(&pair).log_bytes;
     for n in 0..args.rounds {
         let run = saturate(service, &[vmm.pid()], args)?;
         let t = Instant::now();
@@ -406,15 +407,17 @@ fn overhead(args: &FtBenchArgs, dir: &Path, report: &mut FtReport) -> Result<(),
     vmm.stop()?;
     // The status lines come every 250 ms: let one cover the load's end.
     std::thread::sleep(ftvm_core::host::events::STATUS_INTERVAL * 2);
-    report.lag_p50_ms = status(&pair, "lag_p50_ms");
-    report.lag_p99_ms = status(&pair, "lag_p99_ms");
-    report.lag_max_ms = status(&pair, "lag_max_ms");
-    report.lag_samples = status(&pair, "lag_samples") as u64;
-    report.hold_p50_ms = status(&pair, "output_hold_p50_ms");
-    report.hold_p99_ms = status(&pair, "output_hold_p99_ms");
-    report.paced_hold_p50_ms = status(&paced_pair, "output_hold_p50_ms");
-    report.paced_hold_p99_ms = status(&paced_pair, "output_hold_p99_ms");
-    report.log_mbit_per_sec = (status(&pair, "log_bytes") - bytes_before) * 8.0
+    let loaded_status = status(&pair);
+    let paced_status = status(&paced_pair);
+    report.lag_p50_ms = loaded_status.lag_p50_ms;
+    report.lag_p99_ms = loaded_status.lag_p99_ms;
+    report.lag_max_ms = loaded_status.lag_max_ms;
+    report.lag_samples = loaded_status.lag_samples;
+    report.hold_p50_ms = loaded_status.output_hold_p50_ms;
+    report.hold_p99_ms = loaded_status.output_hold_p99_ms;
+    report.paced_hold_p50_ms = paced_status.output_hold_p50_ms;
+    report.paced_hold_p99_ms = paced_status.output_hold_p99_ms;
+    report.log_mbit_per_sec = loaded_status.log_bytes.saturating_sub(bytes_before) as f64 * 8.0
         / 1e6
         / loaded.as_secs_f64().max(f64::MIN_POSITIVE);
     let rounds = &report.rounds;
@@ -453,7 +456,7 @@ fn overhead(args: &FtBenchArgs, dir: &Path, report: &mut FtReport) -> Result<(),
     let _ = load.join();
     report.lagging_pair_stayed_together = !read_events(&pair.primary_events)
         .iter()
-        .any(|e| e["event"] == "failure_detected");
+        .any(|e| matches!(e.event, ServerEvent::FailureDetected { .. }));
     Ok(())
 }
 
@@ -496,7 +499,10 @@ fn failover_trial(args: &FtBenchArgs, dir: &Path, n: usize) -> Result<FailoverTr
     let _ = pair.primary.0.wait();
     let backup_service = loop {
         let evs = read_events(&pair.backup_events);
-        if evs.iter().any(|e| e["event"] == "live") {
+        if evs
+            .iter()
+            .any(|e| matches!(e.event, ServerEvent::Live { .. }))
+        {
             break backup_service(&pair)?;
         }
         if killed.elapsed() > Duration::from_secs(20) {
@@ -513,17 +519,18 @@ fn failover_trial(args: &FtBenchArgs, dir: &Path, n: usize) -> Result<FailoverTr
         .map_err(|e| format!("trial {n}: the new primary does not answer: {e}"))?;
     let first_reply_ms = killed.elapsed().as_secs_f64() * 1000.0;
     let evs = read_events(&pair.backup_events);
-    let at = |name: &str| -> Result<f64, String> {
+    let at = |name: &str, is: fn(&ServerEvent) -> bool| -> Result<f64, String> {
         evs.iter()
-            .find(|e| e["event"] == name)
-            .and_then(|e| e["t_ns"].as_u64())
-            .map(|t| t.saturating_sub(kill_ns) as f64 / 1e6)
+            .find(|e| is(&e.event))
+            .map(|e| e.t_ns.saturating_sub(kill_ns) as f64 / 1e6)
             .ok_or_else(|| format!("trial {n}: no {name} event"))
     };
     Ok(FailoverTrial {
-        detection_ms: at("failure_detected")?,
-        test_and_set_ms: at("tas")?,
-        go_live_ms: at("live")?,
+        detection_ms: at("failure_detected", |e| {
+            matches!(e, ServerEvent::FailureDetected { .. })
+        })?,
+        test_and_set_ms: at("tas", |e| matches!(e, ServerEvent::Tas { won: true, .. }))?,
+        go_live_ms: at("live", |e| matches!(e, ServerEvent::Live { .. }))?,
         first_reply_ms,
     })
 }
