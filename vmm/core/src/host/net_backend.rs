@@ -169,16 +169,17 @@ fn receive_loop(
             }
         };
         counters.received.fetch_add(1, Ordering::Relaxed);
-        let from = match from {
-            SocketAddr::V4(v4) if len <= MAX_UDP_PAYLOAD => v4,
-            _ => {
-                counters.dropped_unusable.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
+        let SocketAddr::V4(from) = from else {
+            counters.dropped_unusable.fetch_add(1, Ordering::Relaxed);
+            continue;
         };
+        // A datagram too long for one frame is cut to what fits rather than
+        // dropped: the guest then sees lengths that do not add up and answers
+        // BadRequest (docs/protocol.md), as it does for any other malformed
+        // request; no valid request is anywhere near this long.
         let datagram = Datagram {
             from,
-            payload: buf[..len].to_vec(),
+            payload: buf[..len.min(MAX_UDP_PAYLOAD)].to_vec(),
         };
         match tx.try_send(datagram) {
             Ok(()) => {}
@@ -218,6 +219,22 @@ mod tests {
         let mut buf = [0u8; 16];
         let (n, _) = client.recv_from(&mut buf).expect("reply");
         assert_eq!(&buf[..n], b"world");
+    }
+
+    #[test]
+    fn a_datagram_longer_than_a_frame_reaches_the_guest_cut_to_fit() {
+        let backend = NetBackend::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let client = UdpSocket::bind("127.0.0.1:0").expect("client");
+        let long: Vec<u8> = (0..2000u32).map(|i| i as u8).collect();
+        client.send_to(&long, backend.local_addr()).expect("send");
+        let d = backend
+            .incoming()
+            .recv_timeout(Duration::from_secs(5))
+            .expect("datagram");
+        assert_eq!(d.payload, long[..MAX_UDP_PAYLOAD]);
+        let frame = d.to_frame().expect("a frame that fits");
+        assert_eq!(frame.len(), frame::MAX_FRAME_LEN);
+        assert_eq!(backend.counters.dropped_unusable.load(Ordering::Relaxed), 0);
     }
 
     #[test]
