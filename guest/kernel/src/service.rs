@@ -51,7 +51,7 @@ impl Service {
             Parsed::Request(request) => request,
         };
         self.requests += 1;
-        let ids = request.ids;
+        let ids = request.ids();
         match self.clients.history(ids.client_id) {
             History::Last { request_num, reply } if request_num == ids.request_num => {
                 out[..reply.len()].copy_from_slice(reply);
@@ -89,8 +89,8 @@ impl Service {
             }
             Op::Entropy => {
                 let mix = entropy::mix(protocol::entropy_rounds(request.value));
-                value_out[..protocol::ENTROPY_RESULT_LEN].copy_from_slice(&mix.to_le_bytes());
-                return (Status::Ok, protocol::ENTROPY_RESULT_LEN);
+                value_out[..protocol::ENTROPY_REPLY_VALUE_LEN].copy_from_slice(&mix.to_le_bytes());
+                return (Status::Ok, protocol::ENTROPY_REPLY_VALUE_LEN);
             }
             Op::Put => self.store.put(request.key, request.value),
             Op::Append => self.store.append(request.key, request.value),

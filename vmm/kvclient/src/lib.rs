@@ -1,6 +1,7 @@
 //! The client side of the guest's key-value service (docs/protocol.md).
 //!
-//! - [`proto`]: the wire format, encoded and decoded in both directions;
+//! - [`proto`]: the wire format of `ftvm_kvproto` (which the guest shares)
+//!   as owned messages, encoded and decoded in both directions;
 //! - [`KvClient`]: a UDP client that retries with the same request number
 //!   until it gets the reply, so the guest's client table gives exactly-once
 //!   execution even across lost datagrams and a change of server address;
