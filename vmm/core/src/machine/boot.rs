@@ -6,7 +6,6 @@ use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, CpuId, KVM_MAX_CPUID_ENTRIES}
 use kvm_ioctls::{Kvm, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _};
 
-use crate::devices::virtio_net::{NET_IRQ, NET_MMIO_BASE, NET_MMIO_SIZE};
 use crate::host::frame::{GUEST_IP, GUEST_MAC, GUEST_SERVICE_PORT};
 use crate::machine::layout::*;
 use crate::machine::memory::GuestMemory;

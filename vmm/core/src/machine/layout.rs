@@ -25,6 +25,14 @@ pub const MIN_MEM_SIZE: u64 = 2 << 20;
 /// RAM stops below the MMIO window.
 pub const MAX_MEM_SIZE: u64 = 3 << 30;
 
+/// Guest-physical base of virtio-net's register window (in the MMIO window
+/// above RAM); the boot-info block tells the guest.
+pub const NET_MMIO_BASE: u64 = 0xd000_0000;
+/// Size of virtio-net's register window.
+pub const NET_MMIO_SIZE: u64 = 0x1000;
+/// virtio-net's (edge-triggered) IRQ line on the PIC.
+pub const NET_IRQ: u8 = 5;
+
 pub const BOOT_CS: u16 = 0x08;
 pub const BOOT_DS: u16 = 0x10;
 

@@ -31,12 +31,7 @@ use thiserror::Error;
 use tracing::warn;
 use virtio_queue::{Queue, QueueState, QueueT};
 
-/// Guest-physical base of the register window.
-pub const NET_MMIO_BASE: u64 = 0xd000_0000;
-/// Size of the register window.
-pub const NET_MMIO_SIZE: u64 = 0x1000;
-/// The device's (edge-triggered) IRQ line on the PIC.
-pub const NET_IRQ: u8 = 5;
+pub use crate::machine::layout::{NET_IRQ, NET_MMIO_BASE, NET_MMIO_SIZE};
 /// The receive queue's index.
 pub const RX_QUEUE: usize = 0;
 /// The transmit queue's index.
