@@ -5,7 +5,7 @@
 //! receive and 1 for transmit, a 12-byte `virtio_net_hdr_v1` in front of every
 //! frame, `VIRTQ_USED_F_NO_NOTIFY` in both used rings.
 //!
-//! Determinism (DESIGN.md §3) shapes the interface: the device never acts on
+//! Determinism (docs/design.md, "The determinism contract") shapes the interface: the device never acts on
 //! its own. Its state and guest memory change only inside
 //! [`VirtioNet::mmio_read`]/[`VirtioNet::mmio_write`],
 //! [`VirtioNet::pop_tx_frames`], [`VirtioNet::deliver_rx`] and
