@@ -1,17 +1,16 @@
 //! `ftvm kv`: one request to the guest's KV service from the command line.
 //!
 //! Exit codes: 0 on success, 1 when `get` finds no such key, 2 on any error
-//! (with one line on stderr starting with `ftvm kv: `).
+//! (with one line on stderr starting with `ftvm kv: `); see `exit_codes`.
 
 use std::io::{self, Write};
 use std::net::SocketAddr;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use ftvm_kvclient::{FailoverClient, FailoverConfig, FailoverError, ServerSource, DEFAULT_VM_ID};
 
-const EXIT_OK: i32 = 0;
-const EXIT_NOT_FOUND: i32 = 1;
-const EXIT_ERROR: i32 = 2;
+use crate::exit_codes::{KV_ERROR, KV_NOT_FOUND, KV_OK};
 
 /// Talk to the guest's key-value service.
 #[derive(Debug, Clone, clap::Args)]
@@ -85,8 +84,12 @@ pub enum KvCommand {
 }
 
 /// Runs `ftvm kv` and returns the process exit code.
-pub fn run(args: &KvArgs) -> i32 {
-    run_with(args, &mut io::stdout().lock(), &mut io::stderr().lock())
+pub fn run(args: &KvArgs) -> ExitCode {
+    ExitCode::from(run_with(
+        args,
+        &mut io::stdout().lock(),
+        &mut io::stderr().lock(),
+    ))
 }
 
 enum Outcome {
@@ -95,27 +98,27 @@ enum Outcome {
     NotFound,
 }
 
-fn run_with(args: &KvArgs, out: &mut impl Write, err: &mut impl Write) -> i32 {
+fn run_with(args: &KvArgs, out: &mut impl Write, err: &mut impl Write) -> u8 {
     // Nothing useful can be done when stderr itself fails, hence the `let _`.
     match execute(args) {
         Ok(Outcome::Print(mut bytes)) => {
             bytes.push(b'\n');
             match out.write_all(&bytes).and_then(|()| out.flush()) {
-                Ok(()) => EXIT_OK,
+                Ok(()) => KV_OK,
                 Err(e) => {
                     let _ = writeln!(err, "ftvm kv: cannot write to stdout: {e}");
-                    EXIT_ERROR
+                    KV_ERROR
                 }
             }
         }
-        Ok(Outcome::Silent) => EXIT_OK,
+        Ok(Outcome::Silent) => KV_OK,
         Ok(Outcome::NotFound) => {
             let _ = writeln!(err, "not found");
-            EXIT_NOT_FOUND
+            KV_NOT_FOUND
         }
         Err(e) => {
             let _ = writeln!(err, "ftvm kv: {e}");
-            EXIT_ERROR
+            KV_ERROR
         }
     }
 }
@@ -183,12 +186,12 @@ mod tests {
     }
 
     /// Runs `ftvm kv ARGV` and returns (exit code, stdout, stderr).
-    fn kv(server: SocketAddr, argv: &[&str]) -> (i32, Vec<u8>, String) {
+    fn kv(server: SocketAddr, argv: &[&str]) -> (u8, Vec<u8>, String) {
         kv_to(&["--server", &server.to_string()], argv)
     }
 
     /// Runs `ftvm kv TARGET --timeout 0.3 ARGV`.
-    fn kv_to(target: &[&str], argv: &[&str]) -> (i32, Vec<u8>, String) {
+    fn kv_to(target: &[&str], argv: &[&str]) -> (u8, Vec<u8>, String) {
         let mut full = target.to_vec();
         full.extend_from_slice(&["--timeout", "0.3"]);
         full.extend_from_slice(argv);

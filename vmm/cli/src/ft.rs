@@ -1,0 +1,174 @@
+//! What `ftvm primary` and `ftvm backup` share: the flags of a
+//! fault-tolerant server, the log channel they make of them, and how a
+//! server's run ends.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use ftvm_core::ft::membership::ArbitrationError;
+use ftvm_core::host::events::{Events, ServerEvent};
+use ftvm_core::machine::memory::parse_size;
+use ftvm_core::run::run_loop::{RunError, RunSummary};
+use ftvm_core::run::vm::{Vm, VmConfig};
+use logchannel::ChannelConfig;
+
+use crate::args::{GuestArgs, DEFAULT_DIGEST_INTERVAL, VM_ID};
+use crate::exit_codes;
+use crate::run::{exit_for, print_summary};
+
+/// A few dozen milliseconds of a loaded guest's log on this platform.
+const DEFAULT_WINDOW_ENTRIES: u64 = 256;
+/// Half the 10 ms the backup is meant to stay within at p99: the primary
+/// notices the lag only at its next exit, up to a few ms of guest work later.
+const DEFAULT_MAX_LAG_MS: f64 = 5.0;
+/// Every output flushes the log anyway, so a longer delay only spares the
+/// writes (and the backup's wake-ups) of entries between outputs; measured:
+/// FT overhead 0.76 at 0.2 ms, 0.85-0.88 at 2 ms (BENCHMARKS.md).
+const DEFAULT_BATCH_DELAY_MS: f64 = 2.0;
+
+#[derive(clap::Args)]
+pub struct FtArgs {
+    #[command(flatten)]
+    pub guest: GuestArgs,
+    /// Guest memory size (for example 64M, 1G).
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    pub mem: u64,
+    /// The VM this pair runs, as the arbiter knows it.
+    #[arg(long, default_value = VM_ID)]
+    pub vm_id: String,
+    /// This server's id at the arbiter (one per process incarnation).
+    #[arg(long)]
+    id: Option<String>,
+    /// The arbiter's address.
+    #[arg(long)]
+    pub arbiter: SocketAddr,
+    /// Where this server serves the guest's clients while it is primary.
+    #[arg(long)]
+    pub service: SocketAddr,
+    /// Silence on the log channel after which the peer is declared failed.
+    #[arg(long, default_value_t = 300)]
+    failure_timeout_ms: u64,
+    /// Append events (role, status, failover) as JSON lines to this file.
+    #[arg(long)]
+    pub events: Option<PathBuf>,
+    /// Stop after this many seconds.
+    #[arg(long)]
+    pub timeout: Option<f64>,
+    /// Synchronous exits between periodic digests; primary and backup must agree.
+    #[arg(long, default_value_t = DEFAULT_DIGEST_INTERVAL)]
+    pub digest_interval: u64,
+    /// PIT tick rate the guest is asked to program.
+    #[arg(long, default_value_t = ftvm_core::machine::boot::DEFAULT_TICK_HZ)]
+    tick_hz: u32,
+    /// Log entries in flight (sent, not acknowledged) before the primary
+    /// waits for its backup; bounds how far the backup can lag.
+    #[arg(long, default_value_t = DEFAULT_WINDOW_ENTRIES)]
+    window_entries: u64,
+    /// How far behind the backup may replay (the age of the oldest log entry
+    /// it has not replayed) before the primary waits for it at its next
+    /// exit; 0 turns the bound off.
+    #[arg(long, default_value_t = DEFAULT_MAX_LAG_MS)]
+    max_lag_ms: f64,
+    /// How long a log entry may wait to be sent with later ones (an
+    /// output's entries go at once); below --max-lag-ms.
+    #[arg(long, default_value_t = DEFAULT_BATCH_DELAY_MS)]
+    batch_delay_ms: f64,
+}
+
+impl FtArgs {
+    /// `--id`, or one unique to this process incarnation.
+    pub fn server_id(&self, role: &str) -> String {
+        self.id.clone().unwrap_or_else(|| {
+            format!(
+                "{role}-{}-{:08x}",
+                std::process::id(),
+                rand::random::<u32>()
+            )
+        })
+    }
+
+    pub fn channel_config(&self) -> Result<ChannelConfig> {
+        let failure_timeout = Duration::from_millis(self.failure_timeout_ms);
+        if self.failure_timeout_ms < 20 {
+            bail!(
+                "--failure-timeout-ms {} is too short (at least 20)",
+                self.failure_timeout_ms
+            );
+        }
+        if !(self.max_lag_ms >= 0.0 && self.max_lag_ms.is_finite()) {
+            bail!(
+                "--max-lag-ms {} must be a number of milliseconds, 0 or more",
+                self.max_lag_ms
+            );
+        }
+        if !(self.batch_delay_ms > 0.0 && self.batch_delay_ms.is_finite()) {
+            bail!(
+                "--batch-delay-ms {} must be a positive number of milliseconds",
+                self.batch_delay_ms
+            );
+        }
+        if self.max_lag_ms > 0.0 && self.batch_delay_ms >= self.max_lag_ms {
+            bail!(
+                "--batch-delay-ms {} must be below --max-lag-ms {}: the lag bound would hold the primary for entries it has not sent yet",
+                self.batch_delay_ms,
+                self.max_lag_ms
+            );
+        }
+        Ok(ChannelConfig {
+            failure_timeout,
+            max_lag: (self.max_lag_ms > 0.0)
+                .then(|| Duration::from_secs_f64(self.max_lag_ms / 1000.0)),
+            batch_delay: Duration::from_secs_f64(self.batch_delay_ms / 1000.0),
+            heartbeat_interval: (failure_timeout / 10).max(Duration::from_millis(2)),
+            handshake_timeout: Duration::from_secs(1),
+            window_entries: self.window_entries,
+            ..ChannelConfig::default()
+        })
+    }
+
+    pub fn boot(&self, image: &[u8]) -> Result<Vm> {
+        let config = VmConfig {
+            mem_size: self.mem,
+            tick_hz: self.tick_hz,
+            kvm_device: self.guest.kvm_device.clone(),
+            patching: true,
+        };
+        Ok(Vm::new(image, config)?)
+    }
+}
+
+/// The exit status for how a server's run ended.
+pub fn finish(result: Result<RunSummary, RunError>, events: &Events) -> Result<ExitCode> {
+    match result {
+        Ok(summary) => {
+            print_summary(&summary);
+            events.emit(
+                ServerEvent::Stopped {
+                    reason: format!("{:?}", summary.reason),
+                },
+                None,
+            );
+            Ok(exit_for(summary.reason))
+        }
+        Err(e) if ArbitrationError::of(&e).is_some() => {
+            eprintln!("ftvm: {e}");
+            Ok(ExitCode::from(match ArbitrationError::of(&e) {
+                Some(ArbitrationError::Unreachable { .. }) => exit_codes::NO_ARBITER,
+                _ => exit_codes::LOST,
+            }))
+        }
+        Err(RunError::Diverged(d)) => {
+            events.emit(
+                ServerEvent::Diverged {
+                    detail: d.to_string(),
+                },
+                None,
+            );
+            bail!("the backup diverged from the primary:\n{d}")
+        }
+        Err(e) => Err(e.into()),
+    }
+}
