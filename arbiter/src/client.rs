@@ -35,12 +35,34 @@ impl ArbiterClient {
     }
 
     /// Reports `me` alive and knowing view `view_known`; returns the
-    /// current view.
+    /// current view. From the primary of view `view_known`, this
+    /// acknowledges that view: its backup, if it has one, holds the
+    /// primary's state.
     pub fn ping(&self, vm: &str, me: &Member, view_known: u64) -> Result<View, ArbiterError> {
+        self.ping_as(vm, me, view_known, true)
+    }
+
+    /// For the primary of view `view`, whose backup does not hold its state
+    /// yet: reports that it has seen the view without vouching for the
+    /// backup. The arbiter may then replace that backup if it stops pinging
+    /// (see the README), and the backup still cannot win a test-and-set for
+    /// the view. From any other server it is the same as [`Self::ping`].
+    pub fn ping_seen(&self, vm: &str, me: &Member, view: u64) -> Result<View, ArbiterError> {
+        self.ping_as(vm, me, view, false)
+    }
+
+    fn ping_as(
+        &self,
+        vm: &str,
+        me: &Member,
+        view_known: u64,
+        backup_ready: bool,
+    ) -> Result<View, ArbiterError> {
         let reply: ViewReply = self.call(&Request::Ping {
             vm: vm.to_owned(),
             me: me.clone(),
             view_known,
+            backup_ready,
         })?;
         Ok(reply.view)
     }

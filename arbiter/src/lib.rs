@@ -23,7 +23,7 @@ use thiserror::Error;
 
 pub use client::ArbiterClient;
 pub use protocol::{ErrorKind, MAX_ID_LEN, MAX_LINE, PROTOCOL_VERSION};
-pub use server::{Server, ServerConfig, ServerHandle};
+pub use server::{Server, ServerConfig, ServerHandle, WARNINGS_PER_SECOND};
 pub use store::{StoreError, STATE_FILE, STATE_FORMAT};
 pub use view::{LossReason, Member, TasOutcome, View};
 
@@ -45,6 +45,10 @@ pub enum ArbiterError {
     /// have been decided.
     #[error("arbiter at {addr} sent a response this client cannot read: {detail}")]
     BadResponse { addr: SocketAddr, detail: String },
+    /// A [`ServerConfig`] the server cannot serve with (a zero limit or
+    /// timeout).
+    #[error("invalid arbiter configuration: {0}")]
+    Config(String),
     /// The server could not bind its address.
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: io::Error },

@@ -1,10 +1,11 @@
 //! The wire protocol: one JSON object per line each way, specified byte by
 //! byte in the crate's README.md.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::io::{self, BufRead};
 
-use serde::de::DeserializeOwned;
+use serde::de::{self, DeserializeOwned, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use thiserror::Error;
@@ -25,6 +26,12 @@ pub(crate) enum Request {
         vm: String,
         me: Member,
         view_known: u64,
+        /// Meaningful only from the primary of the current view pinging with
+        /// its number: `false` says it has seen the view but its backup does
+        /// not hold its state yet (see the README). Omitted means `true`,
+        /// which is what every ping meant before the field existed.
+        #[serde(default = "yes", skip_serializing_if = "is_yes")]
+        backup_ready: bool,
     },
     TestAndSet {
         vm: String,
@@ -34,6 +41,14 @@ pub(crate) enum Request {
     Query {
         vm: String,
     },
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_yes(b: &bool) -> bool {
+    *b
 }
 
 /// The reply to `ping` and `query`.
@@ -111,6 +126,10 @@ impl ProtocolError {
 pub(crate) fn parse_request(line: &[u8]) -> Result<Request, ProtocolError> {
     let value: Value = serde_json::from_slice(line)
         .map_err(|e| ProtocolError::Malformed(format!("not JSON: {e}")))?;
+    // `Value` keeps the last of two equal keys; which one a request meant
+    // cannot be known, so it is refused rather than guessed.
+    serde_json::from_slice::<NoDuplicateKeys>(line)
+        .map_err(|e| ProtocolError::Malformed(e.to_string()))?;
     let Value::Object(mut fields) = value else {
         return Err(ProtocolError::Malformed(
             "a request must be a JSON object".into(),
@@ -141,6 +160,67 @@ pub(crate) fn parse_request(line: &[u8]) -> Result<Request, ProtocolError> {
         check_id("member id", &member.id)?;
     }
     Ok(request)
+}
+
+/// Walks a JSON text and fails on the first object with two equal keys, at
+/// any depth. It keeps nothing, so it works whatever `serde_json` features
+/// the build has enabled.
+struct NoDuplicateKeys;
+
+impl<'de> Deserialize<'de> for NoDuplicateKeys {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(NoDuplicateKeys)
+    }
+}
+
+impl<'de> Visitor<'de> for NoDuplicateKeys {
+    type Value = NoDuplicateKeys;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_unit<E>(self) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self, A::Error> {
+        while seq.next_element::<NoDuplicateKeys>()?.is_some() {}
+        Ok(self)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self, A::Error> {
+        let mut keys = HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if !keys.insert(key.clone()) {
+                // The value is read so that the error names the key's place.
+                map.next_value::<IgnoredAny>()?;
+                return Err(de::Error::custom(format_args!("duplicate key `{key}`")));
+            }
+            map.next_value::<NoDuplicateKeys>()?;
+        }
+        Ok(self)
+    }
 }
 
 fn bad_version(found: &Value) -> ProtocolError {
@@ -291,6 +371,13 @@ mod tests {
                 vm: "vm".into(),
                 me: member(),
                 view_known: 3,
+                backup_ready: true,
+            },
+            Request::Ping {
+                vm: "vm".into(),
+                me: member(),
+                view_known: 3,
+                backup_ready: false,
             },
             Request::TestAndSet {
                 vm: "vm".into(),
@@ -314,9 +401,20 @@ mod tests {
             Request::Ping {
                 vm: "vm1".into(),
                 me: member(),
-                view_known: 0
+                view_known: 0,
+                backup_ready: true,
             }
         );
+        // The field is left out when true, so that a ping reads as it did
+        // before the field existed.
+        let line = encode_request(&Request::Ping {
+            vm: "vm1".into(),
+            me: member(),
+            view_known: 0,
+            backup_ready: true,
+        })
+        .unwrap();
+        assert!(!String::from_utf8(line).unwrap().contains("backup_ready"));
     }
 
     #[test]
@@ -333,12 +431,38 @@ mod tests {
             (br#"{"version":1,"op":"query","vm":"x","extra":1}"#, ErrorKind::Malformed, "unknown field `extra`"),
             (br#"{"version":1,"op":"query","vm":""}"#, ErrorKind::Malformed, "vm must be 1 to 256 bytes"),
             (br#"{"version":1,"op":"test_and_set","vm":"x","view":1,"claimant":{"id":"a","service_addr":"nowhere"}}"#, ErrorKind::Malformed, "socket address"),
+            (br#"{"version":1,"op":"ping","vm":"x","me":{"id":"a","service_addr":"127.0.0.1:1"},"view_known":0,"backup_ready":1}"#, ErrorKind::Malformed, "expected a boolean"),
         ];
         for (line, kind, text) in cases {
             let err = parse_request(line).unwrap_err();
             assert_eq!(err.kind(), *kind, "{err}");
             assert!(err.to_string().contains(text), "{err:?} lacks {text:?}");
         }
+    }
+
+    #[test]
+    fn duplicate_keys_are_malformed() {
+        let cases: &[(&[u8], &str)] = &[
+            (br#"{"version":1,"op":"query","vm":"a","vm":"b"}"#, "duplicate key `vm`"),
+            (br#"{"version":1,"version":1,"op":"query","vm":"a"}"#, "duplicate key `version`"),
+            // The same key twice is refused even with the same value.
+            (br#"{"version":1,"op":"query","op":"query","vm":"a"}"#, "duplicate key `op`"),
+            (
+                br#"{"version":1,"op":"ping","vm":"x","me":{"id":"a","id":"b","service_addr":"127.0.0.1:1"},"view_known":0}"#,
+                "duplicate key `id`",
+            ),
+            // Escapes are undone before keys are compared.
+            (br#"{"version":1,"op":"query","vm":"a","\u0076m":"b"}"#, "duplicate key `vm`"),
+            (br#"{"version":1,"op":"query","vm":"a","x":[{"k":1,"k":2}]}"#, "duplicate key `k`"),
+        ];
+        for (line, text) in cases {
+            let err = parse_request(line).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Malformed, "{err}");
+            assert!(err.to_string().contains(text), "{err:?} lacks {text:?}");
+            assert!(!err.to_string().contains("not JSON"), "{err:?}");
+        }
+        // Equal values under different keys are fine.
+        assert!(parse_request(br#"{"version":1,"op":"query","vm":"1"}"#).is_ok());
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! time is passed in, so that the rules can be tested exhaustively and the
 //! server can persist a decision before anyone sees it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -182,28 +182,102 @@ impl VmState {
     }
 }
 
+/// How many retired ids a VM remembers; beyond this the oldest is
+/// forgotten, so that claims under ever new ids cannot grow the arbiter's
+/// memory without bound. A server that lost stops pinging (it halts), so
+/// only the most recent losers matter.
+pub(crate) const MAX_RETIRED: usize = 1024;
+
 struct LastPing {
     member: Member,
     at: Instant,
+    view_known: u64,
 }
 
-/// Every VM's views, acknowledgements and test-and-set winners, plus the
-/// servers heard from recently (not durable: after a restart, spares are
-/// known again at their next ping).
+/// What the arbiter knows of one VM only while it runs: lost on a restart,
+/// and rebuilt from the next pings.
+#[derive(Default)]
+struct Heard {
+    /// The servers heard within the liveness bound, by id.
+    pings: HashMap<String, LastPing>,
+    /// The number of the latest view whose primary has pinged with it,
+    /// with or without vouching for its backup.
+    seen: u64,
+    /// Ids that lost a claim or were displaced by a won one: never named
+    /// backup again (a loser halts; a server that comes back is a new
+    /// incarnation with a new id).
+    retired: HashSet<String>,
+    retired_order: VecDeque<String>,
+}
+
+impl Heard {
+    fn retire(&mut self, id: &str) {
+        self.pings.remove(id);
+        if self.retired.insert(id.to_owned()) {
+            self.retired_order.push_back(id.to_owned());
+            if self.retired_order.len() > MAX_RETIRED {
+                if let Some(oldest) = self.retired_order.pop_front() {
+                    self.retired.remove(&oldest);
+                }
+            }
+        }
+    }
+
+    /// A backup is dead once it lost a claim or was displaced, or has not
+    /// pinged for the liveness bound. One never heard since the arbiter
+    /// started is given the bound from the start, so that a restart alone
+    /// does not declare anybody dead.
+    fn is_dead(&self, id: &str, started: Instant, now: Instant, bound: Duration) -> bool {
+        if self.retired.contains(id) {
+            return true;
+        }
+        let last = self.pings.get(id).map_or(started, |p| p.at);
+        now.saturating_duration_since(last) > bound
+    }
+
+    /// The live spare heard most recently (ties: the smaller id). A server
+    /// whose last ping named a view no newer than the last view won by a
+    /// claim has not learned of that failover: it is most likely the member
+    /// the winner displaced, resumed after a freeze, and in any case it
+    /// becomes a spare again by pinging with a current number.
+    fn live_spare(&self, state: &VmState, now: Instant, bound: Duration) -> Option<Member> {
+        let last_won = state.decided.last_key_value().map_or(0, |(&v, _)| v);
+        self.pings
+            .iter()
+            .filter(|(id, p)| {
+                !state.view.is_primary(id)
+                    && !state.view.is_backup(id)
+                    && !self.retired.contains(*id)
+                    && now.saturating_duration_since(p.at) <= bound
+                    && (p.view_known == 0 || p.view_known > last_won)
+            })
+            .max_by(|(a_id, a), (b_id, b)| a.at.cmp(&b.at).then_with(|| b_id.cmp(a_id)))
+            .map(|(_, p)| p.member.clone())
+    }
+}
+
+/// Every VM's views, acknowledgements and test-and-set winners, plus what
+/// is known only while the arbiter runs (who pinged recently, who lost, which
+/// views their primary has seen).
 pub(crate) struct ViewService {
     vms: BTreeMap<String, VmState>,
-    pings: HashMap<String, HashMap<String, LastPing>>,
+    heard: HashMap<String, Heard>,
     spare_timeout: Duration,
+    /// When the first request was handled: the start of the liveness bound
+    /// for members not heard since.
+    started: Option<Instant>,
 }
 
 impl ViewService {
-    /// `spare_timeout`: a server not heard from for longer is not a live
-    /// spare.
+    /// `spare_timeout`: the liveness bound. A server not heard from for
+    /// longer is not a live spare, and a backup its primary has not vouched
+    /// for may be replaced.
     pub fn new(vms: BTreeMap<String, VmState>, spare_timeout: Duration) -> ViewService {
         ViewService {
             vms,
-            pings: HashMap::new(),
+            heard: HashMap::new(),
             spare_timeout,
+            started: None,
         }
     }
 
@@ -228,11 +302,25 @@ impl ViewService {
         self.vms.get(vm).map(|s| s.view.clone()).unwrap_or_default()
     }
 
+    /// A ping that vouches for the backup, as every ping did before
+    /// `backup_ready` existed.
+    #[cfg(test)]
     pub fn ping(
         &mut self,
         vm: &str,
         me: &Member,
         view_known: u64,
+        now: Instant,
+    ) -> Result<View, ViewError> {
+        self.ping_as(vm, me, view_known, true, now)
+    }
+
+    pub fn ping_as(
+        &mut self,
+        vm: &str,
+        me: &Member,
+        view_known: u64,
+        backup_ready: bool,
         now: Instant,
     ) -> Result<View, ViewError> {
         let current = self.vms.get(vm).map_or(0, |s| s.view.number);
@@ -243,14 +331,18 @@ impl ViewService {
                 current,
             });
         }
-        let timeout = self.spare_timeout;
-        let heard = self.pings.entry(vm.to_owned()).or_default();
-        heard.retain(|_, p| now.saturating_duration_since(p.at) <= timeout);
-        heard.insert(
+        let started = *self.started.get_or_insert(now);
+        let bound = self.spare_timeout;
+        let heard = self.heard.entry(vm.to_owned()).or_default();
+        heard
+            .pings
+            .retain(|_, p| now.saturating_duration_since(p.at) <= bound);
+        heard.pings.insert(
             me.id.clone(),
             LastPing {
                 member: me.clone(),
                 at: now,
+                view_known,
             },
         );
 
@@ -265,31 +357,72 @@ impl ViewService {
             info!(vm, "{}: first server to ping", state.view);
             return Ok(state.view.clone());
         }
-        if !state.acknowledged && view_known == state.view.number && state.view.is_primary(&me.id) {
-            state.acknowledged = true;
-            info!(vm, "{} acknowledged by its primary", state.view);
-        }
-        if state.acknowledged && state.view.backup.is_none() {
-            let spare = heard
-                .iter()
-                .filter(|(id, _)| !state.view.is_primary(id))
-                .max_by(|(a_id, a), (b_id, b)| a.at.cmp(&b.at).then_with(|| b_id.cmp(a_id)))
-                .map(|(_, p)| p.member.clone());
-            if let Some(spare) = spare {
-                state.view = View {
-                    number: state.view.number + 1,
-                    primary: state.view.primary.take(),
-                    backup: Some(spare),
-                };
-                state.acknowledged = false;
-                info!(vm, "{}: spare named backup", state.view);
+        if view_known == state.view.number && state.view.is_primary(&me.id) {
+            heard.seen = state.view.number;
+            // Without a backup there is nobody to vouch for.
+            if !state.acknowledged && (backup_ready || state.view.backup.is_none()) {
+                state.acknowledged = true;
+                info!(vm, "{} acknowledged by its primary", state.view);
             }
         }
-        debug!(vm, server = %me.id, view_known, "ping: {}", state.view);
+        // The 6.824 rule: the arbiter moves on from a view only once its
+        // primary has pinged with its number.
+        let seen = state.acknowledged || heard.seen == state.view.number;
+        let named = match &state.view.backup {
+            None if state.acknowledged => heard.live_spare(state, now, bound),
+            // A backup its primary has not vouched for holds nothing the VM
+            // needs, and cannot win a claim; if it is gone, the view would
+            // wait for it forever.
+            Some(backup)
+                if seen
+                    && !state.acknowledged
+                    && heard.is_dead(&backup.id, started, now, bound) =>
+            {
+                let spare = heard.live_spare(state, now, bound);
+                if let Some(spare) = &spare {
+                    info!(
+                        vm,
+                        "{}: backup {} is gone before its primary vouched for it; naming {} \
+                         instead",
+                        state.view,
+                        backup.id,
+                        spare.id
+                    );
+                }
+                spare
+            }
+            _ => None,
+        };
+        if let Some(spare) = named {
+            state.view = View {
+                number: state.view.number + 1,
+                primary: state.view.primary.take(),
+                backup: Some(spare),
+            };
+            state.acknowledged = false;
+            info!(vm, "{}: spare named backup", state.view);
+        }
+        debug!(vm, server = %me.id, view_known, backup_ready, "ping: {}", state.view);
         Ok(state.view.clone())
     }
 
+    /// A claim, decided and settled at once (see [`ViewService::claim`] and
+    /// [`ViewService::settle_claim`]).
+    #[cfg(test)]
     pub fn test_and_set(
+        &mut self,
+        vm: &str,
+        view: u64,
+        claimant: &Member,
+    ) -> Result<TasOutcome, ViewError> {
+        let claimed = self.query(vm);
+        let outcome = self.claim(vm, view, claimant)?;
+        self.settle_claim(vm, view, claimant, &claimed, &outcome);
+        Ok(outcome)
+    }
+
+    /// Decides a claim: the part that is persisted before it is answered.
+    pub fn claim(
         &mut self,
         vm: &str,
         view: u64,
@@ -308,27 +441,37 @@ impl ViewService {
                 view: View::default(),
             });
         };
-        let claimed = state.view.clone();
-        let outcome = claim(state, vm, view, claimant)?;
-        // A loser halts, and a winner claims because it suspects the other
-        // member dead: pings either sent before the decision must not get
-        // it named backup.
-        if let Some(heard) = self.pings.get_mut(vm) {
-            match &outcome {
-                TasOutcome::Lost { .. } => {
-                    heard.remove(&claimant.id);
-                }
-                TasOutcome::Won { .. } if claimed.number == view => {
-                    for member in claimed.primary.iter().chain(&claimed.backup) {
-                        if member.id != claimant.id {
-                            heard.remove(&member.id);
-                        }
+        claim(state, vm, view, claimant)
+    }
+
+    /// What a claim that stands (it was persisted, or decided nothing)
+    /// means for naming backups: a loser halts, and a winner claims
+    /// because it took the other member of `claimed` for dead, so neither
+    /// is named backup again, whatever it pings later.
+    pub fn settle_claim(
+        &mut self,
+        vm: &str,
+        view: u64,
+        claimant: &Member,
+        claimed: &View,
+        outcome: &TasOutcome,
+    ) {
+        if !self.vms.contains_key(vm) {
+            return;
+        }
+        let heard = self.heard.entry(vm.to_owned()).or_default();
+        match outcome {
+            TasOutcome::Lost { .. } => heard.retire(&claimant.id),
+            // The first answer of a win; a retry displaces nobody new.
+            TasOutcome::Won { .. } if claimed.number == view => {
+                for member in claimed.primary.iter().chain(&claimed.backup) {
+                    if member.id != claimant.id {
+                        heard.retire(&member.id);
                     }
                 }
-                TasOutcome::Won { .. } => {}
             }
+            TasOutcome::Won { .. } => {}
         }
-        Ok(outcome)
     }
 }
 
@@ -417,6 +560,14 @@ mod tests {
         ViewService::new(BTreeMap::new(), TIMEOUT)
     }
 
+    fn view(number: u64, primary: &Member, backup: Option<&Member>) -> View {
+        View {
+            number,
+            primary: Some(primary.clone()),
+            backup: backup.cloned(),
+        }
+    }
+
     #[test]
     fn ack_rule_holds_back_the_backup() {
         let (a, b) = (member("a", 1), member("b", 2));
@@ -469,7 +620,7 @@ mod tests {
     }
 
     #[test]
-    fn losers_and_the_displaced_are_not_named_backup() {
+    fn losers_and_the_displaced_are_never_named_backup() {
         let (a, b, c) = (member("a", 1), member("b", 2), member("c", 3));
         let mut s = service();
         let t = Instant::now();
@@ -487,8 +638,206 @@ mod tests {
         s.ping("vm2", &c, 0, t).unwrap();
         assert!(!s.test_and_set("vm2", 1, &c).unwrap().won());
         assert_eq!(s.ping("vm2", &a, 1, t).unwrap().backup, None);
-        // Until it pings again.
-        assert_eq!(s.ping("vm2", &c, 0, t).unwrap().backup, Some(c));
+        // Pinging again, with any number, does not make a loser a spare:
+        // it halts, and comes back as a new incarnation with a new id.
+        assert_eq!(s.ping("vm2", &c, 0, t).unwrap().backup, None);
+        assert_eq!(s.ping("vm2", &c, 1, t).unwrap().backup, None);
+        let c2 = member("c2", 3);
+        assert_eq!(s.ping("vm2", &c2, 0, t).unwrap().backup, Some(c2));
+    }
+
+    /// Issue 12: a member frozen past the failure timeout resumes after
+    /// the other won, and pings with the view it knew before the freeze.
+    #[test]
+    fn a_resumed_loser_is_not_named_backup() {
+        let (a, b, s2) = (member("a", 1), member("b", 2), member("s", 3));
+        // Either side may be the one frozen.
+        for (winner, frozen) in [(&b, &a), (&a, &b)] {
+            let mut s = service();
+            let t = Instant::now();
+            s.ping("vm", &a, 0, t).unwrap();
+            s.ping("vm", &b, 0, t).unwrap();
+            s.ping("vm", &a, 1, t).unwrap();
+            s.ping("vm", &a, 2, t).unwrap();
+            assert!(s.test_and_set("vm", 2, winner).unwrap().won());
+            assert_eq!(s.ping("vm", winner, 3, t).unwrap(), view(3, winner, None));
+            let later = t + Duration::from_millis(10);
+            // Before its own claim is refused, with the old number, and
+            // then with the current one it was just told.
+            assert_eq!(
+                s.ping("vm", frozen, 2, later).unwrap(),
+                view(3, winner, None)
+            );
+            assert_eq!(
+                s.ping("vm", winner, 3, later).unwrap(),
+                view(3, winner, None)
+            );
+            assert_eq!(
+                s.ping("vm", frozen, 3, later).unwrap(),
+                view(3, winner, None)
+            );
+            assert_eq!(
+                s.ping("vm", winner, 3, later).unwrap(),
+                view(3, winner, None)
+            );
+            let lost = s.test_and_set("vm", 2, frozen).unwrap();
+            assert!(matches!(
+                lost,
+                TasOutcome::Lost {
+                    reason: LossReason::Decided { .. },
+                    ..
+                }
+            ));
+            // A real spare started afterwards is named.
+            s.ping("vm", &s2, 0, later).unwrap();
+            assert_eq!(
+                s.ping("vm", winner, 3, later).unwrap(),
+                view(4, winner, Some(&s2))
+            );
+        }
+    }
+
+    /// The displaced member's old pings are told apart by their number
+    /// alone, which the decisions on disk give: a restart, which forgets
+    /// who lost, does not make a zombie a spare.
+    #[test]
+    fn stale_pings_make_no_spare_after_a_restart() {
+        let (a, b, n) = (member("a", 1), member("b", 2), member("n", 3));
+        let mut s = service();
+        let t = Instant::now();
+        s.ping("vm", &a, 0, t).unwrap();
+        s.ping("vm", &b, 0, t).unwrap();
+        s.ping("vm", &a, 1, t).unwrap();
+        s.ping("vm", &a, 2, t).unwrap();
+        assert!(s.test_and_set("vm", 2, &b).unwrap().won());
+        let mut s = ViewService::new(s.vms().clone(), TIMEOUT);
+        assert_eq!(s.ping("vm", &b, 3, t).unwrap(), view(3, &b, None));
+        assert_eq!(s.ping("vm", &a, 2, t).unwrap(), view(3, &b, None));
+        assert_eq!(s.ping("vm", &a, 1, t).unwrap(), view(3, &b, None));
+        assert_eq!(s.ping("vm", &b, 3, t).unwrap(), view(3, &b, None));
+        // A new server pings with 0.
+        assert_eq!(s.ping("vm", &n, 0, t).unwrap(), view(4, &b, Some(&n)));
+    }
+
+    #[test]
+    fn a_spare_that_missed_the_failover_waits_one_ping() {
+        let (a, b, c) = (member("a", 1), member("b", 2), member("c", 3));
+        let mut s = service();
+        let t = Instant::now();
+        s.ping("vm", &a, 0, t).unwrap();
+        s.ping("vm", &b, 0, t).unwrap();
+        s.ping("vm", &a, 1, t).unwrap();
+        s.ping("vm", &a, 2, t).unwrap();
+        assert_eq!(s.ping("vm", &c, 2, t).unwrap(), view(2, &a, Some(&b)));
+        assert!(s.test_and_set("vm", 2, &a).unwrap().won());
+        assert_eq!(s.ping("vm", &a, 3, t).unwrap(), view(3, &a, None));
+        assert_eq!(s.ping("vm", &c, 2, t).unwrap(), view(3, &a, None));
+        assert_eq!(s.ping("vm", &c, 3, t).unwrap(), view(4, &a, Some(&c)));
+    }
+
+    /// A backup that stops pinging before its primary vouched for it is
+    /// replaced, but only once the primary has pinged with the view's
+    /// number: the arbiter never moves on from a view its primary has not
+    /// seen.
+    #[test]
+    fn a_gone_backup_is_replaced_once_its_primary_has_seen_the_view() {
+        let (a, b, c) = (member("a", 1), member("b", 2), member("c", 3));
+        let mut s = service();
+        let t = Instant::now();
+        s.ping("vm", &a, 0, t).unwrap();
+        s.ping("vm", &b, 0, t).unwrap();
+        assert_eq!(s.ping("vm", &a, 1, t).unwrap(), view(2, &a, Some(&b)));
+        // b dies before catching up; c is started.
+        let late = t + TIMEOUT * 2;
+        s.ping("vm", &c, 0, late).unwrap();
+        // a has not seen view 2 (it pings with 1): nothing moves.
+        assert_eq!(s.ping("vm", &a, 1, late).unwrap(), view(2, &a, Some(&b)));
+        // b is not vouched for: it cannot win view 2.
+        let refused = s.test_and_set("vm", 2, &b);
+        assert!(matches!(
+            refused,
+            Ok(TasOutcome::Lost {
+                reason: LossReason::Unacknowledged,
+                ..
+            })
+        ));
+        // b lost, so it is gone at once: c takes its place.
+        assert_eq!(
+            s.ping_as("vm", &a, 2, false, late).unwrap(),
+            view(3, &a, Some(&c))
+        );
+        assert!(!s.vm("vm").unwrap().acknowledged);
+        // Now a vouches for c.
+        assert_eq!(s.ping("vm", &a, 3, late).unwrap(), view(3, &a, Some(&c)));
+        assert!(s.vm("vm").unwrap().acknowledged);
+
+        // Without a claim: the backup just stops pinging.
+        let mut s = service();
+        s.ping("vm", &a, 0, t).unwrap();
+        s.ping("vm", &b, 0, t).unwrap();
+        assert_eq!(s.ping("vm", &a, 1, t).unwrap(), view(2, &a, Some(&b)));
+        let soon = t + TIMEOUT / 2;
+        s.ping("vm", &c, 0, soon).unwrap();
+        // Still within the liveness bound: b may yet come up.
+        assert_eq!(
+            s.ping_as("vm", &a, 2, false, soon).unwrap(),
+            view(2, &a, Some(&b))
+        );
+        assert!(!s.vm("vm").unwrap().acknowledged);
+        // Any ping may move it on once a has seen view 2.
+        let gone = t + TIMEOUT + Duration::from_millis(1);
+        assert_eq!(s.ping("vm", &c, 0, gone).unwrap(), view(3, &a, Some(&c)));
+        // b, resumed, is a spare like any other, and claims nothing.
+        assert!(matches!(
+            s.test_and_set("vm", 2, &b),
+            Ok(TasOutcome::Lost {
+                reason: LossReason::Stale,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_vouched_backup_is_never_replaced_and_no_spare_no_move() {
+        let (a, b, c) = (member("a", 1), member("b", 2), member("c", 3));
+        let mut s = service();
+        let t = Instant::now();
+        s.ping("vm", &a, 0, t).unwrap();
+        s.ping("vm", &b, 0, t).unwrap();
+        s.ping("vm", &a, 1, t).unwrap();
+        // No live spare: the view waits for one.
+        let gone = t + TIMEOUT * 2;
+        assert_eq!(
+            s.ping_as("vm", &a, 2, false, gone).unwrap(),
+            view(2, &a, Some(&b))
+        );
+        // Vouched for, b holds a's state and may win the view: only a
+        // claim removes it.
+        assert_eq!(s.ping("vm", &a, 2, gone).unwrap(), view(2, &a, Some(&b)));
+        s.ping("vm", &c, 0, gone).unwrap();
+        assert_eq!(s.ping("vm", &a, 2, gone).unwrap(), view(2, &a, Some(&b)));
+        // backup_ready=false from the primary of a view it already vouched
+        // for takes nothing back.
+        s.ping_as("vm", &a, 2, false, gone).unwrap();
+        assert!(s.vm("vm").unwrap().acknowledged);
+        assert!(s.test_and_set("vm", 2, &b).unwrap().won());
+    }
+
+    #[test]
+    fn retired_ids_are_bounded() {
+        let a = member("a", 1);
+        let mut s = service();
+        let t = Instant::now();
+        s.ping("vm", &a, 0, t).unwrap();
+        for i in 0..MAX_RETIRED + 10 {
+            let x = member(&format!("x{i}"), 2);
+            assert!(!s.test_and_set("vm", 1, &x).unwrap().won());
+        }
+        let heard = &s.heard["vm"];
+        assert_eq!(heard.retired.len(), MAX_RETIRED);
+        assert_eq!(heard.retired_order.len(), MAX_RETIRED);
+        assert!(!heard.retired.contains("x0"));
+        assert!(heard.retired.contains(&format!("x{}", MAX_RETIRED + 9)));
     }
 
     #[test]
@@ -520,9 +869,18 @@ mod tests {
 
     #[derive(Clone, Debug)]
     enum Op {
-        Ping { server: usize, known: KnownView },
-        Claim { server: usize, known: KnownView },
-        Wait { ms: u64 },
+        Ping {
+            server: usize,
+            known: KnownView,
+            ready: bool,
+        },
+        Claim {
+            server: usize,
+            known: KnownView,
+        },
+        Wait {
+            ms: u64,
+        },
     }
 
     /// Which view number a request names: usually the one the server last
@@ -541,10 +899,62 @@ mod tests {
             1 => (1u64..3).prop_map(KnownView::Newer),
         ];
         prop_oneof![
-            5 => (0usize..3, known.clone()).prop_map(|(server, known)| Op::Ping { server, known }),
-            3 => (0usize..3, known).prop_map(|(server, known)| Op::Claim { server, known }),
-            1 => (0u64..800).prop_map(|ms| Op::Wait { ms }),
+            5 => (0usize..SERVERS, known.clone(), prop::bool::weighted(0.6))
+                .prop_map(|(server, known, ready)| Op::Ping { server, known, ready }),
+            3 => (0usize..SERVERS, known).prop_map(|(server, known)| Op::Claim { server, known }),
+            2 => (0u64..800).prop_map(|ms| Op::Wait { ms }),
         ]
+    }
+
+    /// Claims retire their losers, so there must be enough servers left to
+    /// name.
+    const SERVERS: usize = 6;
+
+    /// An independent account of the VM, kept from the requests alone.
+    struct Model {
+        view: View,
+        /// The primary pinged with the view's number.
+        seen: bool,
+        /// ... and vouched for its backup (or it has none).
+        acked: bool,
+        winners: BTreeMap<u64, Member>,
+        /// Every server's last ping: when, and with which number.
+        pinged: BTreeMap<String, (Instant, u64)>,
+        retired: HashSet<String>,
+        started: Option<Instant>,
+    }
+
+    impl Model {
+        fn eligible(&self, id: &str, now: Instant) -> bool {
+            let last_won = self.winners.keys().next_back().copied().unwrap_or(0);
+            !self.view.is_primary(id)
+                && !self.view.is_backup(id)
+                && !self.retired.contains(id)
+                && self.pinged.get(id).is_some_and(|&(at, known)| {
+                    now.saturating_duration_since(at) <= TIMEOUT && (known == 0 || known > last_won)
+                })
+        }
+
+        /// The spare the rules name: heard most recently, ties to the
+        /// smaller id.
+        fn spare(&self, servers: &[Member], now: Instant) -> Option<Member> {
+            servers
+                .iter()
+                .filter(|m| self.eligible(&m.id, now))
+                .max_by(|a, b| {
+                    self.pinged[&a.id]
+                        .0
+                        .cmp(&self.pinged[&b.id].0)
+                        .then_with(|| b.id.cmp(&a.id))
+                })
+                .cloned()
+        }
+
+        fn dead(&self, id: &str, now: Instant) -> bool {
+            let last = self.pinged.get(id).map(|p| p.0).or(self.started);
+            self.retired.contains(id)
+                || last.is_some_and(|at| now.saturating_duration_since(at) > TIMEOUT)
+        }
     }
 
     proptest! {
@@ -552,93 +962,129 @@ mod tests {
         /// every transition: at most one winner per view, view numbers
         /// never go back, and a view changes only by a won claim (new
         /// primary = the claimant, a member of the old view; a backup only
-        /// after the old view was acknowledged) or by naming a spare backup
-        /// of an acknowledged view (same primary).
+        /// after the old view was acknowledged), by naming a spare backup
+        /// of an acknowledged view, or by replacing a gone backup of a view
+        /// its primary has seen (same primary, both); the spare named is
+        /// never a loser, nor a server that missed the last failover.
         #[test]
-        fn views_change_only_by_the_rules(ops in prop::collection::vec(op(), 1..120)) {
-            let servers = [member("a", 1), member("b", 2), member("c", 3)];
+        fn views_change_only_by_the_rules(ops in prop::collection::vec(op(), 1..150)) {
+            let servers: Vec<Member> = (0..SERVERS)
+                .map(|k| member(&format!("s{k}"), 1 + k as u16))
+                .collect();
             let mut s = service();
             let mut now = Instant::now();
-            let mut last_seen = [0u64; 3];
-            let mut view = View::default();
-            let mut acked = false;
-            let mut winners: BTreeMap<u64, Member> = BTreeMap::new();
+            let mut last_seen = [0u64; SERVERS];
+            let mut m = Model {
+                view: View::default(),
+                seen: false,
+                acked: false,
+                winners: BTreeMap::new(),
+                pinged: BTreeMap::new(),
+                retired: HashSet::new(),
+                started: None,
+            };
             for op in ops {
-                let (server, known, claim) = match op {
+                let (server, known, ready, claim) = match op {
                     Op::Wait { ms } => {
                         now += Duration::from_millis(ms);
                         continue;
                     }
-                    Op::Ping { server, known } => (server, known, false),
-                    Op::Claim { server, known } => (server, known, true),
+                    Op::Ping { server, known, ready } => (server, known, ready, false),
+                    Op::Claim { server, known } => (server, known, true, true),
                 };
                 let me = &servers[server];
                 let number = match known {
                     KnownView::Last => last_seen[server],
                     KnownView::Older(d) => last_seen[server].saturating_sub(d),
-                    KnownView::Newer(d) => view.number + d,
+                    KnownView::Newer(d) => m.view.number + d,
                 };
-                let before = view.clone();
+                let before = m.view.clone();
                 if claim {
                     let result = s.test_and_set("vm", number, me);
-                    if number > view.number {
+                    if number > before.number {
                         prop_assert!(result.is_err(), "claim for future view {number}");
                         continue;
                     }
                     let out = result.unwrap();
                     match &out {
                         TasOutcome::Won { view: won } => {
-                            if let Some(w) = winners.get(&number) {
+                            if let Some(w) = m.winners.get(&number) {
                                 prop_assert_eq!(w, me, "second winner for view {}", number);
                             } else {
                                 prop_assert_eq!(number, before.number);
                                 prop_assert!(before.is_primary(&me.id)
-                                    || (before.is_backup(&me.id) && acked));
-                                winners.insert(number, me.clone());
-                                view = won.clone();
-                                acked = false;
+                                    || (before.is_backup(&me.id) && m.acked));
+                                m.winners.insert(number, me.clone());
+                                for other in before.primary.iter().chain(&before.backup) {
+                                    if other.id != me.id {
+                                        m.retired.insert(other.id.clone());
+                                    }
+                                }
+                                m.view = won.clone();
+                                m.seen = false;
+                                m.acked = false;
                             }
                             prop_assert_eq!(won, &won_view(number, me));
                         }
                         TasOutcome::Lost { reason, view: current } => {
                             prop_assert_eq!(current, &before);
-                            if let Some(w) = winners.get(&number) {
+                            if let Some(w) = m.winners.get(&number) {
                                 prop_assert_eq!(reason, &LossReason::Decided { winner: w.clone() });
+                            }
+                            if before.number > 0 {
+                                m.retired.insert(me.id.clone());
                             }
                         }
                     }
                     last_seen[server] = last_seen[server].max(out.view().number);
                 } else {
-                    let result = s.ping("vm", me, number, now);
-                    if number > view.number {
+                    let result = s.ping_as("vm", me, number, ready, now);
+                    if number > before.number {
                         prop_assert!(result.is_err(), "ping naming future view {number}");
                         continue;
                     }
                     let got = result.unwrap();
+                    m.started.get_or_insert(now);
+                    m.pinged.insert(me.id.clone(), (now, number));
                     if before.number == 0 {
                         prop_assert_eq!(&got, &View { number: 1, primary: Some(me.clone()), backup: None });
+                        m.view = got;
                     } else {
                         if before.is_primary(&me.id) && number == before.number {
-                            acked = true;
+                            m.seen = true;
+                            if ready || before.backup.is_none() {
+                                m.acked = true;
+                            }
                         }
-                        if got != before {
-                            prop_assert!(acked, "view changed before acknowledgement");
-                            prop_assert_eq!(got.number, before.number + 1);
-                            prop_assert_eq!(&got.primary, &before.primary);
-                            prop_assert!(before.backup.is_none() && got.backup.is_some());
+                        let expected = match &before.backup {
+                            None if m.acked => m.spare(&servers, now),
+                            Some(b) if m.seen && !m.acked && m.dead(&b.id, now) => {
+                                m.spare(&servers, now)
+                            }
+                            _ => None,
+                        };
+                        match expected {
+                            None => prop_assert_eq!(&got, &before, "the view moved"),
+                            Some(spare) => {
+                                prop_assert!(m.seen, "view changed before its primary saw it");
+                                prop_assert_eq!(&got, &View {
+                                    number: before.number + 1,
+                                    primary: before.primary.clone(),
+                                    backup: Some(spare),
+                                });
+                                m.view = got;
+                                m.seen = false;
+                                m.acked = false;
+                            }
                         }
                     }
-                    if got != before {
-                        acked = false;
-                    }
-                    view = got;
-                    last_seen[server] = view.number;
+                    last_seen[server] = m.view.number;
                 }
-                prop_assert!(view.number >= before.number);
-                prop_assert_eq!(&s.query("vm"), &view);
+                prop_assert!(m.view.number >= before.number);
+                prop_assert_eq!(&s.query("vm"), &m.view);
                 if let Some(state) = s.vm("vm") {
-                    prop_assert_eq!(&state.decided, &winners);
-                    prop_assert_eq!(state.acknowledged, acked);
+                    prop_assert_eq!(&state.decided, &m.winners);
+                    prop_assert_eq!(state.acknowledged, m.acked);
                     prop_assert!(state.check().is_ok());
                 }
             }

@@ -23,11 +23,14 @@ pub fn run(args: &::arbiter::cli::ArbiterArgs) -> Result<ExitCode> {
             flag.store(true, Ordering::SeqCst);
         });
     }
+    // Announced only once the state directory is locked and loaded and the
+    // address bound, so that "listening" is never followed by a failure to.
+    let server = ::arbiter::cli::bind(args)?;
     eprintln!(
         "ftvm arbiter: listening on {}, state in {}",
-        args.listen,
+        server.local_addr(),
         args.state.display()
     );
-    ::arbiter::cli::run(args, flag)?;
+    server.serve(&flag)?;
     Ok(ExitCode::SUCCESS)
 }
