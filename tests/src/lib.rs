@@ -1,17 +1,22 @@
-//! Support for the end-to-end tests: real `ftvm` processes on loopback,
-//! each with a time limit, killed if a test fails half-way.
+//! What the end-to-end tests need beyond the harness's launcher
+//! ([`ftvm_harness::launcher`]): where the `ftvm` binary is, whether KVM is
+//! usable, turns at the machine's cores, and panicking shorthands.
 
-pub mod cluster;
-pub mod proxy;
-
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{ExitStatus, Output};
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use ftvm_harness::launcher::{
+    free_udp_addr, Cluster, ClusterConfig, Launcher, Process, Role, ServerConfig,
+};
 
 /// Every guest run by a test stops by itself after this long at most.
-pub const VMM_TIME_LIMIT_SECS: u64 = 120;
+pub const VMM_TIME_LIMIT: Duration = Duration::from_secs(120);
+
+/// The VM a test's pair runs, at its arbiter.
+pub const VM_ID: &str = "test-vm";
 
 /// The `ftvm` binary that `cargo test` built beside this test (the vmm
 /// package has integration tests, so cargo builds its binary first), or
@@ -32,6 +37,10 @@ pub fn ftvm_bin() -> PathBuf {
         bin.display()
     );
     bin
+}
+
+pub fn launcher() -> Launcher {
+    Launcher::new(ftvm_bin())
 }
 
 /// Whether KVM tests run here. Without /dev/kvm they fail loudly, unless
@@ -61,185 +70,71 @@ pub fn vm_lock() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-pub fn free_udp_addr() -> SocketAddr {
-    let s = UdpSocket::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    s.local_addr().expect("local addr")
+pub fn free_udp() -> SocketAddr {
+    free_udp_addr().expect("a free UDP port")
 }
 
-/// A running `ftvm run`.
-pub struct Vmm {
-    pub child: Child,
-    pub service: SocketAddr,
-    pub serial: PathBuf,
-    pub stats: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Vmm {
-    /// Starts `ftvm run` with the embedded guest and waits for the guest's
-    /// "kv service ready" line on its console.
-    pub fn start(extra: &[&str]) -> Vmm {
-        Vmm::start_command("run", extra)
-    }
-
-    /// Like [`Vmm::start`] with another command that serves the guest
-    /// (`record`).
-    pub fn start_command(command: &str, extra: &[&str]) -> Vmm {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let service = free_udp_addr();
-        let serial = dir.path().join("console.txt");
-        let stats = dir.path().join("stats.json");
-        let child = Command::new(ftvm_bin())
-            .arg(command)
-            .arg("--service")
-            .arg(service.to_string())
-            .arg("--serial")
-            .arg(&serial)
-            .arg("--stats-json")
-            .arg(&stats)
-            .arg("--timeout")
-            .arg(VMM_TIME_LIMIT_SECS.to_string())
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn ftvm run");
-        let mut vmm = Vmm {
-            child,
-            service,
-            serial,
-            stats,
-            _dir: dir,
-        };
-        vmm.wait_console("ftvm-guest: kv service ready", Duration::from_secs(30));
-        vmm
-    }
-
-    pub fn console(&self) -> String {
-        std::fs::read_to_string(&self.serial).unwrap_or_default()
-    }
-
-    /// Waits for `needle` on the console; panics with the console and the
-    /// VMM's stderr if it does not appear in time or the VMM dies.
-    pub fn wait_console(&mut self, needle: &str, within: Duration) {
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if self.console().contains(needle) {
-                return;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                let mut err = String::new();
-                if let Some(mut e) = self.child.stderr.take() {
-                    use std::io::Read;
-                    let _ = e.read_to_string(&mut err);
-                }
-                panic!(
-                    "ftvm run exited ({status}) before `{needle}` appeared\nconsole:\n{}\nstderr:\n{err}",
-                    self.console()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!(
-            "`{needle}` did not appear within {within:?}; console:\n{}",
-            self.console()
-        );
-    }
-
-    /// SIGTERM and wait; returns the exit status and stderr.
-    pub fn stop(self) -> (std::process::ExitStatus, String) {
-        let (status, stderr, _) = self.stop_with_console();
-        (status, stderr)
-    }
-
-    /// SIGTERM and wait; returns the exit status, stderr and the whole
-    /// console, read after the VMM has written its last line.
-    pub fn stop_with_console(mut self) -> (std::process::ExitStatus, String, String) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        let status = loop {
-            match self.child.try_wait() {
-                Ok(Some(s)) => break s,
-                _ if Instant::now() > deadline => {
-                    let _ = self.child.kill();
-                    panic!("ftvm run did not stop within 15 s of SIGTERM");
-                }
-                _ => std::thread::sleep(Duration::from_millis(20)),
-            }
-        };
-        let mut err = String::new();
-        if let Some(mut e) = self.child.stderr.take() {
-            use std::io::Read;
-            let _ = e.read_to_string(&mut err);
-        }
-        (status, err, self.console())
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// Runs `ftvm` with `args` to completion, killed after `limit`. Its output
-/// is read while it runs, so that a full pipe cannot stall it.
+/// Runs `ftvm` with `args` to completion; panics if it runs past `limit`.
 pub fn ftvm(args: &[&str], limit: Duration) -> Output {
-    use std::io::Read;
-    let mut child = Command::new(ftvm_bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn ftvm");
-    let drain = |pipe: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut bytes = Vec::new();
-            if let Some(mut p) = pipe {
-                let _ = p.read_to_end(&mut bytes);
-            }
-            bytes
-        })
+    launcher()
+        .run(args, limit)
+        .unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// Starts `ftvm run` (or `record`, as `role` says) with the embedded guest,
+/// its console, its counters and its output in a temporary directory, and
+/// waits for the guest's "kv service ready" line on its console. Returns it
+/// and its service address.
+pub fn serve(role: Role, extra: &[&str]) -> (Process, SocketAddr) {
+    let name = match role {
+        Role::Record { .. } => "record",
+        _ => "run",
     };
-    let stdout = drain(
-        child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    let mut config = ServerConfig::new(name, role, free_udp(), VMM_TIME_LIMIT);
+    config.console = true;
+    config.stats = true;
+    config.extra = extra.iter().map(Into::into).collect();
+    let mut vmm = launcher()
+        .start(&config)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    vmm.wait_console("ftvm-guest: kv service ready", Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    (vmm, config.address)
+}
+
+/// SIGTERM and wait; returns the exit status and the output.
+pub fn stop(vmm: &mut Process) -> (ExitStatus, String) {
+    let status = vmm
+        .stop(Duration::from_secs(15))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    (status, vmm.log())
+}
+
+/// A test's pair: its VM, its time limit, and the rest as `config` says.
+pub fn cluster_config() -> ClusterConfig {
+    ClusterConfig::new(VM_ID, VMM_TIME_LIMIT)
+}
+
+/// Starts the arbiter, the primary and the backup (not yet fault
+/// tolerant).
+pub fn start_cluster(config: &ClusterConfig) -> Cluster {
+    Cluster::start(&launcher(), config).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// Starts a pair as `config` says and waits until it is fault tolerant.
+pub fn fault_tolerant_cluster(config: &ClusterConfig) -> Cluster {
+    let mut cluster = start_cluster(config);
+    cluster
+        .wait_fault_tolerant(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    cluster
+}
+
+/// Asserts that no view ever had two primaries.
+pub fn assert_one_primary_per_view(cluster: &Cluster) {
+    let primaries = cluster.events().primaries_per_view();
+    assert!(
+        primaries.values().all(|names| names.len() == 1),
+        "a view had two primaries: {primaries:?}"
     );
-    let stderr = drain(
-        child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            _ if Instant::now() > deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                let out = stdout.join().unwrap_or_default();
-                let err = stderr.join().unwrap_or_default();
-                panic!(
-                    "ftvm {args:?} ran longer than {limit:?}\nstdout: {}\nstderr: {}",
-                    String::from_utf8_lossy(&out),
-                    String::from_utf8_lossy(&err)
-                );
-            }
-            _ => std::thread::sleep(Duration::from_millis(10)),
-        }
-    };
-    Output {
-        status,
-        stdout: stdout.join().unwrap_or_default(),
-        stderr: stderr.join().unwrap_or_default(),
-    }
 }

@@ -8,11 +8,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ftvm_core::host::events::ServerEvent;
 use ftvm_harness::history::{Clock, OpKind, Recorder};
+use ftvm_harness::launcher::{Cluster, ClusterConfig, Guest};
 use ftvm_harness::linearizability::{check, CheckConfig, Overall};
 use ftvm_kvclient::{ClientConfig, FailoverClient, FailoverConfig, KvClient, ServerSource};
-use ftvm_tests::cluster::{Cluster, ClusterOptions, VM_ID};
-use ftvm_tests::{kvm_available, vm_lock};
+use ftvm_tests::{
+    assert_one_primary_per_view, cluster_config, fault_tolerant_cluster, kvm_available,
+    start_cluster, vm_lock, VM_ID,
+};
 use rand::{Rng, SeedableRng};
 
 fn client(arbiter: SocketAddr) -> FailoverClient {
@@ -129,10 +133,9 @@ fn killing_the_primary_mid_load_loses_no_acknowledged_write() {
         eprintln!("round {round}: FTVM_TEST_SEED={seed}");
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let kill_after = Duration::from_millis(rng.random_range(200..1500));
-        let mut cluster = Cluster::start(ClusterOptions::default());
-        cluster.wait_fault_tolerant();
+        let mut cluster = fault_tolerant_cluster(&cluster_config());
         let stop = Arc::new(AtomicBool::new(false));
-        let arbiter = cluster.arbiter_addr;
+        let arbiter = cluster.arbiter_addr();
         let history = Arc::new(Recorder::new(Clock::start()));
         let load = {
             let (stop, history) = (stop.clone(), history.clone());
@@ -141,8 +144,17 @@ fn killing_the_primary_mid_load_loses_no_acknowledged_write() {
         std::thread::sleep(kill_after);
         let killed_at = Instant::now();
         cluster.primary.kill();
-        let live = cluster.backup.wait_event("live", Duration::from_secs(10));
-        assert_eq!(live["view"], 3, "the backup goes live as primary of view 3");
+        let live = cluster
+            .backup
+            .wait_event("live", Duration::from_secs(10), |e| {
+                matches!(e, ServerEvent::Live { .. })
+            })
+            .expect("the backup goes live");
+        assert_eq!(
+            live.event,
+            ServerEvent::Live { view: 3 },
+            "the backup goes live as primary of view 3"
+        );
         std::thread::sleep(Duration::from_millis(800));
         stop.store(true, Ordering::SeqCst);
         let logs = load.join().expect("load");
@@ -159,7 +171,7 @@ fn killing_the_primary_mid_load_loses_no_acknowledged_write() {
             "round {round}: {acked} acknowledged appends checked, failover in {:?}",
             killed_at.elapsed()
         );
-        cluster.assert_one_primary_per_view();
+        assert_one_primary_per_view(&cluster);
     }
 }
 
@@ -177,9 +189,8 @@ fn killing_the_backup_leaves_the_primary_serving() {
 
 /// A fault-tolerant pair, and a client that has written `before` = 1.
 fn pair_with_a_write() -> (Cluster, FailoverClient) {
-    let mut cluster = Cluster::start(ClusterOptions::default());
-    cluster.wait_fault_tolerant();
-    let mut kv = client(cluster.arbiter_addr);
+    let cluster = fault_tolerant_cluster(&cluster_config());
+    let mut kv = client(cluster.arbiter_addr());
     kv.put(b"before", b"1").expect("put");
     (cluster, kv)
 }
@@ -192,12 +203,20 @@ fn assert_primary_alone_with(
     key: &[u8],
     value: &[u8],
 ) {
-    let tas = cluster.primary.wait_event("tas", Duration::from_secs(10));
-    assert_eq!(tas["won"], true);
+    let tas = cluster
+        .primary
+        .wait_event("tas", Duration::from_secs(10), |e| {
+            matches!(e, ServerEvent::Tas { .. })
+        })
+        .expect("the primary asks for test-and-set");
+    assert!(
+        matches!(tas.event, ServerEvent::Tas { won: true, .. }),
+        "{tas:?}"
+    );
     assert_eq!(kv.get(b"before").expect("get").as_deref(), Some(&b"1"[..]));
     assert_eq!(kv.get(key).expect("get").as_deref(), Some(value));
     assert!(cluster.primary.running());
-    cluster.assert_one_primary_per_view();
+    assert_one_primary_per_view(cluster);
 }
 
 #[test]
@@ -211,7 +230,7 @@ fn a_backup_whose_replay_stalls_while_its_connection_lives_is_given_up() {
     // one thread, where SIGSTOP would stop the process and so its acks and
     // heartbeats, which is the silence the partition test covers. Its
     // channel threads go on answering; only its replay stalls.
-    let vcpu = nix::unistd::Pid::from_raw(cluster.backup.child.id() as i32);
+    let vcpu = nix::unistd::Pid::from_raw(cluster.backup.pid() as i32);
     nix::sys::ptrace::seize(vcpu, nix::sys::ptrace::Options::empty()).expect("seize");
     nix::sys::ptrace::interrupt(vcpu).expect("interrupt");
     let stopped = Instant::now();
@@ -221,9 +240,14 @@ fn a_backup_whose_replay_stalls_while_its_connection_lives_is_given_up() {
         .expect("the primary serves again on its own");
     let failure = cluster
         .primary
-        .wait_event("failure_detected", Duration::from_secs(10));
-    let detail = failure["detail"].as_str().unwrap_or_default().to_string();
-    assert!(detail.contains("made no room"), "{failure}");
+        .wait_event("failure_detected", Duration::from_secs(10), |e| {
+            matches!(e, ServerEvent::FailureDetected { .. })
+        })
+        .expect("the primary gives its backup up");
+    assert!(
+        matches!(&failure.event, ServerEvent::FailureDetected { detail, .. } if detail.contains("made no room")),
+        "{failure:?}"
+    );
     assert!(
         stopped.elapsed() < Duration::from_secs(10),
         "given up after {:?}",
@@ -234,10 +258,13 @@ fn a_backup_whose_replay_stalls_while_its_connection_lives_is_given_up() {
     // Resumed, the backup finds its primary gone on alone: it replays
     // what it has, claims the view and loses.
     let _ = nix::sys::ptrace::detach(vcpu, None);
-    let status = cluster.backup.wait_exit(Duration::from_secs(20));
-    assert_eq!(status.code(), Some(4), "{}", cluster.backup.stderr());
+    let status = cluster
+        .backup
+        .wait_exit(Duration::from_secs(20))
+        .expect("the backup ends");
+    assert_eq!(status.code(), Some(4), "{}", cluster.backup.log());
     assert!(cluster.primary.running());
-    cluster.assert_one_primary_per_view();
+    assert_one_primary_per_view(&cluster);
 }
 
 #[test]
@@ -246,19 +273,19 @@ fn a_partitioned_pair_has_exactly_one_survivor_and_clients_never_see_two_primari
         return;
     }
     let _g = vm_lock();
-    let mut cluster = Cluster::start(ClusterOptions {
+    let mut cluster = fault_tolerant_cluster(&ClusterConfig {
         proxy: true,
-        ..Default::default()
+        ..cluster_config()
     });
-    cluster.wait_fault_tolerant();
-    let mut kv = client(cluster.arbiter_addr);
+    let mut kv = client(cluster.arbiter_addr());
     kv.put(b"k", b"before").expect("put");
     // Probe both service addresses throughout: after the cut, at most one
     // of them may ever answer.
     let answered: Arc<Mutex<HashMap<SocketAddr, u32>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
-    let probes: Vec<_> = [cluster.primary.service, cluster.backup.service]
+    let probes: Vec<_> = [&cluster.primary, &cluster.backup]
         .into_iter()
+        .map(|server| server.address().expect("a service address"))
         .map(|addr| {
             let (answered, stop) = (answered.clone(), stop.clone());
             std::thread::spawn(move || {
@@ -286,10 +313,10 @@ fn a_partitioned_pair_has_exactly_one_survivor_and_clients_never_see_two_primari
     let deadline = Instant::now() + Duration::from_secs(15);
     let (mut p_done, mut b_done) = (None, None);
     while Instant::now() < deadline && (p_done.is_none() && b_done.is_none()) {
-        if let Ok(Some(s)) = cluster.primary.child.try_wait() {
+        if let Some(s) = cluster.primary.exited() {
             p_done = Some(s);
         }
-        if let Ok(Some(s)) = cluster.backup.child.try_wait() {
+        if let Some(s) = cluster.backup.exited() {
             b_done = Some(s);
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -306,8 +333,8 @@ fn a_partitioned_pair_has_exactly_one_survivor_and_clients_never_see_two_primari
     assert!(
         loser_exited_4,
         "exactly one side must lose test-and-set and exit 4\nprimary:\n{}\nbackup:\n{}",
-        cluster.primary.stderr(),
-        cluster.backup.stderr()
+        cluster.primary.log(),
+        cluster.backup.log()
     );
     let survivors = [cluster.primary.running(), cluster.backup.running()];
     assert_eq!(
@@ -320,12 +347,12 @@ fn a_partitioned_pair_has_exactly_one_survivor_and_clients_never_see_two_primari
         answered.len() <= 1,
         "two primaries answered clients after the partition: {answered:?}"
     );
-    let mut kv = client(cluster.arbiter_addr);
+    let mut kv = client(cluster.arbiter_addr());
     assert_eq!(
         kv.get(b"k").expect("the survivor serves").as_deref(),
         Some(&b"before"[..])
     );
-    cluster.assert_one_primary_per_view();
+    assert_one_primary_per_view(&cluster);
 }
 
 #[test]
@@ -334,22 +361,21 @@ fn with_the_arbiter_unreachable_the_backup_does_not_go_live() {
         return;
     }
     let _g = vm_lock();
-    let mut cluster = Cluster::start(ClusterOptions::default());
-    cluster.wait_fault_tolerant();
-    if let Some(mut a) = cluster.arbiter.take() {
-        a.kill();
-    }
+    let mut cluster = fault_tolerant_cluster(&cluster_config());
+    cluster.arbiter.kill();
     cluster.primary.kill();
-    let status = cluster.backup.wait_exit(Duration::from_secs(20));
-    assert_eq!(
-        status.code(),
-        Some(5),
-        "stderr:\n{}",
-        cluster.backup.stderr()
-    );
-    assert!(cluster.backup.has_event("arbiter_unreachable"));
+    let status = cluster
+        .backup
+        .wait_exit(Duration::from_secs(20))
+        .expect("the backup ends");
+    assert_eq!(status.code(), Some(5), "stderr:\n{}", cluster.backup.log());
+    assert!(cluster
+        .backup
+        .has_event(|e| matches!(e, ServerEvent::ArbiterUnreachable { .. })));
     assert!(
-        !cluster.backup.has_event("live"),
+        !cluster
+            .backup
+            .has_event(|e| matches!(e, ServerEvent::Live { .. })),
         "the backup went live without the arbiter"
     );
 }
@@ -360,23 +386,21 @@ fn a_restarted_arbiter_keeps_its_decisions() {
         return;
     }
     let _g = vm_lock();
-    let mut cluster = Cluster::start(ClusterOptions::default());
-    cluster.wait_fault_tolerant();
-    let old_primary = arbiter::ArbiterClient::new(cluster.arbiter_addr)
+    let mut cluster = fault_tolerant_cluster(&cluster_config());
+    let old_primary = arbiter::ArbiterClient::new(cluster.arbiter_addr())
         .query(VM_ID)
         .expect("query")
         .primary
         .expect("a primary");
     cluster.primary.kill();
-    cluster.backup.wait_event("live", Duration::from_secs(10));
-    if let Some(mut a) = cluster.arbiter.take() {
-        a.kill();
-    }
-    cluster.arbiter = Some(Cluster::start_arbiter(
-        cluster.dir.path(),
-        cluster.arbiter_addr,
-    ));
-    let arbiter = arbiter::ArbiterClient::new(cluster.arbiter_addr);
+    cluster
+        .backup
+        .wait_event("live", Duration::from_secs(10), |e| {
+            matches!(e, ServerEvent::Live { .. })
+        })
+        .expect("the backup goes live");
+    cluster.restart_arbiter().expect("the arbiter starts again");
+    let arbiter = arbiter::ArbiterClient::new(cluster.arbiter_addr());
     let view = arbiter.query(VM_ID).expect("query after restart");
     assert_eq!(view.number, 3);
     assert_eq!(view.primary.as_ref().map(|p| p.id.as_str()), Some("backup"));
@@ -387,7 +411,7 @@ fn a_restarted_arbiter_keeps_its_decisions() {
         !outcome.won(),
         "the second decision must respect the first: {outcome:?}"
     );
-    let mut kv = client(cluster.arbiter_addr);
+    let mut kv = client(cluster.arbiter_addr());
     kv.put(b"still", b"serving")
         .expect("the new primary serves");
 }
@@ -401,23 +425,37 @@ fn a_backup_with_another_image_or_memory_size_is_refused_clearly() {
     let dir = tempfile::tempdir().expect("dir");
     let other = dir.path().join("other.elf");
     std::fs::write(&other, ftvm_core::machine::loader::flat_elf(&[0xf4])).expect("image");
-    for (extra, needle) in [
+    for (guest, needle) in [
         (
-            vec!["--kernel".to_string(), other.to_string_lossy().into_owned()],
+            Guest {
+                kernel: Some(other.clone()),
+                ..Guest::default()
+            },
             "image",
         ),
-        (vec!["--mem".to_string(), "128M".to_string()], "mem"),
+        (
+            Guest {
+                mem: Some("128M".into()),
+                ..Guest::default()
+            },
+            "mem",
+        ),
     ] {
-        let mut cluster = Cluster::start(ClusterOptions {
-            backup_args: extra,
-            ..Default::default()
+        let mut cluster = start_cluster(&ClusterConfig {
+            backup_guest: Some(guest),
+            ..cluster_config()
         });
-        let status = cluster.backup.wait_exit(Duration::from_secs(30));
+        let status = cluster
+            .backup
+            .wait_exit(Duration::from_secs(30))
+            .expect("the backup ends");
         assert_eq!(status.code(), Some(1));
-        let err = cluster.backup.stderr();
+        let err = cluster.backup.log();
         assert!(err.contains("mismatch") && err.contains(needle), "{err}");
         assert!(
-            !cluster.primary.has_event("status"),
+            !cluster
+                .primary
+                .has_event(|e| matches!(e, ServerEvent::Status(_))),
             "the primary must not run without its backup"
         );
     }

@@ -5,14 +5,14 @@
 use std::time::Duration;
 
 use ftvm_core::machine::loader::flat_elf;
-use ftvm_tests::{ftvm, kvm_available, vm_lock};
+use ftvm_tests::{free_udp, ftvm, kvm_available, vm_lock};
 
 /// Runs a guest made of `code`; returns (exit code, stdout, stderr).
 fn run_code(code: &[u8]) -> (Option<i32>, String, String) {
     let dir = tempfile::tempdir().expect("dir");
     let path = dir.path().join("guest.elf");
     std::fs::write(&path, flat_elf(code)).expect("write image");
-    let service = ftvm_tests::free_udp_addr().to_string();
+    let service = free_udp().to_string();
     let out = ftvm(
         &[
             "run",

@@ -1,16 +1,17 @@
 //! The KV guest served by a real `ftvm run` over UDP on loopback.
 
 use std::collections::HashMap;
-use std::net::UdpSocket;
+use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
+use ftvm_harness::launcher::Role;
 use ftvm_kvclient::proto::{Op, Reply, Request, Status};
 use ftvm_kvclient::{ClientConfig, KvClient};
-use ftvm_tests::{ftvm, kvm_available, vm_lock, Vmm};
+use ftvm_tests::{ftvm, kvm_available, serve, stop, vm_lock};
 use rand::{Rng, SeedableRng};
 
-fn client(vmm: &Vmm) -> KvClient {
-    KvClient::connect(vmm.service, ClientConfig::default()).expect("client")
+fn client(service: SocketAddr) -> KvClient {
+    KvClient::connect(service, ClientConfig::default()).expect("client")
 }
 
 #[test]
@@ -19,13 +20,13 @@ fn boots_prints_a_banner_and_stops_cleanly_on_sigterm() {
         return;
     }
     let _g = vm_lock();
-    let vmm = Vmm::start(&[]);
+    let (mut vmm, _) = serve(Role::Run, &[]);
     let console = vmm.console();
     assert!(
         console.contains("ftvm-guest: booted"),
         "console:\n{console}"
     );
-    let (status, stderr) = vmm.stop();
+    let (status, stderr) = stop(&mut vmm);
     assert!(status.success(), "exit {status}, stderr:\n{stderr}");
     assert!(stderr.contains("stopped (Requested)"), "stderr:\n{stderr}");
 }
@@ -36,8 +37,8 @@ fn put_get_append_round_trip() {
         return;
     }
     let _g = vm_lock();
-    let vmm = Vmm::start(&[]);
-    let mut c = client(&vmm);
+    let (mut vmm, service) = serve(Role::Run, &[]);
+    let mut c = client(service);
     assert_eq!(c.get(b"missing").expect("get"), None);
     c.put(b"greeting", b"hello").expect("put");
     assert_eq!(
@@ -58,7 +59,7 @@ fn put_get_append_round_trip() {
         "append past 1024 bytes must be refused"
     );
     assert_eq!(c.get(b"big").expect("get").as_deref(), Some(&max[..]));
-    let (status, stderr) = vmm.stop();
+    let (status, stderr) = stop(&mut vmm);
     assert!(status.success(), "{stderr}");
 }
 
@@ -68,8 +69,8 @@ fn the_kv_command_prints_values_and_reports_missing_keys() {
         return;
     }
     let _g = vm_lock();
-    let vmm = Vmm::start(&[]);
-    let server = vmm.service.to_string();
+    let (_vmm, service) = serve(Role::Run, &[]);
+    let server = service.to_string();
     let limit = Duration::from_secs(30);
     let put = ftvm(&["kv", "--server", &server, "put", "colour", "blue"], limit);
     assert!(
@@ -102,7 +103,7 @@ fn a_retried_request_is_executed_once() {
         return;
     }
     let _g = vm_lock();
-    let vmm = Vmm::start(&[]);
+    let (_vmm, service) = serve(Role::Run, &[]);
     let sock = UdpSocket::bind("127.0.0.1:0").expect("socket");
     sock.set_read_timeout(Some(Duration::from_secs(5)))
         .expect("timeout");
@@ -117,7 +118,7 @@ fn a_retried_request_is_executed_once() {
     .expect("encode");
     let mut replies = Vec::new();
     for _ in 0..3 {
-        sock.send_to(&req, vmm.service).expect("send");
+        sock.send_to(&req, service).expect("send");
         let mut buf = [0u8; 2048];
         let (n, _) = sock.recv_from(&mut buf).expect("reply");
         replies.push(buf[..n].to_vec());
@@ -126,7 +127,7 @@ fn a_retried_request_is_executed_once() {
     assert_eq!(replies[0], replies[2]);
     let first = Reply::decode(&replies[0]).expect("decode");
     assert_eq!(first.status, Status::Ok);
-    let mut c = client(&vmm);
+    let mut c = client(service);
     assert_eq!(c.get(b"counter").expect("get").as_deref(), Some(&b"+1"[..]));
 
     let stale = Request {
@@ -136,7 +137,7 @@ fn a_retried_request_is_executed_once() {
         key: b"counter".to_vec(),
         value: b"+1".to_vec(),
     };
-    sock.send_to(&stale.encode().expect("encode"), vmm.service)
+    sock.send_to(&stale.encode().expect("encode"), service)
         .expect("send");
     let mut buf = [0u8; 2048];
     let (n, _) = sock.recv_from(&mut buf).expect("reply");
@@ -156,13 +157,12 @@ fn random_operations_from_concurrent_clients_agree_with_a_model() {
         return;
     }
     let _g = vm_lock();
-    let vmm = Vmm::start(&[]);
+    let (_vmm, service) = serve(Role::Run, &[]);
     let seed: u64 = std::env::var("FTVM_TEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| rand::rng().random());
     eprintln!("FTVM_TEST_SEED={seed}");
-    let service = vmm.service;
     let handles: Vec<_> = (0..4u64)
         .map(|c| {
             std::thread::spawn(move || {
@@ -202,7 +202,7 @@ fn random_operations_from_concurrent_clients_agree_with_a_model() {
         .into_iter()
         .map(|h| h.join().expect("client thread"))
         .collect();
-    let mut kv = client(&vmm);
+    let mut kv = client(service);
     for model in models {
         for (k, v) in model {
             assert_eq!(kv.get(&k).expect("get").as_ref(), Some(&v), "final {k:?}");
@@ -218,8 +218,8 @@ fn malformed_datagrams_do_not_disturb_the_service() {
         return;
     }
     let _g = vm_lock();
-    let vmm = Vmm::start(&[]);
-    let mut c = client(&vmm);
+    let (mut vmm, service) = serve(Role::Run, &[]);
+    let mut c = client(service);
     c.put(b"safe", b"value").expect("put");
     let sock = UdpSocket::bind("127.0.0.1:0").expect("socket");
     sock.set_read_timeout(Some(Duration::from_millis(500)))
@@ -251,10 +251,10 @@ fn malformed_datagrams_do_not_disturb_the_service() {
         .collect();
     garbage.extend([vec![], b"FT".to_vec(), vec![0xff; 1472]]);
     for g in &garbage {
-        sock.send_to(g, vmm.service).expect("send garbage");
+        sock.send_to(g, service).expect("send garbage");
     }
     for bad in [&bad_version, &bad_op, &long_key, &short] {
-        sock.send_to(bad, vmm.service).expect("send");
+        sock.send_to(bad, service).expect("send");
         let mut buf = [0u8; 2048];
         let (n, _) = sock.recv_from(&mut buf).expect("a BadRequest reply");
         assert_eq!(
@@ -265,6 +265,6 @@ fn malformed_datagrams_do_not_disturb_the_service() {
     assert_eq!(c.get(b"safe").expect("get").as_deref(), Some(&b"value"[..]));
     c.put(b"after", b"ok").expect("service still works");
     assert_eq!(c.get(b"after").expect("get").as_deref(), Some(&b"ok"[..]));
-    let (status, stderr) = vmm.stop();
+    let (status, stderr) = stop(&mut vmm);
     assert!(status.success(), "{stderr}");
 }

@@ -2,13 +2,13 @@
 //! replay reproduces it, or says where it stopped doing so.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use ftvm_core::host::capture::read_frames;
+use ftvm_harness::launcher::{Role, ServerConfig};
 use ftvm_kvclient::{ClientConfig, KvClient};
-use ftvm_tests::{ftvm, kvm_available, vm_lock, Vmm};
+use ftvm_tests::{free_udp, ftvm, kvm_available, launcher, serve, stop, vm_lock};
 use serde_json::Value;
 
 struct Recording {
@@ -24,20 +24,15 @@ fn record(name: &str, extra: &[&str], workload: impl FnOnce(std::net::SocketAddr
     let dir = tempfile::tempdir().expect("dir");
     let log = dir.path().join(format!("{name}.log"));
     let pcap = dir.path().join(format!("{name}.pcap"));
-    let (log_s, pcap_s) = (log.to_string_lossy(), pcap.to_string_lossy());
-    let mut args = vec![
-        "--log",
-        &log_s,
-        "--capture",
-        &pcap_s,
-        "--digest-interval",
-        "512",
-    ];
+    let pcap_s = pcap.to_string_lossy();
+    let mut args = vec!["--capture", &pcap_s, "--digest-interval", "512"];
     args.extend_from_slice(extra);
-    let vmm = Vmm::start_command("record", &args);
-    workload(vmm.service);
-    let (status, stderr, console) = vmm.stop_with_console();
+    let (mut vmm, service) = serve(Role::Record { log: log.clone() }, &args);
+    workload(service);
+    let (status, stderr) = stop(&mut vmm);
     assert!(status.success(), "record failed: {stderr}");
+    // Read once it has stopped: the console is whole then.
+    let console = vmm.console();
     let frames = read_frames(&std::fs::read(&pcap).expect("pcap")).expect("parse pcap");
     Recording {
         dir,
@@ -450,39 +445,21 @@ fn sigint_closes_the_log_cleanly() {
     let _g = vm_lock();
     let dir = tempfile::tempdir().expect("dir");
     let log = dir.path().join("int.log");
-    let service = ftvm_tests::free_udp_addr().to_string();
-    let mut child = Command::new(ftvm_tests::ftvm_bin())
-        .args([
-            "record",
-            "--log",
-            &log.to_string_lossy(),
-            "--service",
-            &service,
-            "--timeout",
-            "60",
-            "--serial",
-            "/dev/null",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    let config = ServerConfig::new(
+        "record",
+        Role::Record { log: log.clone() },
+        free_udp(),
+        Duration::from_secs(60),
+    );
+    let mut record = launcher().start(&config).expect("start ftvm record");
     std::thread::sleep(Duration::from_millis(1500));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .expect("kill");
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while child.try_wait().expect("wait").is_none() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "record did not stop on SIGINT"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(child.wait().expect("status").success());
+    record
+        .signal(nix::sys::signal::Signal::SIGINT)
+        .expect("SIGINT");
+    let status = record
+        .wait_exit(Duration::from_secs(15))
+        .expect("record stops on SIGINT");
+    assert!(status.success(), "{}", record.log());
     let dump = ftvm(
         &["log", "dump", &log.to_string_lossy()],
         Duration::from_secs(30),
@@ -503,7 +480,7 @@ fn record_and_replay_flat(name: &str, code: &[u8]) -> (String, String) {
     std::fs::write(&image, ftvm_core::machine::loader::flat_elf(code)).expect("image");
     let log = dir.path().join(format!("{name}.log"));
     let serial = dir.path().join("rec.txt");
-    let service = ftvm_tests::free_udp_addr().to_string();
+    let service = free_udp().to_string();
     let rec = ftvm(
         &[
             "record",

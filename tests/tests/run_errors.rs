@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use ftvm_tests::{free_udp_addr, ftvm, kvm_available, vm_lock, Vmm};
+use ftvm_harness::launcher::Role;
+use ftvm_tests::{free_udp, ftvm, kvm_available, serve, vm_lock};
 
 fn stderr_of(args: &[&str]) -> (Option<i32>, String) {
     let out = ftvm(args, Duration::from_secs(30));
@@ -62,17 +63,17 @@ fn a_service_port_in_use_is_refused() {
         return;
     }
     let _g = vm_lock();
-    let vmm = Vmm::start(&[]);
-    let addr = vmm.service.to_string();
+    let (_vmm, service) = serve(Role::Run, &[]);
+    let addr = service.to_string();
     let (code, err) = stderr_of(&["run", "--service", &addr, "--timeout", "5"]);
     assert_eq!(code, Some(1));
     assert!(err.contains("cannot bind the service address"), "{err}");
-    let _ = free_udp_addr();
+    let _ = free_udp();
 }
 
 #[test]
 fn the_kv_client_times_out_with_a_clear_message() {
-    let addr = free_udp_addr().to_string();
+    let addr = free_udp().to_string();
     let out = ftvm(
         &["kv", "--server", &addr, "--timeout", "1s", "get", "k"],
         Duration::from_secs(30),

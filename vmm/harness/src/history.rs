@@ -182,12 +182,13 @@ pub fn to_jsonl(ops: &[HistoryOp]) -> String {
     out
 }
 
-pub fn from_jsonl(text: &str) -> Result<Vec<HistoryOp>, String> {
+pub fn from_jsonl(text: &str) -> anyhow::Result<Vec<HistoryOp>> {
+    use anyhow::Context;
     text.lines()
         .enumerate()
         .filter(|(_, line)| !line.trim().is_empty())
         .map(|(i, line)| {
-            serde_json::from_str(line).map_err(|e| format!("history line {}: {e}", i + 1))
+            serde_json::from_str(line).with_context(|| format!("history line {}", i + 1))
         })
         .collect()
 }
@@ -290,6 +291,7 @@ mod tests {
     fn bad_json_names_the_line() {
         let good = to_jsonl(&[op(OpKind::Put, b"v", None)]);
         let err = from_jsonl(&format!("{good}{{\"client\": 1}}\n")).unwrap_err();
+        let err = format!("{err:#}");
         assert!(err.starts_with("history line 2:"), "{err}");
     }
 

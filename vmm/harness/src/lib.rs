@@ -5,5 +5,10 @@
 pub mod bench;
 pub mod demo;
 pub mod history;
+pub mod launcher;
 pub mod linearizability;
+pub mod load;
+pub mod procstat;
+pub mod report;
+pub mod stats;
 pub mod timeline;

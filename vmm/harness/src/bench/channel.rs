@@ -9,10 +9,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::{anyhow, bail, Context, Result};
 use logchannel::{image_hash, ChannelConfig, Event, Hello, LogReceiver, LogSender, Position, Role};
 use serde::Serialize;
 
-use crate::bench::percentile;
+use crate::report::write_json;
+use crate::stats::percentile;
 
 /// No wait in this benchmark may take longer; a channel that stalls fails
 /// it instead of hanging it.
@@ -51,10 +53,9 @@ fn at(exits: u64) -> Position {
     Position { exits, rip: 0x1000 }
 }
 
-fn connect() -> Result<(LogSender, Arc<LogReceiver>), String> {
-    let listener =
-        TcpListener::bind("127.0.0.1:0").map_err(|e| format!("no loopback port: {e}"))?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+fn connect() -> Result<(LogSender, Arc<LogReceiver>)> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("no loopback port")?;
+    let addr = listener.local_addr()?;
     let hello = |role, first_seq| {
         Hello::new(
             role,
@@ -68,69 +69,61 @@ fn connect() -> Result<(LogSender, Arc<LogReceiver>), String> {
     let backup = std::thread::spawn(move || {
         LogReceiver::connect(addr, hello(Role::Backup, 0), ChannelConfig::default())
     });
-    let sender = LogSender::accept(&listener, hello(Role::Primary, 1), ChannelConfig::default())
-        .map_err(|e| e.to_string())?;
+    let sender = LogSender::accept(&listener, hello(Role::Primary, 1), ChannelConfig::default())?;
     let receiver = backup
         .join()
-        .map_err(|_| "the backup thread panicked".to_string())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| anyhow!("the backup thread panicked"))??;
     Ok((sender, Arc::new(receiver)))
 }
 
 /// Ends the log and waits for its ack, then closes: the backup then takes
 /// the close for the end of the run, not a failure.
-fn end(sender: LogSender, exits: u64) -> Result<(), String> {
+fn end(sender: LogSender, exits: u64) -> Result<()> {
     let end = Event::End {
         exits,
         reason: "benchmark done".into(),
     };
-    let seq = sender.send(at(exits), end).map_err(|e| e.to_string())?;
-    sender.flush().map_err(|e| e.to_string())?;
-    match sender.wait_acked(seq, WAIT) {
-        Ok(true) => Ok(()),
-        Ok(false) => Err(format!(
-            "the End entry was not acknowledged within {WAIT:?}"
-        )),
-        Err(e) => Err(e.to_string()),
+    let seq = sender.send(at(exits), end)?;
+    sender.flush()?;
+    if !sender.wait_acked(seq, WAIT)? {
+        bail!("the End entry was not acknowledged within {WAIT:?}");
     }
+    Ok(())
 }
 
 /// Streams `n` entries as a primary's exits would, the window respected;
 /// returns entries per second and wire bytes per entry.
-fn stream(n: u64) -> Result<(f64, f64), String> {
+fn stream(n: u64) -> Result<(f64, f64)> {
     let (sender, receiver) = connect()?;
     let done = Arc::new(AtomicBool::new(false));
     let reader = {
         let (receiver, done) = (receiver.clone(), done.clone());
-        std::thread::spawn(move || -> Result<u64, String> {
+        std::thread::spawn(move || -> Result<u64> {
             let mut got = 0;
             while got < n && !done.load(Ordering::Relaxed) {
-                if let Some(e) = receiver.recv(WAIT).map_err(|e| e.to_string())? {
-                    got += 1;
-                    receiver.report_replayed(e.seq, e.pos.exits);
-                } else {
-                    return Err(format!("no entry for {WAIT:?} after {got}"));
-                }
+                let Some(e) = receiver.recv(WAIT)? else {
+                    bail!("no entry for {WAIT:?} after {got}");
+                };
+                got += 1;
+                receiver.report_replayed(e.seq, e.pos.exits);
             }
             Ok(got)
         })
     };
     let start = Instant::now();
     for i in 1..=n {
-        sender
-            .send(at(i), Event::Rdtsc { value: i << 20 })
-            .map_err(|e| e.to_string())?;
+        sender.send(at(i), Event::Rdtsc { value: i << 20 })?;
         while sender.window_full() {
-            if !sender.wait_window(WAIT).map_err(|e| e.to_string())? {
+            if !sender.wait_window(WAIT)? {
                 done.store(true, Ordering::Relaxed);
-                return Err(format!("the window stayed full for {WAIT:?}"));
+                bail!("the window stayed full for {WAIT:?}");
             }
         }
     }
-    sender.flush().map_err(|e| e.to_string())?;
+    sender.flush()?;
     let got = reader
         .join()
-        .map_err(|_| "the reader panicked".to_string())??;
+        .map_err(|_| anyhow!("the reader panicked"))??;
     let seconds = start.elapsed().as_secs_f64();
     let bytes = sender.metrics().bytes_sent as f64;
     end(sender, n + 1)?;
@@ -138,7 +131,7 @@ fn stream(n: u64) -> Result<(f64, f64), String> {
 }
 
 /// Latencies in ns, sorted, of `n` round trips, with or without `flush`.
-fn round_trips(n: u64, flush: bool) -> Result<Vec<u64>, String> {
+fn round_trips(n: u64, flush: bool) -> Result<Vec<u64>> {
     let (sender, receiver) = connect()?;
     let done = Arc::new(AtomicBool::new(false));
     let reader = {
@@ -166,11 +159,11 @@ fn round_trips(n: u64, flush: bool) -> Result<Vec<u64>, String> {
         match acked {
             Ok(true) => latencies.push(t.elapsed().as_nanos() as u64),
             Ok(false) => {
-                result = Err(format!("entry {i} not acknowledged within {WAIT:?}"));
+                result = Err(anyhow!("entry {i} not acknowledged within {WAIT:?}"));
                 break;
             }
             Err(e) => {
-                result = Err(e.to_string());
+                result = Err(e.into());
                 break;
             }
         }
@@ -183,9 +176,9 @@ fn round_trips(n: u64, flush: bool) -> Result<Vec<u64>, String> {
     Ok(latencies)
 }
 
-pub fn bench_channel(args: &ChannelBenchArgs) -> Result<(), String> {
+pub fn bench_channel(args: &ChannelBenchArgs) -> Result<()> {
     if args.entries == 0 || args.round_trips == 0 {
-        return Err("--entries and --round-trips must be at least 1".into());
+        bail!("--entries and --round-trips must be at least 1");
     }
     println!(
         "measuring: {} entries streamed, then {} round trips each with the writer thread and with flush, alternating in 4 slices",
@@ -226,9 +219,5 @@ pub fn bench_channel(args: &ChannelBenchArgs) -> Result<(), String> {
         report.flush_p99_us,
         report.flush_over_writer_p50
     );
-    if let Some(path) = &args.json {
-        let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
-        std::fs::write(path, json).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    }
-    Ok(())
+    write_json(args.json.as_deref(), &report)
 }

@@ -3,17 +3,21 @@
 //! and a plain `ftvm run` baseline in the same run.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use anyhow::{bail, Context, Result};
+use nix::sys::signal::Signal;
 use serde::Serialize;
 
-use crate::bench::{
-    closed_loop, cpu_secs, free_tcp_port, free_udp_port, max_rss_kib, median, paced_loop,
-    percentile, wait_ready, VmmProcess,
+use crate::launcher::{
+    free_udp_addr, Cluster, ClusterConfig, Guest, Knobs, Launcher, Role, ServerConfig,
 };
-use ftvm_core::host::events::{read_events, ServerEvent, ServerRole, Status};
+use crate::load::{self, closed_loop, paced_loop};
+use crate::procstat::{cpu_secs, max_rss_mib};
+use crate::report::write_json;
+use crate::stats::{median, percentile};
+use ftvm_core::host::events::{ServerEvent, ServerRole, Status};
 use ftvm_kvclient::{ClientConfig, KvClient};
 
 const VM_ID: &str = "bench";
@@ -65,158 +69,24 @@ pub struct FtBenchArgs {
     pub json: Option<PathBuf>,
 }
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-fn spawn(args: &[String], stderr: &Path) -> Result<Proc, String> {
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find the ftvm binary: {e}"))?;
-    let err = std::fs::File::create(stderr)
-        .map_err(|e| format!("cannot create {}: {e}", stderr.display()))?;
-    Command::new(exe)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(err)
-        .spawn()
-        .map(Proc)
-        .map_err(|e| {
-            format!(
-                "cannot start ftvm {}: {e}",
-                args.first().map(String::as_str).unwrap_or("")
-            )
-        })
-}
-
-/// An arbiter, a primary and a backup, each with a time limit.
-struct Pair {
-    /// Held so that the arbiter lives, and dies, with the pair.
-    _arbiter: Proc,
-    primary: Proc,
-    backup: Proc,
-    primary_service: SocketAddr,
-    primary_events: PathBuf,
-    backup_events: PathBuf,
-}
-
-impl Pair {
-    fn start(dir: &Path, n: usize, args: &FtBenchArgs, limit: Duration) -> Result<Pair, String> {
-        let (mem, failure_ms) = (args.mem.as_str(), args.failure_timeout_ms);
-        let arbiter_addr = free_tcp_port()?;
-        let state = dir.join(format!("arbiter-{n}"));
-        let arbiter = spawn(
-            &[
-                "arbiter".into(),
-                "--listen".into(),
-                arbiter_addr.to_string(),
-                "--state".into(),
-                state.to_string_lossy().into_owned(),
-            ],
-            &dir.join(format!("arbiter-{n}.stderr")),
-        )?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(arbiter_addr).is_err() {
-            if Instant::now() > deadline {
-                return Err("the arbiter did not start".into());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let common = |role: &str, service: SocketAddr, events: &Path| -> Vec<String> {
-            let mut a: Vec<String> = vec![
-                role.into(),
-                "--vm-id".into(),
-                VM_ID.into(),
-                "--arbiter".into(),
-                arbiter_addr.to_string(),
-                "--service".into(),
-                service.to_string(),
-                "--mem".into(),
-                mem.into(),
-                "--serial".into(),
-                "/dev/null".into(),
-                "--events".into(),
-                events.to_string_lossy().into_owned(),
-                "--failure-timeout-ms".into(),
-                failure_ms.to_string(),
-                "--timeout".into(),
-                format!("{:.0}", limit.as_secs_f64()),
-            ];
-            for (flag, value) in [
-                (
-                    "--window-entries",
-                    args.window_entries.map(|w| w.to_string()),
-                ),
-                ("--max-lag-ms", args.max_lag_ms.map(|l| l.to_string())),
-                (
-                    "--batch-delay-ms",
-                    args.batch_delay_ms.map(|d| d.to_string()),
-                ),
-            ] {
-                if let Some(value) = value {
-                    a.extend([flag.to_string(), value]);
-                }
-            }
-            a
-        };
-        let primary_service = free_udp_port()?;
-        let primary_events = dir.join(format!("primary-{n}.events"));
-        let mut p_args = common("primary", primary_service, &primary_events);
-        p_args.extend(["--log-listen".into(), free_tcp_port()?.to_string()]);
-        let primary = spawn(&p_args, &dir.join(format!("primary-{n}.stderr")))?;
-        let backup_events = dir.join(format!("backup-{n}.events"));
-        let backup = spawn(
-            &common("backup", free_udp_port()?, &backup_events),
-            &dir.join(format!("backup-{n}.stderr")),
-        )?;
-        let pair = Pair {
-            _arbiter: arbiter,
-            primary,
-            backup,
-            primary_service,
-            primary_events,
-            backup_events,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !read_events(&pair.primary_events).iter().any(|e| {
-            matches!(
-                &e.event,
-                ServerEvent::Role {
-                    backup: Some(_),
-                    ..
-                }
-            )
-        }) {
-            if Instant::now() > deadline {
-                let tail = |who: &str| {
-                    std::fs::read_to_string(dir.join(format!("{who}-{n}.stderr")))
-                        .unwrap_or_default()
-                };
-                return Err(format!(
-                    "the pair did not become fault tolerant within 30 s\nprimary:\n{}\nbackup:\n{}",
-                    tail("primary"),
-                    tail("backup")
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        wait_ready(primary_service, Duration::from_secs(30))?;
-        Ok(pair)
-    }
-}
-
-fn max_rss_mib(pid: u32) -> f64 {
-    max_rss_kib(pid).map_or(0.0, |kib| kib as f64 / 1024.0)
-}
-
-fn signal(pid: u32, sig: nix::sys::signal::Signal) {
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
+/// An arbiter, a primary and a backup, each with a time limit, fault
+/// tolerant and answering.
+fn start_pair(launcher: &Launcher, args: &FtBenchArgs, limit: Duration) -> Result<Cluster> {
+    let mut config = ClusterConfig::new(VM_ID, limit);
+    config.guest = Guest {
+        mem: Some(args.mem.clone()),
+        ..Guest::default()
+    };
+    config.knobs = Knobs {
+        failure_timeout_ms: Some(args.failure_timeout_ms),
+        window_entries: args.window_entries,
+        max_lag_ms: args.max_lag_ms,
+        batch_delay_ms: args.batch_delay_ms,
+    };
+    let mut pair = Cluster::start(launcher, &config)?;
+    pair.wait_fault_tolerant(Duration::from_secs(30))?;
+    pair.wait_answering(Duration::from_secs(30))?;
+    Ok(pair)
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -305,14 +175,9 @@ pub struct FtReport {
 }
 
 /// The primary's latest status line, or one of zeros before its first.
-fn status(pair: &Pair) -> Status {
-    read_events(&pair.primary_events)
-        .into_iter()
-        .rev()
-        .find_map(|e| match e.event {
-            ServerEvent::Status(s) => Some(s),
-            _ => None,
-        })
+fn status(pair: &Cluster) -> Status {
+    pair.primary
+        .last_status()
         .unwrap_or_else(|| Status::zero(ServerRole::Primary))
 }
 
@@ -325,11 +190,11 @@ struct Saturated {
     cpu_pct: Vec<f64>,
 }
 
-fn saturate(service: SocketAddr, pids: &[u32], args: &FtBenchArgs) -> Result<Saturated, String> {
+fn saturate(service: SocketAddr, pids: &[u32], args: &FtBenchArgs) -> Result<Saturated> {
     let duration = Duration::from_secs_f64(args.duration);
     let before: Vec<Option<f64>> = pids.iter().map(|&p| cpu_secs(p)).collect();
     let t = Instant::now();
-    let (ops, latencies, _) = closed_loop(service, args.clients, duration)?;
+    let load = closed_loop(service, args.clients, duration)?;
     let seconds = t.elapsed().as_secs_f64();
     let cpu_pct = pids
         .iter()
@@ -340,17 +205,17 @@ fn saturate(service: SocketAddr, pids: &[u32], args: &FtBenchArgs) -> Result<Sat
         })
         .collect();
     Ok(Saturated {
-        ops_per_sec: ops as f64 / seconds,
-        latencies,
+        ops_per_sec: load.ops as f64 / seconds,
+        latencies: load.latencies,
         cpu_pct,
     })
 }
 
 /// One client paced at `--paced-rate`; its latencies, sorted, in ns.
-fn pace(service: SocketAddr, args: &FtBenchArgs) -> Result<Vec<u64>, String> {
+fn pace(service: SocketAddr, args: &FtBenchArgs) -> Result<Vec<u64>> {
     let duration = Duration::from_secs_f64(args.duration);
     let pace = Duration::from_secs_f64(1.0 / args.paced_rate);
-    Ok(paced_loop(service, 1, duration, Some(pace))?.1)
+    Ok(paced_loop(service, 1, duration, Some(pace))?.latencies)
 }
 
 fn merge(into: &mut Vec<u64>, more: &[u64]) {
@@ -358,20 +223,25 @@ fn merge(into: &mut Vec<u64>, more: &[u64]) {
     into.sort_unstable();
 }
 
-fn overhead(args: &FtBenchArgs, dir: &Path, report: &mut FtReport) -> Result<(), String> {
+fn overhead(launcher: &Launcher, args: &FtBenchArgs, report: &mut FtReport) -> Result<()> {
     let duration = Duration::from_secs_f64(args.duration);
     let limit = duration * 4 * args.rounds as u32 + Duration::from_secs(120);
     // Everything runs at once and the load alternates between them, so
     // that a change in the machine's speed (it drifts here by ±15% over
     // minutes) falls on both sides alike. An idle server costs next to
     // nothing: its guest halts, and a backup skips the halts.
-    let service = free_udp_port()?;
-    let vmm = VmmProcess::start(&["run"], service, &args.mem, limit, dir)?;
-    wait_ready(service, Duration::from_secs(30))?;
+    let mut run = ServerConfig::new("run", Role::Run, free_udp_addr()?, limit);
+    run.guest.mem = Some(args.mem.clone());
+    run.inherit_stderr = true;
+    let service = run.address;
+    let mut vmm = launcher.start(&run)?;
+    vmm.wait_answering(Duration::from_secs(30))?;
     // One pair per load, so that each one's status lines (over every exit
     // and output since it started) are that load's.
-    let pair = Pair::start(dir, 100, args, limit)?;
-    let paced_pair = Pair::start(dir, 200, args, limit)?;
+    let pair = start_pair(launcher, args, limit)?;
+    let paced_pair = start_pair(launcher, args, limit)?;
+    let pair_service = pair.primary.address()?;
+    let paced_service = paced_pair.primary.address()?;
     let (mut run_sat, mut run_paced, mut ft_sat, mut ft_paced) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut loaded = Duration::ZERO;
@@ -379,14 +249,10 @@ fn overhead(args: &FtBenchArgs, dir: &Path, report: &mut FtReport) -> Result<(),
     for n in 0..args.rounds {
         let run = saturate(service, &[vmm.pid()], args)?;
         let t = Instant::now();
-        let ft = saturate(
-            pair.primary_service,
-            &[pair.primary.0.id(), pair.backup.0.id()],
-            args,
-        )?;
+        let ft = saturate(pair_service, &[pair.primary.pid(), pair.backup.pid()], args)?;
         loaded += t.elapsed();
         merge(&mut run_paced, &pace(service, args)?);
-        merge(&mut ft_paced, &pace(paced_pair.primary_service, args)?);
+        merge(&mut ft_paced, &pace(paced_service, args)?);
         let round = OverheadRound {
             run_ops_per_sec: run.ops_per_sec,
             ft_ops_per_sec: ft.ops_per_sec,
@@ -404,7 +270,7 @@ fn overhead(args: &FtBenchArgs, dir: &Path, report: &mut FtReport) -> Result<(),
         merge(&mut run_sat, &run.latencies);
         merge(&mut ft_sat, &ft.latencies);
     }
-    vmm.stop()?;
+    vmm.stop(Duration::from_secs(10))?;
     // The status lines come every 250 ms: let one cover the load's end.
     std::thread::sleep(ftvm_core::host::events::STATUS_INTERVAL * 2);
     let loaded_status = status(&pair);
@@ -427,15 +293,14 @@ fn overhead(args: &FtBenchArgs, dir: &Path, report: &mut FtReport) -> Result<(),
     report.ft_overhead_ratio = med(|r| r.ratio);
     report.saturated = Latency::of(&run_sat, &ft_sat);
     report.paced = Latency::of(&run_paced, &ft_paced);
-    report.primary_rss_mib = max_rss_mib(pair.primary.0.id());
-    report.backup_rss_mib = max_rss_mib(pair.backup.0.id());
+    report.primary_rss_mib = max_rss_mib(pair.primary.pid());
+    report.backup_rss_mib = max_rss_mib(pair.backup.pid());
 
     // Make the backup lag: stop it, again and again, under load, each time
     // for less than the failure timeout; the primary's window and lag bound
     // hold the guest, so neither side's memory may grow.
-    let backup_pid = pair.backup.0.id();
     let load = {
-        let service = pair.primary_service;
+        let service = pair_service;
         let clients = args.clients;
         let lag = Duration::from_secs_f64(args.lag_secs);
         std::thread::spawn(move || {
@@ -446,17 +311,17 @@ fn overhead(args: &FtBenchArgs, dir: &Path, report: &mut FtReport) -> Result<(),
     let stopped = Duration::from_millis(args.failure_timeout_ms * 2 / 3);
     let lagging = Instant::now();
     while lagging.elapsed() < Duration::from_secs_f64(args.lag_secs) {
-        signal(backup_pid, nix::sys::signal::Signal::SIGSTOP);
+        let _ = pair.backup.signal(Signal::SIGSTOP);
         std::thread::sleep(stopped);
-        signal(backup_pid, nix::sys::signal::Signal::SIGCONT);
+        let _ = pair.backup.signal(Signal::SIGCONT);
         std::thread::sleep(Duration::from_millis(50));
     }
-    report.lagging_primary_rss_mib = max_rss_mib(pair.primary.0.id());
-    report.lagging_backup_rss_mib = max_rss_mib(backup_pid);
+    report.lagging_primary_rss_mib = max_rss_mib(pair.primary.pid());
+    report.lagging_backup_rss_mib = max_rss_mib(pair.backup.pid());
     let _ = load.join();
-    report.lagging_pair_stayed_together = !read_events(&pair.primary_events)
-        .iter()
-        .any(|e| matches!(e.event, ServerEvent::FailureDetected { .. }));
+    report.lagging_pair_stayed_together = !pair
+        .primary
+        .has_event(|e| matches!(e, ServerEvent::FailureDetected { .. }));
     Ok(())
 }
 
@@ -490,40 +355,35 @@ fn closed_loop_tolerant(service: SocketAddr, clients: usize, duration: Duration)
     }
 }
 
-fn failover_trial(args: &FtBenchArgs, dir: &Path, n: usize) -> Result<FailoverTrial, String> {
-    let pair = Pair::start(dir, n + 1, args, Duration::from_secs(60))?;
-    let mut pair = pair;
+fn failover_trial(launcher: &Launcher, args: &FtBenchArgs, n: usize) -> Result<FailoverTrial> {
+    let mut pair = start_pair(launcher, args, Duration::from_secs(60))?;
+    let backup_service = pair.backup.address()?;
     let kill_ns = ftvm_core::host::events::unix_ns();
     let killed = Instant::now();
-    let _ = pair.primary.0.kill();
-    let _ = pair.primary.0.wait();
-    let backup_service = loop {
-        let evs = read_events(&pair.backup_events);
-        if evs
-            .iter()
-            .any(|e| matches!(e.event, ServerEvent::Live { .. }))
-        {
-            break backup_service(&pair)?;
-        }
-        if killed.elapsed() > Duration::from_secs(20) {
-            return Err(format!("trial {n}: the backup did not go live"));
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    };
+    pair.primary.kill();
+    // Polled often: the client starts asking the new primary only then.
+    pair.backup
+        .wait_for(
+            "the backup to go live",
+            Duration::from_secs(20),
+            Duration::from_millis(1),
+            |b| Ok(b.has_event(|e| matches!(e, ServerEvent::Live { .. }))),
+        )
+        .with_context(|| format!("trial {n}"))?;
     let config = ClientConfig {
         attempt_timeout: Duration::from_millis(20),
         max_attempts: 500,
     };
-    let mut kv = KvClient::connect(backup_service, config).map_err(|e| e.to_string())?;
+    let mut kv = KvClient::connect(backup_service, config)?;
     kv.get(b"failover")
-        .map_err(|e| format!("trial {n}: the new primary does not answer: {e}"))?;
+        .with_context(|| format!("trial {n}: the new primary does not answer"))?;
     let first_reply_ms = killed.elapsed().as_secs_f64() * 1000.0;
-    let evs = read_events(&pair.backup_events);
-    let at = |name: &str, is: fn(&ServerEvent) -> bool| -> Result<f64, String> {
+    let evs = pair.backup.events();
+    let at = |name: &str, is: fn(&ServerEvent) -> bool| -> Result<f64> {
         evs.iter()
             .find(|e| is(&e.event))
             .map(|e| e.t_ns.saturating_sub(kill_ns) as f64 / 1e6)
-            .ok_or_else(|| format!("trial {n}: no {name} event"))
+            .with_context(|| format!("trial {n}: no {name} event"))
     };
     Ok(FailoverTrial {
         detection_ms: at("failure_detected", |e| {
@@ -535,25 +395,9 @@ fn failover_trial(args: &FtBenchArgs, dir: &Path, n: usize) -> Result<FailoverTr
     })
 }
 
-/// The backup's service address, from its command line.
-fn backup_service(pair: &Pair) -> Result<SocketAddr, String> {
-    let args: Vec<String> =
-        std::fs::read_to_string(format!("/proc/{}/cmdline", pair.backup.0.id()))
-            .map_err(|e| e.to_string())?
-            .split('\0')
-            .map(String::from)
-            .collect();
-    args.iter()
-        .position(|a| a == "--service")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| "cannot tell the backup's service address".to_string())
-}
-
-pub fn bench_ft(args: &FtBenchArgs) -> Result<(), String> {
-    crate::bench::check_duration(args.duration)?;
-    let dir = std::env::temp_dir().join(format!("ftvm-bench-ft-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+pub fn bench_ft(args: &FtBenchArgs) -> Result<()> {
+    load::duration(args.duration)?;
+    let launcher = Launcher::this_executable()?;
     let mut report = FtReport {
         clients: args.clients,
         seconds: args.duration,
@@ -562,21 +406,21 @@ pub fn bench_ft(args: &FtBenchArgs) -> Result<(), String> {
         ..FtReport::default()
     };
     if args.rounds == 0 {
-        return Err("--rounds must be at least 1".into());
+        bail!("--rounds must be at least 1");
     }
     if !(args.paced_rate.is_finite() && args.paced_rate > 0.0) {
-        return Err(format!(
+        bail!(
             "--paced-rate {} must be a positive number of requests per second",
             args.paced_rate
-        ));
+        );
     }
     println!(
         "measuring: {} rounds of ftvm run vs primary+backup ({} closed-loop clients for {} s, then 1 client at {} req/s for {} s, each), then {} failover trials",
         args.rounds, args.clients, args.duration, args.paced_rate, args.duration, args.trials
     );
-    overhead(args, &dir, &mut report)?;
+    overhead(&launcher, args, &mut report)?;
     for n in 0..args.trials {
-        let t = failover_trial(args, &dir, n)?;
+        let t = failover_trial(&launcher, args, n)?;
         println!(
             "  trial {n}: detection {:.0} ms, test-and-set {:.0} ms, live {:.0} ms, first reply {:.0} ms",
             t.detection_ms, t.test_and_set_ms, t.go_live_ms, t.first_reply_ms
@@ -586,7 +430,6 @@ pub fn bench_ft(args: &FtBenchArgs) -> Result<(), String> {
     let mut replies: Vec<f64> = report.trials.iter().map(|t| t.first_reply_ms).collect();
     report.failover_max_ms = replies.iter().cloned().fold(0.0, f64::max);
     report.failover_median_ms = median(&mut replies);
-    let _ = std::fs::remove_dir_all(&dir);
     println!(
         "FT overhead: {:.0} ops/s with primary+backup / {:.0} ops/s run = {:.3}",
         report.ft_ops_per_sec, report.run_ops_per_sec, report.ft_overhead_ratio
@@ -623,9 +466,5 @@ pub fn bench_ft(args: &FtBenchArgs) -> Result<(), String> {
         "failover (SIGKILL to first reply from the new primary): median {:.0} ms, max {:.0} ms, failure timeout {} ms",
         report.failover_median_ms, report.failover_max_ms, args.failure_timeout_ms
     );
-    if let Some(path) = &args.json {
-        let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
-        std::fs::write(path, json).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    }
-    Ok(())
+    write_json(args.json.as_deref(), &report)
 }

@@ -1,5 +1,5 @@
-//! A TCP proxy that can partition a connection: the test puts it between a
-//! backup and its primary's log channel, then cuts it. A cut proxy keeps
+//! A TCP proxy that can partition a connection: put between a backup and
+//! its primary's log channel, it is cut on demand. A cut proxy keeps
 //! both connections open and silently drops every byte, so that each side
 //! sees silence, as in a real partition, rather than a closed socket.
 
@@ -8,6 +8,8 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+use anyhow::{Context, Result};
 
 pub struct Proxy {
     addr: SocketAddr,
@@ -38,10 +40,12 @@ fn pump(mut from: TcpStream, mut to: TcpStream, cut: Arc<AtomicBool>, stop: Arc<
 
 impl Proxy {
     /// Forwards connections made to the proxy's address to `target`.
-    pub fn start(target: SocketAddr) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
-        let addr = listener.local_addr().expect("proxy address");
-        listener.set_nonblocking(true).expect("nonblocking");
+    pub fn start(target: SocketAddr) -> Result<Proxy> {
+        let listener = TcpListener::bind("127.0.0.1:0").context("cannot bind the proxy")?;
+        let addr = listener.local_addr().context("the proxy's address")?;
+        listener
+            .set_nonblocking(true)
+            .context("cannot make the proxy's listener nonblocking")?;
         let cut = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
         let (c, s) = (cut.clone(), stop.clone());
@@ -65,7 +69,7 @@ impl Proxy {
                 }
             }
         });
-        Proxy { addr, cut, stop }
+        Ok(Proxy { addr, cut, stop })
     }
 
     pub fn addr(&self) -> SocketAddr {

@@ -1,0 +1,49 @@
+//! `ftvm demo`'s options, and the constants its parts share.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct DemoArgs {
+    /// Where timeline.svg, metrics.json, the clients' history and the
+    /// servers' logs and events go.
+    #[arg(long, default_value = "ftvm-demo-out")]
+    pub out: PathBuf,
+    /// Closed-loop KV clients.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub clients: u32,
+    /// Seconds of client load, the failover included.
+    #[arg(long, default_value_t = 12.0)]
+    pub duration: f64,
+    /// Seconds into the load at which the primary gets SIGKILL.
+    #[arg(long, default_value_t = 5.0)]
+    pub kill_at: f64,
+    /// Seeds the clients' choice of keys and operations (random if not
+    /// given; printed either way).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Log-channel silence after which a server declares its peer failed.
+    #[arg(long, default_value_t = 300)]
+    pub failure_timeout_ms: u64,
+    /// The VM's name at the arbiter.
+    #[arg(long, default_value = "demo")]
+    pub vm_id: String,
+}
+
+/// The first primary's and the backup's ids at the arbiter.
+pub(super) const FIRST: &str = "vmm1";
+pub(super) const SECOND: &str = "vmm2";
+/// For the arbiter, the guests' boot and the backup's catching up.
+pub(super) const STARTUP: Duration = Duration::from_secs(60);
+pub(super) const STATUS_EVERY: Duration = Duration::from_millis(500);
+/// How long a client waits for a reply before it asks the arbiter where
+/// the primary is and sends the same request there (perhaps to the same
+/// server again). Short, so that clients find a new primary soon after it
+/// goes live; longer than a reply held by the output rule usually takes.
+pub(super) const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(100);
+pub(super) const ARBITER_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// How long after the load a client keeps retrying its last request.
+pub(super) fn drain(args: &DemoArgs) -> Duration {
+    Duration::from_millis(args.failure_timeout_ms.saturating_mul(10)).max(Duration::from_secs(5))
+}
