@@ -16,6 +16,9 @@ pub const LOST: u8 = 4;
 /// `ftvm primary`/`backup`: the arbiter could not be reached when this
 /// server had to decide, so it did not go live.
 pub const NO_ARBITER: u8 = 5;
+/// `ftvm replay`: stopped (SIGINT, SIGTERM, `--timeout`) before the end of
+/// its log, so the rest of the log was not checked.
+pub const REPLAY_STOPPED: u8 = 6;
 
 /// `ftvm kv`: the request succeeded.
 pub const KV_OK: u8 = 0;

@@ -9,13 +9,13 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use ftvm_core::host::emitter::Emitter;
 use ftvm_core::host::net_backend::NetBackend;
-use ftvm_core::live::record::Recorder;
+use ftvm_core::live::record::{recording_config, Recorder};
 use ftvm_core::live::{EntrySink, Live};
 use ftvm_core::machine::memory::parse_size;
 use ftvm_core::run::run_loop::{self, RunSummary, StopReason};
 use ftvm_core::run::stop::StopSignal;
 use ftvm_core::run::vm::{Vm, VmConfig};
-use logchannel::{image_hash, LogHeader, ReplayConfig};
+use logchannel::{image_hash, LogHeader};
 
 use crate::args::{seconds, GuestArgs, DEFAULT_DIGEST_INTERVAL, VM_ID};
 use crate::exit_codes;
@@ -53,7 +53,9 @@ pub struct RecordArgs {
     #[arg(long, default_value_t = DEFAULT_DIGEST_INTERVAL)]
     digest_interval: u64,
     /// Bring the memory hash up to date at every output check, not only at
-    /// periodic digests (slower: see BENCHMARKS.md).
+    /// periodic digests, so that a change in guest memory is caught at the
+    /// next output (slower: see BENCHMARKS.md). Stored in the log header
+    /// (`output_memory` = `refresh`); replay does the same.
     #[arg(long)]
     output_memory_hash: bool,
 }
@@ -81,23 +83,15 @@ fn serve(args: &RunArgs, record: Option<&RecordArgs>) -> Result<ExitCode> {
     let net = NetBackend::bind(args.service)?;
     let sink: Option<Box<dyn EntrySink>> = match record {
         Some(record) => {
-            let mut extra = std::collections::BTreeMap::new();
-            if record.output_memory_hash {
-                extra.insert(
-                    ftvm_core::live::record::OUTPUT_MEMORY_KEY.to_string(),
-                    "refresh".to_string(),
-                );
-            }
             let header = LogHeader::new(
                 VM_ID,
                 image_hash(&image),
                 args.mem,
-                ReplayConfig {
-                    digest_interval: record.digest_interval,
-                    tick_hz: args.tick_hz,
-                    patching: true,
-                    extra: Default::default(),
-                },
+                recording_config(
+                    record.digest_interval,
+                    args.tick_hz,
+                    record.output_memory_hash,
+                ),
             );
             Some(Box::new(Recorder::create(&record.log, &header)?))
         }

@@ -354,6 +354,9 @@ impl Mode for Live {
         reason: StopReason,
         at_position: bool,
     ) -> Result<(), RunError> {
+        // Taken between two exits, the state belongs to no position a
+        // replay could compare it at; the `end` entry's reason
+        // (`RequestedBetweenExits`) tells the replay why no digest is there.
         if self.sink.is_some() && at_position {
             let digest = m.full_digest(DigestReason::End)?;
             self.log(pos, Event::Digest(digest))?;

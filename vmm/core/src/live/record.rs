@@ -2,14 +2,16 @@
 //! nondeterministic input, digest and output, closed with an End entry
 //! however the run stops.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 
-use logchannel::{Event, LogHeader, LogStats, LogWriter, Position};
+use logchannel::{Event, LogHeader, LogStats, LogWriter, Position, ReplayConfig};
 
 use crate::live::EntrySink;
-use crate::run::run_loop::{RunError, StopReason};
+use crate::run::digest;
+use crate::run::run_loop::{RunError, StopReason, ABORTED_END_PREFIX};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
@@ -25,15 +27,28 @@ pub enum RecordError {
     },
 }
 
-/// The `ReplayConfig.extra` key that says output checks refresh the memory
-/// hash (value `refresh`); without it they use the last digest's.
-pub const OUTPUT_MEMORY_KEY: &str = "output_memory";
-
-pub fn output_memory(config: &logchannel::ReplayConfig) -> bool {
-    config
-        .extra
-        .get(OUTPUT_MEMORY_KEY)
-        .is_some_and(|v| v == "refresh")
+/// The settings a recording stores in its header, which its replay must
+/// reproduce: the digest interval, the timer rate, patching (always on
+/// when recording) and, with `output_memory_hash`, output checks that
+/// refresh the memory hash.
+pub fn recording_config(
+    digest_interval: u64,
+    tick_hz: u32,
+    output_memory_hash: bool,
+) -> ReplayConfig {
+    let mut extra = BTreeMap::new();
+    if output_memory_hash {
+        extra.insert(
+            digest::OUTPUT_MEMORY_KEY.to_string(),
+            digest::OUTPUT_MEMORY_REFRESH.to_string(),
+        );
+    }
+    ReplayConfig {
+        digest_interval,
+        tick_hz,
+        patching: true,
+        extra,
+    }
 }
 
 pub struct Recorder {
@@ -71,17 +86,20 @@ impl EntrySink for Recorder {
         Ok(())
     }
 
-    /// Writes the End entry and syncs the file.
+    /// Writes the End entry and syncs the file. The final digest before it
+    /// was logged by the live mode, unless the stop took the vCPU between
+    /// two exits, which `reason` then says.
     fn end(&mut self, pos: Position, reason: StopReason) -> Result<(), RunError> {
-        self.close(pos, format!("{reason:?}"))
+        self.close(pos, reason.end_reason())
     }
 
-    /// Ends the log at the last logged position.
+    /// Ends the log at the last logged position, with no final digest: the
+    /// `end` entry says the recording was aborted.
     fn abort(&mut self, why: &str) -> Result<(), RunError> {
         if self.writer.is_none() {
             return Ok(());
         }
-        self.close(self.last_pos, format!("aborted: {why}"))
+        self.close(self.last_pos, format!("{ABORTED_END_PREFIX}{why}"))
     }
 
     fn report(&self) -> Option<String> {
@@ -109,7 +127,7 @@ impl Recorder {
         Ok(Recorder {
             writer: Some(writer),
             digest_interval: header.config.digest_interval,
-            output_memory: output_memory(&header.config),
+            output_memory: digest::output_memory_refreshed(&header.config),
             last_pos: Position { exits: 0, rip: 0 },
             stats: LogStats::default(),
         })
@@ -126,5 +144,22 @@ impl Recorder {
                 .map_err(logchannel::LogError::Write)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 9, item 4: `--output-memory-hash` built this setting and then
+    /// left it out of the header.
+    #[test]
+    fn the_output_memory_choice_is_in_the_recorded_settings() {
+        let on = recording_config(512, 100, true);
+        assert!(digest::output_memory_refreshed(&on));
+        let off = recording_config(512, 100, false);
+        assert!(!digest::output_memory_refreshed(&off));
+        assert!(off.extra.is_empty(), "{off:?}");
+        assert_ne!(on, off);
     }
 }

@@ -5,13 +5,27 @@
 use std::collections::BTreeSet;
 
 use kvm_bindings::kvm_regs;
-use logchannel::{PageHash, Registers};
+use logchannel::{PageHash, Registers, ReplayConfig};
 use vm_memory::{Bytes, GuestAddress};
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use crate::machine::memory::GuestMemory;
 
 pub const PAGE_SIZE: u64 = 4096;
+
+/// The `ReplayConfig.extra` key that says output checks bring the memory
+/// hash up to date; its one value is [`OUTPUT_MEMORY_REFRESH`]. Without it
+/// they use the last periodic digest's.
+pub const OUTPUT_MEMORY_KEY: &str = "output_memory";
+pub const OUTPUT_MEMORY_REFRESH: &str = "refresh";
+
+/// Whether a log's output checks refresh the memory hash.
+pub fn output_memory_refreshed(config: &ReplayConfig) -> bool {
+    config
+        .extra
+        .get(OUTPUT_MEMORY_KEY)
+        .is_some_and(|v| v == OUTPUT_MEMORY_REFRESH)
+}
 
 /// The hashes of every guest page and their combination, which is
 /// order-independent so one page can be replaced without rehashing the rest.

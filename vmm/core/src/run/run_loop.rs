@@ -1,5 +1,5 @@
 //! The one run loop: `VcpuFd::run()`, the pure exit handler, trapped
-//! instructions, outputs and the delivery rule of DESIGN.md §3, shared by a
+//! instructions, outputs and the delivery rule of docs/design.md, shared by a
 //! live run, a recording and a replay. What differs between them (where time,
 //! random numbers, packets and interrupts come from, where outputs go) is a
 //! [`Mode`]; the loop calls it at the same points of every synchronous exit
@@ -80,10 +80,35 @@ pub enum StopReason {
     GuestError(u32),
     /// Someone asked the VMM to stop (SIGINT, SIGTERM, a caller).
     Requested,
+    /// A stop request found the guest making no synchronous exit for
+    /// [`STOP_GRACE`] and took the vCPU between two exits: its last state
+    /// belongs to no position, so a recording ends without a final digest
+    /// and its `end` entry says why.
+    RequestedBetweenExits,
     /// The run's time limit passed.
     Timeout,
     /// A replay reached the end of its log.
     EndOfLog,
+}
+
+/// How an `end` entry of a recorder that failed begins; the rest says why.
+/// Such a log has no final digest.
+pub const ABORTED_END_PREFIX: &str = "aborted: ";
+
+impl StopReason {
+    /// What an `end` entry records for this stop (the recorder and the
+    /// primary write it, a replay reads it back).
+    pub fn end_reason(self) -> String {
+        format!("{self:?}")
+    }
+}
+
+/// Whether an `end` entry's reason says that the recording stopped where no
+/// final digest could be taken: between two exits, or because it failed.
+/// Every other `end` entry follows a final digest at the same exit.
+pub fn end_without_final_digest(reason: &str) -> bool {
+    reason == StopReason::RequestedBetweenExits.end_reason()
+        || reason.starts_with(ABORTED_END_PREFIX)
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -160,6 +185,12 @@ impl Machine<'_> {
         let regs = digest::registers(&self.regs());
         let mem_hash = self.hasher.as_ref().map_or(0, |h| h.mem_hash());
         Ok((regs, mem_hash))
+    }
+
+    /// Whether the guest has written part of a console line: a run that
+    /// stops here logs it as a last console output ([`flush_outputs`]).
+    pub fn console_line_pending(&self) -> bool {
+        !self.console_line.is_empty()
     }
 
     /// Hands the guest the interrupt the PIC has for it, if any.
@@ -253,7 +284,11 @@ pub trait Mode {
     ) -> Result<(), RunError>;
 }
 
-fn flush_outputs<M: Mode>(
+/// Hands the guest's outputs since the last call to `mode`: its complete
+/// console lines and the frames it transmitted, and with `all` what it wrote
+/// of its current line too (a run that stops does so, so that nothing the
+/// guest printed is lost).
+pub fn flush_outputs<M: Mode>(
     m: &mut Machine,
     mode: &mut M,
     pos: Position,
@@ -439,7 +474,7 @@ pub fn run<M: Mode>(
         } else if stop.is_requested()
             && stop_seen.get_or_insert_with(Instant::now).elapsed() > STOP_GRACE
         {
-            break StopReason::Requested;
+            break StopReason::RequestedBetweenExits;
         }
         let Some((at, action)) = step(&mut m, mode)? else {
             at_position = false;
