@@ -28,8 +28,20 @@ impl fmt::Display for Peer {
 pub enum ChannelError {
     #[error("invalid log channel configuration: {0}")]
     Config(String),
-    #[error("no backup connected to {local} within {waited:?}")]
-    AcceptTimeout { local: String, waited: Duration },
+    /// No backup finished a handshake within the wait. `refused` counts the
+    /// connections turned away meanwhile (strangers, peers that said too
+    /// little, hellos that did not match), `last_refusal` says why the last
+    /// one was.
+    #[error("no backup connected to {local} within {waited:?}{}", refusals(*.refused, .last_refusal.as_deref()))]
+    AcceptTimeout {
+        local: String,
+        waited: Duration,
+        refused: u64,
+        last_refusal: Option<String>,
+    },
+    /// The caller asked the wait to end (a stop request).
+    #[error("stopped while {what}")]
+    Cancelled { what: String },
     #[error("accepting a backup on {local} failed: {source}")]
     Accept {
         local: String,
@@ -70,6 +82,10 @@ pub enum ChannelError {
     },
     #[error("{peer} closed the connection")]
     Closed { peer: Peer },
+    /// The peer stopped on purpose and said so: not a failure, and not to
+    /// be acted on as one.
+    #[error("{peer} stopped on purpose ({reason})")]
+    PeerLeft { peer: Peer, reason: String },
     #[error("the connection to {peer} broke: {source}")]
     Broken { peer: Peer, source: Arc<io::Error> },
     /// A frame from the peer is bad: corruption, a sequence gap, an
@@ -82,6 +98,16 @@ pub enum ChannelError {
     /// An entry could not be encoded; nothing was queued.
     #[error("cannot send entry: {0}")]
     Encode(Arc<EncodeError>),
+}
+
+fn refusals(refused: u64, last: Option<&str>) -> String {
+    match (refused, last) {
+        (0, _) => String::new(),
+        (n, Some(last)) => {
+            format!("; turned away {n} other connection(s), the last because {last}")
+        }
+        (n, None) => format!("; turned away {n} other connection(s)"),
+    }
 }
 
 impl ChannelError {

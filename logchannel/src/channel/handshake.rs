@@ -4,14 +4,21 @@
 //!
 //! Everything here reads under one deadline. Socket read timeouts are safe
 //! in this phase (and only here) because any timeout ends the connection.
+//! Reads wait in short slices, so that a caller who gives up (a stop
+//! request) is not kept waiting for the deadline.
 
 use super::error::{ChannelError, Peer};
 use super::hello::{check, Hello, Mismatch, Role};
 use super::wire::{preamble, ControlSeq, Message, MAGIC, PREAMBLE_LEN};
 use crate::frame::{FrameDecoder, FrameError};
+use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
+
+/// How often a handshake waiting for its peer asks whether its caller has
+/// given up.
+const CANCEL_POLL: Duration = Duration::from_millis(20);
 
 /// Which end of the connection this is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,21 +46,48 @@ pub(crate) struct Established {
     pub offset: u64,
 }
 
-/// Reads from the socket, failing once `deadline` has passed.
+/// The read error of a handshake whose caller gave up. Not `Interrupted`,
+/// which readers retry.
+#[derive(Debug)]
+struct CancelledRead;
+
+impl fmt::Display for CancelledRead {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("the handshake was cancelled")
+    }
+}
+
+impl std::error::Error for CancelledRead {}
+
+fn cancelled_read(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<CancelledRead>())
+}
+
+/// Reads from the socket, failing once `deadline` has passed or the caller
+/// has given up.
 struct DeadlineReader<'a> {
     stream: &'a TcpStream,
     deadline: Instant,
+    cancelled: &'a dyn Fn() -> bool,
 }
 
 impl Read for DeadlineReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::ErrorKind::TimedOut.into());
+        loop {
+            if (self.cancelled)() {
+                return Err(io::Error::other(CancelledRead));
+            }
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+            self.stream.set_read_timeout(Some(left.min(CANCEL_POLL)))?;
+            let mut stream = self.stream;
+            match stream.read(buf) {
+                Err(e) if timed_out(&e) => {}
+                other => return other,
+            }
         }
-        self.stream.set_read_timeout(Some(left))?;
-        let mut stream = self.stream;
-        stream.read(buf)
     }
 }
 
@@ -75,18 +109,22 @@ struct Handshake<'a> {
     decoder: FrameDecoder,
 }
 
+/// Shakes hands on `stream` within `timeout`, or until `cancelled` says
+/// the caller has given up (`ChannelError::Cancelled`).
 pub(crate) fn handshake(
     stream: &TcpStream,
     ours: &Hello,
     side: Side,
     peer: Peer,
     timeout: Duration,
+    cancelled: &dyn Fn() -> bool,
 ) -> Result<Established, ChannelError> {
     let mut hs = Handshake {
         stream,
         reader: DeadlineReader {
             stream,
             deadline: Instant::now() + timeout,
+            cancelled,
         },
         peer,
         side,
@@ -169,6 +207,12 @@ impl Handshake<'_> {
         })
     }
 
+    fn cancelled_error(&self) -> ChannelError {
+        ChannelError::Cancelled {
+            what: format!("shaking hands with {}", self.peer),
+        }
+    }
+
     fn timeout_error(&self, detail: String) -> ChannelError {
         ChannelError::HandshakeTimeout {
             peer: self.peer,
@@ -209,6 +253,7 @@ impl Handshake<'_> {
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if cancelled_read(&e) => return Err(self.cancelled_error()),
                 Err(e) if timed_out(&e) => {
                     return Err(self.timeout_error(format!(
                         "{got} of the {PREAMBLE_LEN} preamble bytes arrived"
@@ -227,6 +272,9 @@ impl Handshake<'_> {
         match self.decoder.read_value::<Message, _>(&mut self.reader, seq) {
             Ok(Some((msg, _))) => Ok(msg),
             Ok(None) => Err(ChannelError::Closed { peer: self.peer }),
+            Err(FrameError::Io { source, .. }) if cancelled_read(&source) => {
+                Err(self.cancelled_error())
+            }
             Err(FrameError::Io { source, .. }) if timed_out(&source) => {
                 Err(self.timeout_error(format!("its {what} did not arrive")))
             }
@@ -277,7 +325,9 @@ impl Handshake<'_> {
     fn refuse(&mut self, mismatch: Mismatch) -> ChannelError {
         let mut out = Vec::new();
         let reason = mismatch.to_string();
-        tracing::warn!(peer = %self.peer, "refusing log channel handshake: {reason}");
+        // The caller reports the refusal (a listener turns such peers away
+        // by the dozen).
+        tracing::debug!(peer = %self.peer, "refusing log channel handshake: {reason}");
         if self
             .ours_out
             .encode(&Message::Refused { reason }, &mut out)

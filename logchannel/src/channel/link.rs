@@ -8,7 +8,7 @@
 use super::config::ChannelConfig;
 use super::error::{ChannelError, Peer};
 use super::liveness::Liveness;
-use super::wire::ControlSeq;
+use super::wire::{ControlSeq, Message};
 use std::io::Write;
 use std::net::{Shutdown, TcpStream};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
@@ -27,6 +27,9 @@ pub(crate) struct Health {
     /// The log's `End` entry has gone through this end: the peer closing
     /// the connection now is the run ending, not a failure to warn about.
     pub ended: bool,
+    /// This end has said goodbye: it writes nothing more, takes no more
+    /// entries, and what happens to the connection now is its own doing.
+    pub leaving: bool,
 }
 
 pub(crate) trait HasHealth {
@@ -99,6 +102,9 @@ impl<S: HasHealth> Link<S> {
         {
             let mut st = self.lock();
             self.check(&mut st)?;
+            if st.health().leaving {
+                return Ok(());
+            }
             if let Err(e) = take(&mut st, &mut out) {
                 self.fail(&mut st, e.clone());
                 return Err(e);
@@ -129,7 +135,11 @@ impl<S: HasHealth> Link<S> {
         if h.closing || h.failure.is_some() {
             return;
         }
-        if h.ended && matches!(err, ChannelError::Closed { .. }) {
+        if h.leaving {
+            tracing::debug!("log channel closed after this end's goodbye: {err}");
+        } else if matches!(err, ChannelError::PeerLeft { .. }) {
+            tracing::info!("log channel closed: {err}");
+        } else if h.ended && matches!(err, ChannelError::Closed { .. }) {
             tracing::debug!("log channel closed after the end of the log: {err}");
         } else {
             tracing::warn!("log channel failed: {err}");
@@ -148,7 +158,7 @@ impl<S: HasHealth> Link<S> {
             return Err(f.clone());
         }
         let silent = self.live.silent_for();
-        if !h.not_reading && !h.closing && silent > self.config.failure_timeout {
+        if !h.not_reading && !h.closing && !h.leaving && silent > self.config.failure_timeout {
             self.fail(
                 st,
                 ChannelError::Silent {
@@ -166,7 +176,8 @@ impl<S: HasHealth> Link<S> {
 
     /// Whether the writer thread should stop.
     pub(crate) fn stopping(&self, st: &mut S) -> bool {
-        st.health().closing || self.check(st).is_err()
+        let h = st.health();
+        h.closing || h.leaving || self.check(st).is_err()
     }
 
     /// When the peer's silence will have lasted the failure timeout, if
@@ -243,6 +254,36 @@ impl<S: HasHealth> Link<S> {
     ) -> MutexGuard<'a, S> {
         let until = until.min(self.silence_deadline(&mut g, Instant::now()));
         wait(&self.to_waiters, g, until)
+    }
+
+    /// Says goodbye: the message, then the end of this direction, then a
+    /// wait of at most the failure timeout for the peer to close its side,
+    /// so that closing does not reset the connection under the goodbye
+    /// before the peer has read it.
+    pub(crate) fn goodbye(&self, reason: &str) -> Result<(), ChannelError> {
+        self.write_out(
+            |st, out| {
+                out.control.encode(
+                    &Message::Goodbye {
+                        reason: reason.to_string(),
+                    },
+                    &mut out.buf,
+                )?;
+                st.health().leaving = true;
+                Ok(())
+            },
+            |_, _| {},
+        )?;
+        let _ = self.stream.shutdown(Shutdown::Write);
+        // The writer stops; a reader waiting for room reads on (and drops).
+        self.to_writer.notify_all();
+        self.to_waiters.notify_all();
+        let until = deadline(self.config.failure_timeout);
+        let mut st = self.lock();
+        while st.health().failure.is_none() && Instant::now() < until {
+            st = wait(&self.to_waiters, st, until);
+        }
+        Ok(())
     }
 
     pub(crate) fn wake_writer(&self) {

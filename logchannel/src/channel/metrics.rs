@@ -30,6 +30,10 @@ pub struct ChannelMetrics {
     /// kept for at most `window_entries` acknowledged entries, so for a
     /// backup that stops reporting this is the age of the oldest kept.
     pub lag_ms: f64,
+    /// The shortest time from `send` to the backup's acknowledgement over
+    /// the last one to two seconds: the link's round trip, which the lag
+    /// bound discounts. 0 before the first acknowledgement.
+    pub rtt_ms: f64,
 }
 
 /// The backup's view of its channel.

@@ -38,11 +38,30 @@
 //! reading because its buffer is full does not hold the primary's
 //! resulting silence against it. Failure is sticky and closes the socket.
 //!
+//! **Strangers are turned away, not obeyed.** The primary's listener may
+//! get any connection (a port scan, a stale backup of another view); each
+//! shakes hands on a thread of its own and only a successful handshake
+//! ends the wait, so no connection the primary did not ask for can make it
+//! fail or keep the real backup waiting.
+//!
+//! **A stop on purpose is said, not guessed.** An end that stops on
+//! purpose sends a goodbye before it closes, and its peer gets
+//! [`ChannelError::PeerLeft`] instead of a failure, so that an orderly stop
+//! does not look like a crash and cause a takeover.
+//!
+//! **A stall is judged by the backup's replay, not by the link.** The
+//! primary knows the backup has stalled when its acks show entries
+//! received that its replay reports do not cover and the reports stop
+//! moving ([`LogSender::replay_stall`]); both come in the same messages, so
+//! a slow link delays them alike. The lag bound discounts the measured
+//! round trip for the same reason.
+//!
 //! **Batching with an escape hatch.** An entry waits at most `batch_delay`
 //! to be written with later ones (fewer, larger writes; Nagle is off), but
 //! [`LogSender::wait_acked`] writes at once, so the output rule does not
 //! pay the batching delay.
 
+mod accept;
 mod config;
 mod error;
 mod handshake;
@@ -51,6 +70,7 @@ mod link;
 mod liveness;
 mod metrics;
 mod receiver;
+mod rtt;
 mod sender;
 mod wire;
 mod workers;

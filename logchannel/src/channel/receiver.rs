@@ -67,6 +67,14 @@ impl State {
     /// empty queue always has room for one entry, so that an entry larger
     /// than the byte bound still gets through.
     fn room(&self, config: &ChannelConfig) -> Option<Room> {
+        if self.health.leaving {
+            // What still arrives is read and dropped, so that the reader
+            // sees the primary close.
+            return Some(Room {
+                entries: u64::MAX,
+                bytes: u64::MAX,
+            });
+        }
         let room = Room {
             entries: config
                 .window_entries
@@ -106,6 +114,20 @@ impl LogReceiver {
         hello: Hello,
         config: ChannelConfig,
     ) -> Result<LogReceiver, ChannelError> {
+        LogReceiver::connect_cancellable(addr, hello, config, &|| false)
+    }
+
+    /// [`LogReceiver::connect`], except that the handshake asks `cancelled`
+    /// every few milliseconds while it waits for the primary and gives up
+    /// at once (`ChannelError::Cancelled`) when it says so. The TCP connect
+    /// itself is not interrupted: it takes at most `handshake_timeout`, and
+    /// no time at all to a host that answers.
+    pub fn connect_cancellable(
+        addr: SocketAddr,
+        hello: Hello,
+        config: ChannelConfig,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<LogReceiver, ChannelError> {
         config.validate()?;
         let stream = TcpStream::connect_timeout(&addr, config.handshake_timeout).map_err(|e| {
             ChannelError::Connect {
@@ -123,6 +145,7 @@ impl LogReceiver {
             Side::Connecting,
             peer,
             config.handshake_timeout,
+            cancelled,
         )?;
         let first_seq = established.peer_hello.first_seq;
         tracing::info!(%peer, view = hello.view, first_seq, "log channel up");
@@ -241,6 +264,18 @@ impl LogReceiver {
         write_ack(&self.link, Ack::IfReportPending)
     }
 
+    /// Tells the primary that this backup stops on purpose: the primary
+    /// must not take the close for a failure (it may still go on alone, but
+    /// only after winning test-and-set). Sends the goodbye after the
+    /// acknowledgement of what was received, closes this direction, and
+    /// waits up to the failure timeout for the primary to close its own,
+    /// dropping what still arrives, so that the goodbye is not lost to a
+    /// reset. An error if the channel had failed already.
+    pub fn goodbye(&self, reason: &str) -> Result<(), ChannelError> {
+        write_ack(&self.link, Ack::IfReportPending)?;
+        self.link.goodbye(reason)
+    }
+
     /// Whether the primary is considered failed: nothing from it for
     /// `failure_timeout` while this end was reading, or the connection
     /// broke, or it sent a bad frame. Once true, stays true.
@@ -248,7 +283,8 @@ impl LogReceiver {
         self.failure().is_some()
     }
 
-    /// Why the primary is considered failed.
+    /// Why the primary is considered failed, or `PeerLeft` if it said
+    /// goodbye.
     pub fn failure(&self) -> Option<ChannelError> {
         self.link.check(&mut self.link.lock()).err()
     }
@@ -306,10 +342,14 @@ fn read_loop(link: &Link<State>, mut decoder: FrameDecoder) {
                 }
                 Ok(())
             }
+            Message::Goodbye { reason } => Err(ChannelError::PeerLeft {
+                peer: link.peer,
+                reason,
+            }),
             other => Err(ChannelError::protocol(
                 link.peer,
                 format!(
-                    "sent a {} message; a primary sends only entries and heartbeats",
+                    "sent a {} message; a primary sends only entries, heartbeats and its goodbye",
                     other.name()
                 ),
             )),
@@ -361,6 +401,10 @@ fn deliver(link: &Link<State>, chunk: &mut Vec<(Entry, usize)>) {
         return;
     }
     let mut st = link.lock();
+    if st.health.leaving {
+        chunk.clear();
+        return;
+    }
     for (entry, size) in chunk.drain(..) {
         st.push(entry, size);
     }

@@ -1,28 +1,24 @@
 //! The primary's end: queues entries, batches them onto the socket, and
 //! tracks what the backup has acknowledged and replayed.
 
+use super::accept::{accept_backup, Accepted};
 use super::config::ChannelConfig;
-use super::error::{ChannelError, Peer};
-use super::handshake::{handshake, Side};
+use super::error::ChannelError;
 use super::hello::Hello;
-use super::link::{deadline, HasHealth, Health, Link, Outgoing};
+use super::link::{HasHealth, Health, Link, Outgoing};
 use super::liveness::StampingReader;
 use super::metrics::{ChannelMetrics, Rates};
+use super::rtt::MinRtt;
 use super::wire::{ControlSeq, Message};
 use super::workers::Workers;
 use crate::entry::{Entry, Event, Position};
 use crate::frame::FrameDecoder;
 use crate::frame::FrameEncoder;
 use std::collections::VecDeque;
-use std::io::{self, BufReader};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::BufReader;
+use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
-use std::thread;
 use std::time::{Duration, Instant};
-
-/// How often `accept` looks for a connection: std has no accept timeout,
-/// so the listener is polled in non-blocking mode.
-const ACCEPT_POLL: Duration = Duration::from_millis(2);
 
 /// The primary's end of a log channel.
 ///
@@ -44,8 +40,9 @@ struct Sent {
     at: Instant,
 }
 
-/// Called with the new cumulative ack each time it moves.
-type AckHook = Arc<dyn Fn(u64) + Send + Sync>;
+/// Called with the new cumulative ack each time it moves, and
+/// [`LogSender::write_gaps`] as the ack was taken in.
+type AckHook = Arc<dyn Fn(u64, u64) + Send + Sync>;
 
 struct State {
     health: Health,
@@ -78,7 +75,14 @@ struct State {
     entries_sent: u64,
     bytes_written: u64,
     last_write: Instant,
+    /// Times this end went more than half the failure timeout without
+    /// writing, counted at the write that ended each.
+    write_gaps: u64,
     rates: Rates,
+    rtt: MinRtt,
+    /// Since when the backup has had entries received and not replayed
+    /// without its replay report moving; `None` while it has none.
+    stall_since: Option<Instant>,
 }
 
 impl HasHealth for State {
@@ -96,10 +100,23 @@ impl State {
         self.queued_bytes - self.acked_bytes
     }
 
+    /// The lag bound discounts the round trip: an entry cannot be reported
+    /// replayed sooner than that, however fast the backup replays, so a
+    /// slow link is not taken for a slow backup.
     fn window_full(&self, config: &ChannelConfig, now: Instant) -> bool {
         self.in_flight() >= config.window_entries
             || self.in_flight_bytes() >= config.window_bytes
-            || config.max_lag.is_some_and(|max| self.lag(now) > max)
+            || config
+                .max_lag
+                .is_some_and(|max| self.lag(now) > max + self.rtt.get())
+    }
+
+    /// Gaps in this end's writing longer than `limit`, with one still under
+    /// way, unless this end has said goodbye: then it writes nothing on
+    /// purpose.
+    fn write_gaps(&self, limit: Duration, now: Instant) -> u64 {
+        let under_way = !self.health.leaving && now.duration_since(self.last_write) > limit;
+        self.write_gaps + u64::from(under_way)
     }
 
     /// How long the oldest entry the backup has not reported replayed has
@@ -133,15 +150,37 @@ impl State {
 
 impl LogSender {
     /// Waits up to `config.handshake_timeout` for a backup to connect on
-    /// `listener`, then shakes hands within the same timeout. The listener
-    /// is left in blocking mode.
-    ///
-    /// `hello.first_seq` is the sequence number of the first entry `send`
-    /// will assign (1 at the start of a primary's lifetime).
+    /// `listener` and shake hands: [`LogSender::accept_within`] with that
+    /// wait and nothing to cancel it.
     pub fn accept(
         listener: &TcpListener,
         hello: Hello,
         config: ChannelConfig,
+    ) -> Result<LogSender, ChannelError> {
+        let wait = config.handshake_timeout;
+        LogSender::accept_within(listener, hello, config, wait, &|| false)
+    }
+
+    /// Waits up to `wait` for the backup on `listener`. A connection counts
+    /// only once its handshake succeeds; every other one (a stranger, a
+    /// peer that says nothing within `handshake_timeout`, a hello that does
+    /// not match, which is told why) is turned away and the wait goes on,
+    /// each on its own thread, so none holds up the real backup. A
+    /// handshake under way when the wait ends may finish within
+    /// `handshake_timeout`. `cancelled` is asked every few milliseconds and
+    /// ends the wait at once (`ChannelError::Cancelled`); otherwise the
+    /// wait ends in `AcceptTimeout`, which counts the connections turned
+    /// away and says why the last one was. The listener is left in blocking
+    /// mode.
+    ///
+    /// `hello.first_seq` is the sequence number of the first entry `send`
+    /// will assign (1 at the start of a primary's lifetime).
+    pub fn accept_within(
+        listener: &TcpListener,
+        hello: Hello,
+        config: ChannelConfig,
+        wait: Duration,
+        cancelled: &dyn Fn() -> bool,
     ) -> Result<LogSender, ChannelError> {
         config.validate()?;
         if hello.first_seq == 0 {
@@ -149,18 +188,11 @@ impl LogSender {
                 "the primary's first_seq must be at least 1".to_string(),
             ));
         }
-        let (stream, addr) = accept_within(listener, config.handshake_timeout)?;
-        let peer = Peer {
-            role: Side::Listening.peer_role(),
-            addr,
-        };
-        let established = handshake(
-            &stream,
-            &hello,
-            Side::Listening,
+        let Accepted {
+            stream,
             peer,
-            config.handshake_timeout,
-        )?;
+            established,
+        } = accept_backup(listener, &hello, &config, wait, cancelled)?;
         tracing::info!(%peer, view = hello.view, first_seq = hello.first_seq, "log channel up");
         let now = Instant::now();
         let state = State {
@@ -186,7 +218,10 @@ impl LogSender {
             entries_sent: 0,
             bytes_written: 0,
             last_write: now,
+            write_gaps: 0,
             rates: Rates::new(now),
+            rtt: MinRtt::new(now),
+            stall_since: None,
         };
         let mut sender = LogSender {
             link: Arc::new(Link::new(state, stream, peer, config)),
@@ -274,9 +309,12 @@ impl LogSender {
     /// Has `hook` called, from the thread that reads acks, with the new
     /// cumulative ack each time it moves: a caller holding outputs can
     /// release them there instead of in a thread of its own that would have
-    /// to be woken. The hook must not block for long; it is called with no
-    /// lock of the channel held, so it may call back into it.
-    pub fn on_ack(&self, hook: impl Fn(u64) + Send + Sync + 'static) {
+    /// to be woken. Its second argument is [`LogSender::write_gaps`] as the
+    /// ack was taken in, so that a hook can hold releases across a pause
+    /// of this end without a handle on the sender. The hook must not block
+    /// for long; it is called with no lock of the channel held, so it may
+    /// call back into it.
+    pub fn on_ack(&self, hook: impl Fn(u64, u64) + Send + Sync + 'static) {
         self.link.lock().on_ack = Some(Arc::new(hook));
     }
 
@@ -327,13 +365,51 @@ impl LogSender {
         Ok(room.is_some())
     }
 
+    /// How long the backup's replay has stood still while it had entries to
+    /// replay: its acks show entries received that its replay reports have
+    /// not covered, and neither the replayed entry nor the replayed exit
+    /// count has moved since. `None` while it has replayed all it received.
+    /// Both figures come from the backup's own messages, so a slow link
+    /// delays them alike and does not count: a backup whose replay moves,
+    /// however late its reports arrive, is not stalled.
+    pub fn replay_stall(&self) -> Option<Duration> {
+        self.link.lock().stall_since.map(|t| t.elapsed())
+    }
+
+    /// How many times this end has gone more than half the failure timeout
+    /// without writing anything to the backup (a heartbeat goes at least
+    /// every `heartbeat_interval` while it runs), counting one still under
+    /// way (but none after its goodbye, when it stops writing on purpose). Each is a moment when the backup may have heard nothing for
+    /// long enough to take over: a primary frozen (stopped, descheduled,
+    /// suspended) and resumed finds the count moved, and must confirm it is
+    /// still primary before it releases an output. Half, because the
+    /// backup's clock for the same silence started up to a heartbeat
+    /// earlier and the link may have held its bytes back.
+    pub fn write_gaps(&self) -> u64 {
+        let limit = self.link.config.failure_timeout / 2;
+        self.link.lock().write_gaps(limit, Instant::now())
+    }
+
+    /// Tells the backup that this primary stops on purpose (after the End
+    /// entry, which the caller should have seen acknowledged): the backup
+    /// stops too rather than take over. Writes what is queued, then the
+    /// goodbye, then closes this direction and waits up to the failure
+    /// timeout for the backup to close its own, so that the goodbye is not
+    /// lost to a reset. Nothing is sent afterwards. An error if the channel
+    /// had failed already.
+    pub fn goodbye(&self, reason: &str) -> Result<(), ChannelError> {
+        self.flush()?;
+        self.link.goodbye(reason)
+    }
+
     /// Whether the backup is considered failed: nothing from it for
     /// `failure_timeout`, or the connection broke. Once true, stays true.
     pub fn peer_failed(&self) -> bool {
         self.failure().is_some()
     }
 
-    /// Why the backup is considered failed.
+    /// Why the backup is considered failed, or `PeerLeft` if it said
+    /// goodbye.
     pub fn failure(&self) -> Option<ChannelError> {
         self.link.check(&mut self.link.lock()).err()
     }
@@ -375,6 +451,7 @@ impl LogSender {
             lag_entries: st.queued_seq - st.replayed_seq,
             lag_exits: st.exits.saturating_sub(st.replayed_exits),
             lag_ms: st.lag(now).as_secs_f64() * 1e3,
+            rtt_ms: st.rtt.get().as_secs_f64() * 1e3,
         }
     }
 }
@@ -384,49 +461,6 @@ impl Drop for LogSender {
         self.link.close();
         self.workers.join();
     }
-}
-
-fn accept_within(
-    listener: &TcpListener,
-    timeout: Duration,
-) -> Result<(TcpStream, SocketAddr), ChannelError> {
-    let local = || {
-        listener
-            .local_addr()
-            .map_or_else(|_| "the listener".to_string(), |a| a.to_string())
-    };
-    let accept_err = |e: io::Error| ChannelError::Accept {
-        local: local(),
-        source: Arc::new(e),
-    };
-    listener.set_nonblocking(true).map_err(accept_err)?;
-    let until = deadline(timeout);
-    let accepted = loop {
-        match listener.accept() {
-            Ok((stream, addr)) => break stream.set_nonblocking(false).map(|()| (stream, addr)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                let left = until.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    let _ = listener.set_nonblocking(false);
-                    return Err(ChannelError::AcceptTimeout {
-                        local: local(),
-                        waited: timeout,
-                    });
-                }
-                thread::sleep(left.min(ACCEPT_POLL));
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
-                ) => {}
-            Err(e) => break Err(e),
-        }
-    };
-    listener
-        .set_nonblocking(false)
-        .and(accepted)
-        .map_err(accept_err)
 }
 
 fn write_loop(link: &Link<State>) {
@@ -480,8 +514,12 @@ fn write_batch(link: &Link<State>, beat: bool) -> Result<(), ChannelError> {
             Ok(())
         },
         |st, bytes| {
+            let now = Instant::now();
+            if now.duration_since(st.last_write) > config.failure_timeout / 2 {
+                st.write_gaps += 1;
+            }
             st.bytes_written += bytes as u64;
-            st.last_write = Instant::now();
+            st.last_write = now;
         },
     )
 }
@@ -536,16 +574,27 @@ fn read_loop(link: &Link<State>, mut decoder: FrameDecoder) {
             Ok(None) => break ChannelError::Closed { peer: link.peer },
             Err(e) => break ChannelError::from_frame(link.peer, e),
         };
-        let Message::Ack {
-            received,
-            replayed_seq,
-            replayed_exits,
-        } = msg
-        else {
-            break ChannelError::protocol(
-                link.peer,
-                format!("sent a {} message; a backup sends only acks", msg.name()),
-            );
+        let (received, replayed_seq, replayed_exits) = match msg {
+            Message::Ack {
+                received,
+                replayed_seq,
+                replayed_exits,
+            } => (received, replayed_seq, replayed_exits),
+            Message::Goodbye { reason } => {
+                break ChannelError::PeerLeft {
+                    peer: link.peer,
+                    reason,
+                }
+            }
+            other => {
+                break ChannelError::protocol(
+                    link.peer,
+                    format!(
+                        "sent a {} message; a backup sends only acks and its goodbye",
+                        other.name()
+                    ),
+                )
+            }
         };
         if let Err(e) = on_ack(link, received, replayed_seq, replayed_exits) {
             break e;
@@ -577,19 +626,32 @@ fn on_ack(
             format!("reported entry {replayed_seq} replayed but only {received} received"),
         ));
     }
+    let now = Instant::now();
     let moved = received > st.acked;
     if moved {
-        st.acked_bytes = st.record(received).map_or(st.acked_bytes, |s| s.bytes_end);
+        if let Some((bytes_end, at)) = st.record(received).map(|s| (s.bytes_end, s.at)) {
+            st.acked_bytes = bytes_end;
+            st.rtt.sample(now, now.duration_since(at));
+        }
         st.acked = received;
     }
+    let replay_moved = replayed_seq > st.replayed_seq || replayed_exits > st.replayed_exits;
     st.replayed_seq = st.replayed_seq.max(replayed_seq);
     st.replayed_exits = st.replayed_exits.max(replayed_exits);
+    st.stall_since = if st.acked <= st.replayed_seq {
+        None
+    } else if replay_moved {
+        Some(now)
+    } else {
+        Some(st.stall_since.unwrap_or(now))
+    };
     st.trim(link.config.window_entries);
     let hook = st.on_ack.clone().filter(|_| moved);
+    let write_gaps = st.write_gaps(link.config.failure_timeout / 2, now);
     drop(guard);
     link.wake_waiters();
     if let Some(hook) = hook {
-        hook(received);
+        hook(received, write_gaps);
     }
     Ok(())
 }

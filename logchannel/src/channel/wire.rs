@@ -6,8 +6,10 @@ use crate::frame::{encode_value, EncodeError};
 use bincode::{Decode, Encode};
 
 /// The version of the channel protocol this build speaks. Both ends must
-/// speak the same one; the handshake refuses any other.
-pub const CHANNEL_PROTOCOL_VERSION: u32 = 1;
+/// speak the same one; the handshake refuses any other. Version 2 added the
+/// goodbye: a peer of version 1 would take it for a protocol violation, and
+/// so for a failure, which is what the goodbye exists to avoid.
+pub const CHANNEL_PROTOCOL_VERSION: u32 = 2;
 
 /// The first bytes each end sends. A peer whose first bytes differ is not a
 /// log channel peer at all, which deserves another message than a version
@@ -55,6 +57,11 @@ pub(crate) enum Message {
         replayed_seq: u64,
         replayed_exits: u64,
     },
+    /// The sender stops on purpose and sends nothing after this: its peer
+    /// must not take the close that follows for a failure.
+    Goodbye {
+        reason: String,
+    },
 }
 
 impl Message {
@@ -66,6 +73,7 @@ impl Message {
             Message::Entries { .. } => "entries",
             Message::Heartbeat { .. } => "heartbeat",
             Message::Ack { .. } => "ack",
+            Message::Goodbye { .. } => "goodbye",
         }
     }
 }

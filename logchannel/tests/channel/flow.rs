@@ -228,7 +228,7 @@ fn flush_writes_at_once_what_batching_would_hold() {
         let (sender, receiver) = pair_via(slow_writer(), relaxed(), None);
         let acks = Arc::new(Mutex::new(Vec::new()));
         let seen = acks.clone();
-        sender.on_ack(move |acked| seen.lock().expect("lock").push(acked));
+        sender.on_ack(move |acked, _| seen.lock().expect("lock").push(acked));
 
         let (pos, event) = one_entry(10);
         sender.send(pos, event.clone()).expect("send");

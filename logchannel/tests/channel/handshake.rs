@@ -1,7 +1,8 @@
 //! The handshake: what it accepts, what it refuses and how it says so, and
-//! strangers on either end.
+//! strangers on either end. A primary turns away whoever is not its backup
+//! and goes on waiting; a backup gives up on a stranger.
 
-use crate::support::{accept_in_thread, addr, bounded, hello, listener, relaxed, MEM};
+use crate::support::{addr, bounded, hello, listener, relaxed, MEM};
 use logchannel::{
     ChannelConfig, ChannelError, Hello, LogReceiver, LogSender, Mismatch, Role,
     CHANNEL_PROTOCOL_VERSION,
@@ -20,7 +21,11 @@ fn quick() -> ChannelConfig {
     }
 }
 
-/// Shakes hands with the given hellos; both ends' results.
+/// How long a primary waits in the tests where nobody acceptable comes.
+const SHORT_WAIT: Duration = Duration::from_millis(700);
+
+/// Shakes hands with the given hellos; both ends' results. The primary
+/// waits [`SHORT_WAIT`], since a refused backup does not end its wait.
 fn shake(
     primary: Hello,
     backup: Hello,
@@ -30,7 +35,9 @@ fn shake(
 ) {
     let l = listener();
     let target = addr(&l);
-    let accepting = accept_in_thread(l, primary, relaxed());
+    let accepting = thread::spawn(move || {
+        LogSender::accept_within(&l, primary, relaxed(), SHORT_WAIT, &|| false)
+    });
     let receiver = LogReceiver::connect(target, backup, relaxed());
     (accepting.join().expect("accept thread"), receiver)
 }
@@ -51,23 +58,28 @@ fn matching_hellos_shake_hands() {
     });
 }
 
-/// Both ends refuse, with the same mismatch, naming both values.
+/// Both ends refuse for the same mismatch, naming both values: the backup
+/// gets the refusal, the primary turns it away and goes on waiting, and
+/// its wait ends naming it.
 fn refused(primary: Hello, backup: Hello, expected: Mismatch, text: &str) {
     let (sender, receiver) = shake(primary, backup);
-    for (end, result) in [
-        ("primary", sender.map(drop)),
-        ("backup", receiver.map(drop)),
-    ] {
-        match result {
-            Err(ChannelError::HelloRefused { mismatch, .. }) => {
-                assert_eq!(mismatch, expected, "{end}");
-                assert!(
-                    mismatch.to_string().contains(text),
-                    "{end}: {mismatch:?} says {mismatch}, not {text:?}"
-                );
-            }
-            other => panic!("{end}: expected a refusal, got {other:?}"),
+    match receiver.map(drop) {
+        Err(ChannelError::HelloRefused { mismatch, .. }) => {
+            assert_eq!(mismatch, expected);
+            assert!(
+                mismatch.to_string().contains(text),
+                "{mismatch:?} says {mismatch}, not {text:?}"
+            );
         }
+        other => panic!("backup: expected a refusal, got {other:?}"),
+    }
+    match sender.map(drop) {
+        Err(ChannelError::AcceptTimeout {
+            refused: 1,
+            last_refusal: Some(why),
+            ..
+        }) => assert!(why.contains(text), "the primary says {why}, not {text:?}"),
+        other => panic!("primary: expected a wait that turned one away, got {other:?}"),
     }
 }
 
@@ -80,10 +92,14 @@ fn a_protocol_version_mismatch_is_refused_on_both_ends() {
             hello(Role::Primary),
             backup,
             Mismatch::ProtocolVersion {
-                primary: 1,
-                backup: 2,
+                primary: CHANNEL_PROTOCOL_VERSION,
+                backup: CHANNEL_PROTOCOL_VERSION + 1,
             },
-            "protocol version mismatch: primary speaks 1, backup speaks 2",
+            &format!(
+                "protocol version mismatch: primary speaks {}, backup speaks {}",
+                CHANNEL_PROTOCOL_VERSION,
+                CHANNEL_PROTOCOL_VERSION + 1
+            ),
         );
     });
 }
@@ -221,23 +237,37 @@ fn against_stranger_server(
     (err, took)
 }
 
-fn against_stranger_client(
-    client: impl FnOnce(TcpStream) + Send + 'static,
-) -> (ChannelError, Duration) {
+/// A raw client connects to a waiting primary and does `client`; then
+/// the real backup connects. The primary must turn the stranger away and
+/// take the backup, within one wait. Returns how long the stranger's
+/// connection lasted and the primary's wait.
+fn stranger_then_backup(client: impl FnOnce(TcpStream) + Send + 'static) -> (Duration, Duration) {
     let l = listener();
     let target = addr(&l);
-    let stranger = thread::spawn(move || {
-        if let Ok(s) = TcpStream::connect(target) {
-            client(s);
-        }
-    });
     let start = Instant::now();
-    let err = LogSender::accept(&l, hello(Role::Primary), quick())
-        .err()
-        .expect("a stranger is refused");
-    let took = start.elapsed();
-    let _ = stranger.join();
-    (err, took)
+    let accepting = thread::spawn(move || {
+        LogSender::accept_within(&l, hello(Role::Primary), quick(), LIMIT, &|| false)
+    });
+    let stranger = thread::spawn(move || {
+        let s = TcpStream::connect(target).expect("the stranger connects");
+        let at = Instant::now();
+        client(s);
+        at.elapsed()
+    });
+    let stranger_lasted = stranger.join().expect("stranger");
+    let receiver = LogReceiver::connect(target, hello(Role::Backup), quick());
+    let sender = accepting.join().expect("accept thread");
+    assert!(receiver.is_ok(), "{:?}", receiver.map(drop));
+    assert!(sender.is_ok(), "{:?}", sender.map(drop));
+    (stranger_lasted, start.elapsed())
+}
+
+/// Reads until the primary closes; the bytes it sent.
+fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
+    let _ = s.set_read_timeout(Some(LIMIT));
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    got
 }
 
 fn assert_not_a_peer(err: &ChannelError, shows: &str) {
@@ -253,15 +283,130 @@ fn assert_not_a_peer(err: &ChannelError, shows: &str) {
 }
 
 #[test]
-fn an_http_client_is_not_a_peer() {
+fn an_http_client_is_turned_away_and_the_backup_after_it_accepted() {
     bounded(LIMIT, || {
-        let (err, took) = against_stranger_client(|mut s| {
+        let (lasted, _) = stranger_then_backup(|mut s| {
             let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: ftvm\r\n\r\n");
-            let mut sink = Vec::new();
-            let _ = s.read_to_end(&mut sink);
+            read_until_closed(&mut s);
         });
-        assert_not_a_peer(&err, "sent b\"GET");
-        assert!(took < quick().handshake_timeout, "took {took:?}");
+        assert!(lasted < quick().handshake_timeout, "lasted {lasted:?}");
+    });
+}
+
+#[test]
+fn a_port_scan_does_not_end_the_wait_for_the_backup() {
+    bounded(LIMIT, || {
+        // Connect, then close at once: what a port scanner does.
+        let (_, waited) = stranger_then_backup(drop);
+        assert!(waited < LIMIT);
+    });
+}
+
+#[test]
+fn a_peer_that_connects_and_says_nothing_does_not_hold_up_the_backup() {
+    bounded(LIMIT, || {
+        let l = listener();
+        let target = addr(&l);
+        let accepting = thread::spawn(move || {
+            LogSender::accept_within(&l, hello(Role::Primary), relaxed(), LIMIT, &|| false)
+        });
+        let mut silent: Vec<TcpStream> = (0..3)
+            .map(|_| TcpStream::connect(target).expect("connect"))
+            .collect();
+        thread::sleep(Duration::from_millis(50));
+        let start = Instant::now();
+        let receiver = LogReceiver::connect(target, hello(Role::Backup), relaxed());
+        let sender = accepting.join().expect("accept thread");
+        assert!(receiver.is_ok() && sender.is_ok());
+        // The silent ones have a handshake timeout of 10 s; the backup
+        // did not wait for them.
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "took {:?}",
+            start.elapsed()
+        );
+        // And they are closed, not left open.
+        for s in &mut silent {
+            let got = read_until_closed(s);
+            assert!(got.starts_with(b"FTVMCHN\0"), "{got:?}");
+        }
+    });
+}
+
+#[test]
+fn garbage_and_wrong_hellos_are_turned_away_and_the_wait_says_so() {
+    bounded(LIMIT, || {
+        let l = listener();
+        let target = addr(&l);
+        let wait = Duration::from_millis(1500);
+        let start = Instant::now();
+        let accepting = thread::spawn(move || {
+            LogSender::accept_within(&l, hello(Role::Primary), quick(), wait, &|| false)
+        });
+        let mut garbage = TcpStream::connect(target).expect("connect");
+        let _ = garbage.write_all(&[0x5a; 64]);
+        read_until_closed(&mut garbage);
+        let mut other_view = hello(Role::Backup);
+        other_view.view = 9;
+        let refused = LogReceiver::connect(target, other_view, quick()).map(drop);
+        assert!(
+            matches!(refused, Err(ChannelError::HelloRefused { .. })),
+            "{refused:?}"
+        );
+        match accepting.join().expect("accept thread").map(drop) {
+            Err(err @ ChannelError::AcceptTimeout { refused: 2, .. }) => {
+                let text = err.to_string();
+                assert!(
+                    text.contains("turned away 2 other connection(s), the last because")
+                        && text.contains("view mismatch: primary is in view 3, backup in view 9"),
+                    "{text}"
+                );
+            }
+            other => panic!("expected an accept timeout naming two refusals, got {other:?}"),
+        }
+        assert!(start.elapsed() >= wait, "ended after {:?}", start.elapsed());
+    });
+}
+
+#[test]
+fn a_cancelled_wait_ends_at_once() {
+    bounded(LIMIT, || {
+        let l = listener();
+        let target = addr(&l);
+        let cancel_at = Instant::now() + Duration::from_millis(300);
+        let accepting = thread::spawn(move || {
+            let cancelled = || Instant::now() >= cancel_at;
+            LogSender::accept_within(&l, hello(Role::Primary), relaxed(), LIMIT, &cancelled)
+        });
+        // A peer mid-handshake does not keep the cancelled wait either.
+        let _silent = TcpStream::connect(target).expect("connect");
+        let err = accepting
+            .join()
+            .expect("accept thread")
+            .err()
+            .expect("cancelled");
+        assert!(matches!(err, ChannelError::Cancelled { .. }), "{err:?}");
+        let late = Instant::now().saturating_duration_since(cancel_at);
+        assert!(late < Duration::from_millis(200), "ended {late:?} late");
+    });
+}
+
+#[test]
+fn a_backup_that_cancels_its_handshake_stops_at_once() {
+    bounded(LIMIT, || {
+        // A listener that accepts and never answers.
+        let l = listener();
+        let target = addr(&l);
+        let cancel_at = Instant::now() + Duration::from_millis(300);
+        let cancelled = || Instant::now() >= cancel_at;
+        let err =
+            LogReceiver::connect_cancellable(target, hello(Role::Backup), relaxed(), &cancelled)
+                .err()
+                .expect("cancelled");
+        assert!(matches!(err, ChannelError::Cancelled { .. }), "{err:?}");
+        let late = Instant::now().saturating_duration_since(cancel_at);
+        assert!(late < Duration::from_millis(200), "ended {late:?} late");
+        drop(l);
     });
 }
 
@@ -332,15 +477,25 @@ fn a_silent_peer_times_out() {
 #[test]
 fn a_huge_frame_length_after_a_good_preamble_is_refused_without_allocating() {
     bounded(LIMIT, || {
-        let (err, took) = against_stranger_client(|mut s| {
-            let mut bytes = b"FTVMCHN\0".to_vec();
-            bytes.extend_from_slice(&CHANNEL_PROTOCOL_VERSION.to_le_bytes());
-            bytes.extend_from_slice(&[0xff; 10]);
-            let _ = s.write_all(&bytes);
-            let mut sink = Vec::new();
-            let _ = s.read_to_end(&mut sink);
+        let l = listener();
+        let target = addr(&l);
+        let accepting = thread::spawn(move || {
+            let wait = Duration::from_millis(300);
+            LogSender::accept_within(&l, hello(Role::Primary), quick(), wait, &|| false)
         });
-        assert!(matches!(err, ChannelError::Frame { .. }), "{err:?}");
+        let mut s = TcpStream::connect(target).expect("connect");
+        let start = Instant::now();
+        let mut bytes = b"FTVMCHN\0".to_vec();
+        bytes.extend_from_slice(&CHANNEL_PROTOCOL_VERSION.to_le_bytes());
+        bytes.extend_from_slice(&[0xff; 10]);
+        let _ = s.write_all(&bytes);
+        read_until_closed(&mut s);
+        let took = start.elapsed();
+        let err = accepting
+            .join()
+            .expect("thread")
+            .err()
+            .expect("turned away");
         let text = err.to_string();
         assert!(
             text.contains("frame 0 at offset 12") && text.contains("over the maximum"),

@@ -5,8 +5,10 @@
 mod corruption;
 mod failure;
 mod flow;
+mod goodbye;
 mod handshake;
 mod progress;
+mod slow_link;
 mod stream;
 mod support;
 mod wire;

@@ -11,7 +11,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub const MEM: u64 = 64 << 20;
 
@@ -185,7 +185,9 @@ pub enum Fault {
 
 /// A TCP proxy between a backup (which connects to [`Proxy::addr`]) and a
 /// primary's listener, for one connection, that can blackhole either
-/// direction, cut the connection, or flip one byte going to the backup.
+/// direction, cut the connection, flip one byte going to the backup, or
+/// delay every byte by the same time each way (a slow link: nothing lost,
+/// nothing reordered).
 pub struct Proxy {
     addr: SocketAddr,
     ctl: Arc<ProxyCtl>,
@@ -200,6 +202,8 @@ struct ProxyCtl {
     /// u64::MAX; and the XOR mask.
     flip_at: AtomicU64,
     flip_mask: AtomicU8,
+    /// One-way delay, in microseconds.
+    delay_us: AtomicU64,
     sockets: Mutex<Vec<TcpStream>>,
 }
 
@@ -248,6 +252,13 @@ impl Proxy {
         self.ctl.up.store(up as u8, Ordering::SeqCst);
     }
 
+    /// Holds every byte `delay` before passing it on, in both directions.
+    pub fn delay(&self, delay: Duration) {
+        self.ctl
+            .delay_us
+            .store(delay.as_micros() as u64, Ordering::SeqCst);
+    }
+
     /// Flips the bits of `mask` in the byte at `offset` of the
     /// primary-to-backup stream (counted from the connection's first byte).
     pub fn flip(&self, offset: u64, mask: u8) {
@@ -276,8 +287,30 @@ impl Drop for Proxy {
     }
 }
 
-fn pump(mut from: TcpStream, mut to: TcpStream, ctl: &ProxyCtl, down: bool) {
+/// Writes what `pump` read once its delay is over, in order; `None` closes
+/// the write side.
+fn deliver_delayed(mut to: TcpStream, queue: mpsc::Receiver<(Instant, Option<Vec<u8>>)>) {
+    for (due, bytes) in queue {
+        thread::sleep(due.saturating_duration_since(Instant::now()));
+        match bytes {
+            Some(bytes) => {
+                if to.write_all(&bytes).is_err() {
+                    return;
+                }
+            }
+            None => {
+                let _ = to.shutdown(Shutdown::Write);
+                return;
+            }
+        }
+    }
+}
+
+fn pump(mut from: TcpStream, to: TcpStream, ctl: &ProxyCtl, down: bool) {
     let mode = if down { &ctl.down } else { &ctl.up };
+    let (queue, delayed) = mpsc::channel();
+    thread::spawn(move || deliver_delayed(to, delayed));
+    let due = || Instant::now() + Duration::from_micros(ctl.delay_us.load(Ordering::SeqCst));
     let mut buf = vec![0u8; 64 << 10];
     let mut offset = 0u64;
     loop {
@@ -285,7 +318,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, ctl: &ProxyCtl, down: bool) {
             Ok(0) | Err(_) => {
                 // A partition does not carry the close across.
                 if mode.load(Ordering::SeqCst) == Fault::Forward as u8 {
-                    let _ = to.shutdown(Shutdown::Write);
+                    let _ = queue.send((due(), None));
                 }
                 return;
             }
@@ -298,7 +331,9 @@ fn pump(mut from: TcpStream, mut to: TcpStream, ctl: &ProxyCtl, down: bool) {
             }
         }
         offset += n as u64;
-        if mode.load(Ordering::SeqCst) == Fault::Forward as u8 && to.write_all(&buf[..n]).is_err() {
+        if mode.load(Ordering::SeqCst) == Fault::Forward as u8
+            && queue.send((due(), Some(buf[..n].to_vec()))).is_err()
+        {
             return;
         }
     }

@@ -48,7 +48,7 @@ fn config() -> ChannelConfig {
 }
 
 const PREAMBLE: [u8; 12] = [
-    0x46, 0x54, 0x56, 0x4d, 0x43, 0x48, 0x4e, 0x00, 0x01, 0x00, 0x00, 0x00,
+    0x46, 0x54, 0x56, 0x4d, 0x43, 0x48, 0x4e, 0x00, 0x02, 0x00, 0x00, 0x00,
 ];
 
 #[test]
@@ -136,13 +136,63 @@ fn the_wire_is_laid_out_as_documented() {
 }
 
 #[test]
-fn a_refusal_is_laid_out_as_documented() {
+fn a_goodbye_is_laid_out_as_documented() {
     bounded(Duration::from_secs(60), || {
         let mut primary_hello = hello(Role::Primary);
         primary_hello.vm_id = "vm".to_string();
         let l = listener();
         let target = addr(&l);
         let accepting = thread::spawn(move || LogSender::accept(&l, primary_hello, config()));
+        let mut s = TcpStream::connect(target).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut ours = PREAMBLE.to_vec();
+        ours.extend(frame(CONTROL, &hello_payload("vm", 1, 3, 0)));
+        ours.extend(frame(CONTROL + 1, &[0x01]));
+        s.write_all(&ours).expect("write");
+        expect_bytes(&mut s, &PREAMBLE, "preamble");
+        expect_bytes(
+            &mut s,
+            &frame(CONTROL, &hello_payload("vm", 0, 3, 1)),
+            "primary's hello",
+        );
+        expect_bytes(&mut s, &frame(CONTROL + 1, &[0x01]), "accept");
+        let sender = accepting.join().expect("thread").expect("primary accepts");
+
+        // The backup's goodbye: tag 6, then the reason as a string.
+        let reason = "stop requested";
+        let mut goodbye = vec![0x06, reason.len() as u8];
+        goodbye.extend_from_slice(reason.as_bytes());
+        let goodbye = frame(CONTROL + 2, &goodbye);
+        assert_eq!(&goodbye[..1], &[0x10]);
+        s.write_all(&goodbye).expect("goodbye");
+        let start = std::time::Instant::now();
+        while !sender.peer_failed() {
+            assert!(start.elapsed() < Duration::from_secs(10));
+            thread::sleep(Duration::from_millis(2));
+        }
+        match sender.failure() {
+            Some(ChannelError::PeerLeft { reason: r, .. }) => assert_eq!(r, reason),
+            other => panic!("expected the backup's goodbye, got {other:?}"),
+        }
+        // The primary closes its side in answer, and sends nothing after.
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).expect("the primary closes");
+        assert!(rest.is_empty(), "{rest:?}");
+    });
+}
+
+#[test]
+fn a_refusal_is_laid_out_as_documented() {
+    bounded(Duration::from_secs(60), || {
+        let mut primary_hello = hello(Role::Primary);
+        primary_hello.vm_id = "vm".to_string();
+        let l = listener();
+        let target = addr(&l);
+        let accepting = thread::spawn(move || {
+            let wait = Duration::from_secs(2);
+            LogSender::accept_within(&l, primary_hello, config(), wait, &|| false)
+        });
         let mut s = TcpStream::connect(target).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(10)))
             .expect("timeout");
@@ -167,15 +217,26 @@ fn a_refusal_is_laid_out_as_documented() {
         s.read_to_end(&mut rest).expect("the primary closes");
         assert!(rest.is_empty());
         drop(s);
+        // The primary turned this peer away and went on waiting.
         match accepting.join().expect("thread") {
-            Err(ChannelError::HelloRefused { mismatch, .. }) => assert_eq!(
-                mismatch,
-                Mismatch::View {
-                    primary: 3,
-                    backup: 4
-                }
+            Err(ChannelError::AcceptTimeout {
+                refused: 1,
+                last_refusal: Some(why),
+                ..
+            }) => assert!(
+                why.ends_with(
+                    &Mismatch::View {
+                        primary: 3,
+                        backup: 4
+                    }
+                    .to_string()
+                ),
+                "{why}"
             ),
-            other => panic!("expected a refusal, got {:?}", other.map(drop)),
+            other => panic!(
+                "expected a wait that turned one away, got {:?}",
+                other.map(drop)
+            ),
         }
     });
 }

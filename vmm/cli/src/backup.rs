@@ -7,29 +7,36 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use arbiter::Member;
+use arbiter::{Member, View};
 use ftvm_core::ft::backup::{Backup, ChannelSource, GoLive};
-use ftvm_core::ft::membership::Membership;
+use ftvm_core::ft::membership::{ArbitrationError, JoinWait, Membership};
 use ftvm_core::host::events::{Events, ServerEvent, ServerRole, StatusBoard};
 use ftvm_core::replay::Replay;
 use ftvm_core::run::run_loop;
 use ftvm_core::run::stop::StopSignal;
-use logchannel::{image_hash, ChannelError, Hello, LogReceiver, Role};
+use logchannel::{image_hash, ChannelConfig, ChannelError, Hello, LogReceiver, Mismatch, Role};
 
 use crate::args::seconds;
-use crate::ft::{finish, FtArgs};
+use crate::ft::{finish, joining_failed, stop_at, time_left, FtArgs};
 use crate::stop::{stop_after, stop_on_signals};
+
+/// How long a backup waits before it tries the primary's log channel again.
+const RETRY: Duration = Duration::from_millis(50);
 
 #[derive(clap::Args)]
 pub struct BackupArgs {
     #[command(flatten)]
     ft: FtArgs,
-    /// Seconds to wait to be named backup and to reach the primary.
+    /// Seconds to wait to be named backup and to reach the primary (then
+    /// exit 1). The arbiter unanswered for 5 s ends the wait sooner (exit
+    /// 5), and so do a signal and --timeout (exit 0, or 5 if the arbiter
+    /// never answered).
     #[arg(long, default_value_t = 60.0)]
     primary_wait: f64,
 }
 
 pub fn run(args: &BackupArgs) -> Result<ExitCode> {
+    let started = Instant::now();
     let ft = &args.ft;
     let stop = StopSignal::new();
     stop_on_signals(stop.clone())?;
@@ -45,51 +52,20 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
         service_addr: ft.service,
         log_addr: None,
     };
-    Membership::wait_for_primary(ft.arbiter, &ft.vm_id, wait).map_err(|e| anyhow!(e))?;
-    let membership = Membership::start(ft.arbiter, &ft.vm_id, me).map_err(|e| anyhow!(e))?;
-    let deadline = Instant::now() + wait;
-    let (receiver, view) = loop {
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        let view = membership
-            .wait_for(remaining, |v| membership.is_me(v.backup.as_ref()))
-            .with_context(|| {
-                format!(
-                    "the arbiter at {} did not name this server backup within {wait:?}",
-                    ft.arbiter
-                )
-            })?;
-        let Some(log_addr) = view.primary.as_ref().and_then(|p| p.log_addr) else {
-            bail!(
-                "view {} names no log channel address for its primary",
-                view.number
-            );
-        };
-        let hello = Hello::new(
-            Role::Backup,
-            ft.vm_id.clone(),
-            view.number,
-            image_hash(&image),
-            ft.mem,
-            0,
-        );
-        match LogReceiver::connect(log_addr, hello, config) {
-            Ok(r) => break (r, view),
-            Err(
-                e @ (ChannelError::HelloRefused { .. }
-                | ChannelError::RefusedByPeer { .. }
-                | ChannelError::NotAPeer { .. }),
-            ) => {
-                return Err(e).with_context(|| format!("the primary's log channel at {log_addr}"));
-            }
-            Err(e) if Instant::now() < deadline => {
-                tracing::debug!("connecting to the primary at {log_addr}: {e}");
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Err(e) => {
-                return Err(e).with_context(|| {
-                    format!("cannot reach the primary's log channel at {log_addr}")
-                });
-            }
+    let stop_at = stop_at(started, timeout);
+    let join = JoinWait::new(&stop, stop_at, wait);
+    if let Err(e) = Membership::wait_for_primary(ft.arbiter, &ft.vm_id, &join) {
+        return joining_failed(e.into(), &events);
+    }
+    let membership =
+        Membership::start(ft.arbiter, &ft.vm_id, me, stop.clone()).map_err(|e| anyhow!(e))?;
+    let joined = connect(ft, &membership, &join, image_hash(&image), config);
+    membership.joined();
+    let (receiver, view) = match joined {
+        Ok(joined) => joined,
+        Err(e) => {
+            membership.stop();
+            return joining_failed(e, &events);
         }
     };
     events.emit(
@@ -123,13 +99,12 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
         console: ft.guest.console()?,
         capture: ft.guest.capture()?,
         stop: stop.clone(),
-        timeout,
         events: events.clone(),
         board,
     };
     let mut backup = Backup::new(replay, go_live);
-    if let Some(t) = timeout {
-        stop_after(&stop, t);
+    if let Some(left) = time_left(stop_at) {
+        stop_after(&stop, left);
     }
     let result = run_loop::run(&mut vm, &mut backup, &stop, true);
     eprintln!(
@@ -143,4 +118,72 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
     );
     membership.stop();
     finish(result, &events)
+}
+
+/// Waits to be named backup, then connects to the primary's log channel.
+/// Every wait ends at once on a stop request, and when another server
+/// takes this one's place.
+fn connect(
+    ft: &FtArgs,
+    membership: &Membership,
+    join: &JoinWait,
+    image_hash: [u8; 32],
+    config: ChannelConfig,
+) -> Result<(LogReceiver, View)> {
+    loop {
+        let view = membership.wait_for(join, "the arbiter names this server backup", |v| {
+            membership.is_me(v.backup.as_ref())
+        })?;
+        let Some(log_addr) = view.primary.as_ref().and_then(|p| p.log_addr) else {
+            bail!(
+                "view {} names no log channel address for its primary",
+                view.number
+            );
+        };
+        let hello = Hello::new(
+            Role::Backup,
+            ft.vm_id.clone(),
+            view.number,
+            image_hash,
+            ft.mem,
+            0,
+        );
+        let cancelled = || join.stopping() || membership.deposed();
+        match LogReceiver::connect_cancellable(log_addr, hello, config, &cancelled) {
+            Ok(receiver) => return Ok((receiver, view)),
+            // The primary has not learned of this view yet: it will.
+            Err(ChannelError::HelloRefused {
+                mismatch: Mismatch::View { primary, backup },
+                ..
+            }) if primary < backup && join.left() > Duration::ZERO => {
+                tracing::debug!("the primary is still in view {primary}; trying again");
+                std::thread::sleep(RETRY);
+            }
+            Err(
+                e @ (ChannelError::HelloRefused { .. }
+                | ChannelError::RefusedByPeer { .. }
+                | ChannelError::NotAPeer { .. }),
+            ) => {
+                return Err(e).with_context(|| format!("the primary's log channel at {log_addr}"));
+            }
+            Err(ChannelError::Cancelled { .. }) if join.stopping() => {
+                return Err(ArbitrationError::StoppedJoining {
+                    what: format!("connecting to the primary at {log_addr}"),
+                    arbiter_answered: true,
+                }
+                .into());
+            }
+            // Deposed: the next wait says so.
+            Err(ChannelError::Cancelled { .. }) => {}
+            Err(e) if join.left() > Duration::ZERO => {
+                tracing::debug!("connecting to the primary at {log_addr}: {e}");
+                std::thread::sleep(RETRY);
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("cannot reach the primary's log channel at {log_addr}")
+                });
+            }
+        }
+    }
 }

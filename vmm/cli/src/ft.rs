@@ -5,17 +5,17 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
+use ftvm_core::ft::backup::BackupError;
 use ftvm_core::ft::membership::ArbitrationError;
 use ftvm_core::host::events::{Events, ServerEvent};
-use ftvm_core::machine::memory::parse_size;
 use ftvm_core::run::run_loop::{RunError, RunSummary};
 use ftvm_core::run::vm::{Vm, VmConfig};
 use logchannel::ChannelConfig;
 
-use crate::args::{GuestArgs, DEFAULT_DIGEST_INTERVAL, VM_ID};
+use crate::args::{parse_mem, parse_tick_hz, GuestArgs, DEFAULT_DIGEST_INTERVAL, VM_ID};
 use crate::exit_codes;
 use crate::run::{exit_for, print_summary};
 
@@ -33,8 +33,9 @@ const DEFAULT_BATCH_DELAY_MS: f64 = 2.0;
 pub struct FtArgs {
     #[command(flatten)]
     pub guest: GuestArgs,
-    /// Guest memory size (for example 64M, 1G).
-    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    /// Guest memory size (for example 64M, 1G): 2M to 3G, a multiple of
+    /// 4K.
+    #[arg(long, default_value = "64M", value_parser = parse_mem)]
     pub mem: u64,
     /// The VM this pair runs, as the arbiter knows it.
     #[arg(long, default_value = VM_ID)]
@@ -48,28 +49,43 @@ pub struct FtArgs {
     /// Where this server serves the guest's clients while it is primary.
     #[arg(long)]
     pub service: SocketAddr,
-    /// Silence on the log channel after which the peer is declared failed.
+    /// What counts as the peer's failure: no byte from it on the log
+    /// channel for this long, a broken connection or a bad message, or
+    /// (the primary's judgement of its backup) a replay that has stood
+    /// still this long with log entries to replay while the primary waits
+    /// for it. Then the survivor claims the view at the arbiter. A slow
+    /// link is none of these: a constant delay, however long, holds the
+    /// primary back (each output waits a round trip) but fails nobody; a
+    /// rise in delay reads as silence of that length (plus up to a tenth of
+    /// this, the heartbeat interval). A peer that
+    /// stops on purpose says goodbye and is not a failure. A primary that
+    /// wrote nothing to its backup for half this long (it was paused)
+    /// asks the arbiter before it releases another output.
     #[arg(long, default_value_t = 300)]
     failure_timeout_ms: u64,
     /// Append events (role, status, failover) as JSON lines to this file.
     #[arg(long)]
     pub events: Option<PathBuf>,
-    /// Stop after this many seconds.
+    /// Stop after this many seconds, counted from the start: waiting for
+    /// the arbiter and the peer counts too.
     #[arg(long)]
     pub timeout: Option<f64>,
     /// Synchronous exits between periodic digests; primary and backup must agree.
     #[arg(long, default_value_t = DEFAULT_DIGEST_INTERVAL)]
     pub digest_interval: u64,
-    /// PIT tick rate the guest is asked to program.
-    #[arg(long, default_value_t = ftvm_core::machine::boot::DEFAULT_TICK_HZ)]
+    /// PIT tick rate the guest is asked to program: 19 to 596591, the
+    /// rates whose PIT divisor (1193182 / rate) the guest can use.
+    #[arg(long, default_value_t = ftvm_core::machine::boot::DEFAULT_TICK_HZ, value_parser = parse_tick_hz)]
     tick_hz: u32,
     /// Log entries in flight (sent, not acknowledged) before the primary
-    /// waits for its backup; bounds how far the backup can lag.
+    /// waits for its backup; bounds how far the backup can lag, and how
+    /// much is sent per round trip.
     #[arg(long, default_value_t = DEFAULT_WINDOW_ENTRIES)]
     window_entries: u64,
-    /// How far behind the backup may replay (the age of the oldest log entry
-    /// it has not replayed) before the primary waits for it at its next
-    /// exit; 0 turns the bound off.
+    /// How far behind the backup may replay before the primary waits for
+    /// it at its next exit: the age of the oldest log entry it has not
+    /// reported replayed, less the link's round trip (an entry cannot be
+    /// reported sooner); 0 turns the bound off.
     #[arg(long, default_value_t = DEFAULT_MAX_LAG_MS)]
     max_lag_ms: f64,
     /// How long a log entry may wait to be sent with later ones (an
@@ -140,9 +156,58 @@ impl FtArgs {
     }
 }
 
+/// When `--timeout` (counted from `started`) stops the server, if it does.
+pub fn stop_at(started: Instant, timeout: Option<Duration>) -> Option<Instant> {
+    timeout.map(|t| started + t)
+}
+
+/// What is left of `--timeout` for the run, once joined.
+pub fn time_left(stop_at: Option<Instant>) -> Option<Duration> {
+    stop_at.map(|t| t.saturating_duration_since(Instant::now()))
+}
+
+/// The exit status of a server that did not join, or stopped, for a reason
+/// the arbiter's part explains.
+pub fn exit_for_arbitration(e: &ArbitrationError) -> ExitCode {
+    eprintln!("ftvm: {e}");
+    ExitCode::from(match e {
+        ArbitrationError::Unreachable { .. } => exit_codes::NO_ARBITER,
+        ArbitrationError::Lost { .. } | ArbitrationError::Deposed { .. } => exit_codes::LOST,
+        ArbitrationError::StoppedJoining {
+            arbiter_answered: false,
+            ..
+        } => exit_codes::NO_ARBITER,
+        ArbitrationError::StoppedJoining { .. } => 0,
+        ArbitrationError::NotJoined { .. } => exit_codes::FAILURE,
+    })
+}
+
+/// The exit status of a server whose joining failed: the arbiter's part
+/// says which, anything else is an error.
+pub fn joining_failed(e: anyhow::Error, events: &Events) -> Result<ExitCode> {
+    match e.downcast_ref::<ArbitrationError>() {
+        Some(a) => {
+            let event = match a {
+                ArbitrationError::Unreachable { .. } => {
+                    Some(ServerEvent::ArbiterUnreachable { view: 0 })
+                }
+                ArbitrationError::StoppedJoining { .. } => Some(ServerEvent::Stopped {
+                    reason: "stopped while joining".to_string(),
+                }),
+                _ => None,
+            };
+            if let Some(event) = event {
+                events.emit(event, None);
+            }
+            Ok(exit_for_arbitration(a))
+        }
+        None => Err(e),
+    }
+}
+
 /// The exit status for how a server's run ended.
 pub fn finish(result: Result<RunSummary, RunError>, events: &Events) -> Result<ExitCode> {
-    match result {
+    let e = match result {
         Ok(summary) => {
             print_summary(&summary);
             events.emit(
@@ -151,16 +216,25 @@ pub fn finish(result: Result<RunSummary, RunError>, events: &Events) -> Result<E
                 },
                 None,
             );
-            Ok(exit_for(summary.reason))
+            return Ok(exit_for(summary.reason));
         }
-        Err(e) if ArbitrationError::of(&e).is_some() => {
-            eprintln!("ftvm: {e}");
-            Ok(ExitCode::from(match ArbitrationError::of(&e) {
-                Some(ArbitrationError::Unreachable { .. }) => exit_codes::NO_ARBITER,
-                _ => exit_codes::LOST,
-            }))
-        }
-        Err(RunError::Diverged(d)) => {
+        Err(e) => e,
+    };
+    if let Some(a) = ArbitrationError::of(&e) {
+        return Ok(exit_for_arbitration(a));
+    }
+    if BackupError::of(&e).is_some() {
+        eprintln!("ftvm: {e}");
+        events.emit(
+            ServerEvent::Stopped {
+                reason: e.to_string(),
+            },
+            None,
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    match e {
+        RunError::Diverged(d) => {
             events.emit(
                 ServerEvent::Diverged {
                     detail: d.to_string(),
@@ -169,6 +243,6 @@ pub fn finish(result: Result<RunSummary, RunError>, events: &Events) -> Result<E
             );
             bail!("the backup diverged from the primary:\n{d}")
         }
-        Err(e) => Err(e.into()),
+        e => Err(e.into()),
     }
 }

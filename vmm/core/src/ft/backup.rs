@@ -2,7 +2,9 @@
 //! arrives, never running past what the log covers, drops its outputs after
 //! checking them, and when the primary falls silent it claims the view at
 //! the arbiter and, on winning, goes live at exactly the point the log
-//! reached.
+//! reached. A primary that says goodbye stopped on purpose: the backup
+//! stops too, without a claim, and a backup that stops on purpose says
+//! goodbye itself.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -10,8 +12,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use logchannel::{Entry, LogReceiver, OutputKind, Position};
+use logchannel::{ChannelError, Entry, LogReceiver, OutputKind, Position};
 
+use crate::ft::goodbye_reason;
 use crate::ft::membership::{ArbitrationError, Membership};
 use crate::host::capture::Capture;
 use crate::host::emitter::Emitter;
@@ -27,6 +30,37 @@ use crate::run::stop::StopSignal;
 /// How long one wait for the primary's log lasts before the source looks
 /// again at what it knows.
 const RECV_SLICE: Duration = Duration::from_millis(20);
+
+/// Why a backup stops that is not the run loop's business.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    /// The primary said goodbye: it stopped on purpose, so there is
+    /// nothing to take over.
+    #[error("the primary stopped on purpose ({reason}); so does this backup")]
+    PrimaryLeft { reason: String },
+}
+
+impl BackupError {
+    /// The backup's own reason inside a run's error, if that is what
+    /// stopped it.
+    pub fn of(e: &RunError) -> Option<&BackupError> {
+        match e {
+            RunError::Mode(inner) => inner.downcast_ref(),
+            _ => None,
+        }
+    }
+}
+
+/// What a channel error means for the replay: the end of a primary that
+/// left on purpose, or a failure to fail over from.
+fn stopped_by(e: ChannelError) -> RunError {
+    match e {
+        ChannelError::PeerLeft { reason, .. } => {
+            RunError::Mode(Box::new(BackupError::PrimaryLeft { reason }))
+        }
+        other => RunError::PeerFailed(other.to_string()),
+    }
+}
 
 /// The primary's log as it arrives over the channel.
 pub struct ChannelSource {
@@ -58,15 +92,30 @@ impl ChannelSource {
         self.receiver.recv_or_complete(exits, RECV_SLICE)
     }
 
-    /// Reports the primary's failure when the channel first knows of it,
-    /// not when replay has drained the backlog.
+    /// Reports the primary's failure (or its goodbye) when the channel
+    /// first knows of it, not when replay has drained the backlog.
     fn notice_failure(&mut self) {
         if self.failure_noticed {
             return;
         }
-        if let Some(failure) = self.receiver.failure() {
-            self.failure_noticed = true;
-            self.events.emit(
+        let Some(failure) = self.receiver.failure() else {
+            return;
+        };
+        self.failure_noticed = true;
+        match failure {
+            ChannelError::PeerLeft { reason, .. } => {
+                let say = format!(
+                    "the primary stopped on purpose ({reason}); replaying what it sent, then stopping"
+                );
+                self.events.emit(
+                    ServerEvent::PeerLeft {
+                        peer: ServerRole::Primary,
+                        reason,
+                    },
+                    Some(say),
+                );
+            }
+            failure => self.events.emit(
                 ServerEvent::FailureDetected {
                     peer: ServerRole::Primary,
                     detail: failure.to_string(),
@@ -74,7 +123,15 @@ impl ChannelSource {
                 Some(format!(
                     "the primary is silent ({failure}); replaying what it sent"
                 )),
-            );
+            ),
+        }
+    }
+
+    /// Tells the primary this backup stops on purpose, so that it does not
+    /// take the close for a failure.
+    fn goodbye(&self, reason: StopReason) {
+        if let Err(e) = self.receiver.goodbye(&goodbye_reason(reason)) {
+            tracing::debug!("no goodbye to the primary: {e}");
         }
     }
 }
@@ -94,12 +151,12 @@ impl LogSource for ChannelSource {
                     Ok(None) => {}
                     Err(e) => {
                         self.notice_failure();
-                        return Err(RunError::PeerFailed(e.to_string()));
+                        return Err(stopped_by(e));
                     }
                 },
                 Err(e) => {
                     self.notice_failure();
-                    return Err(RunError::PeerFailed(e.to_string()));
+                    return Err(stopped_by(e));
                 }
             }
         }
@@ -137,8 +194,9 @@ pub struct GoLive {
     pub service: SocketAddr,
     pub console: Box<dyn Write + Send>,
     pub capture: Option<Capture>,
+    /// Also ends the live run: the server's time limit counts from its
+    /// start, so it is a stop request, not a deadline of the live part.
     pub stop: StopSignal,
-    pub timeout: Option<Duration>,
     pub events: Arc<Events>,
     pub board: Arc<StatusBoard>,
 }
@@ -189,7 +247,7 @@ impl Backup {
                     ArbitrationError::Unreachable { .. } => {
                         ServerEvent::ArbiterUnreachable { view: g.view }
                     }
-                    ArbitrationError::Lost { .. } => ServerEvent::Lost { view: g.view },
+                    _ => ServerEvent::Lost { view: g.view },
                 };
                 g.events.emit(event, Some(e.to_string()));
                 return Err(e.into());
@@ -213,8 +271,7 @@ impl Backup {
             served: g.board.served.clone(),
         };
         self.live = Some(
-            Live::new(Some(net), Box::new(emitter), None, g.stop, g.timeout)
-                .with_board(g.board.clone()),
+            Live::new(Some(net), Box::new(emitter), None, g.stop, None).with_board(g.board.clone()),
         );
         g.board.view.store(won.number, Ordering::Relaxed);
         g.board.role.store(ROLE_PRIMARY, Ordering::Relaxed);
@@ -262,6 +319,25 @@ impl Mode for Backup {
         m: &mut Machine,
         pos: Position,
     ) -> Result<Option<StopReason>, RunError> {
+        // A backup that another server replaced stops at once: it must not
+        // claim, nor be taken for a spare.
+        if let Some(g) = &self.go_live {
+            if g.membership.deposed() {
+                let view = g.view;
+                let detail = format!(
+                    "view {} no longer names this server",
+                    g.membership.view_number()
+                );
+                g.events.emit(
+                    ServerEvent::Deposed {
+                        view,
+                        detail: detail.clone(),
+                    },
+                    None,
+                );
+                return Err(ArbitrationError::Deposed { view, detail }.into());
+            }
+        }
         replay_or_live!(self, live => live.should_stop(m, pos), self.replay.should_stop(m, pos))
     }
 
@@ -312,7 +388,11 @@ impl Mode for Backup {
     ) -> Result<(), RunError> {
         match self.live.as_mut() {
             Some(live) => live.finish(m, pos, reason, at_position),
-            None => self.replay.finish(m, pos, reason, at_position),
+            None => {
+                let finished = self.replay.finish(m, pos, reason, at_position);
+                self.replay.source.goodbye(reason);
+                finished
+            }
         }
     }
 }

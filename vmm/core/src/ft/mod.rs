@@ -7,3 +7,19 @@ pub mod backup;
 pub mod membership;
 pub mod output_gate;
 pub mod primary;
+pub mod standing;
+
+use crate::run::run_loop::StopReason;
+
+/// What a server that stops on purpose tells its peer in its goodbye.
+pub(crate) fn goodbye_reason(reason: StopReason) -> String {
+    match reason {
+        StopReason::PowerOff => "the guest powered off".to_string(),
+        StopReason::GuestError(code) => format!("the guest stopped with error code {code}"),
+        StopReason::Requested | StopReason::RequestedBetweenExits => {
+            "a stop was requested".to_string()
+        }
+        StopReason::Timeout => "its time limit passed".to_string(),
+        StopReason::EndOfLog => "its primary's log ended".to_string(),
+    }
+}

@@ -1,7 +1,9 @@
 //! Where a guest's outputs go: the console, the network, a capture file;
 //! directly on a plain run, or through a gate that holds each output until
 //! the backup has acknowledged every log entry up to it (the output rule of
-//! VMware FT).
+//! VMware FT), and releases nothing while the primary's standing is in
+//! doubt (after a pause, until the arbiter confirms it; once deposed,
+//! ever).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -12,6 +14,7 @@ use std::time::{Duration, Instant};
 use logchannel::LogSender;
 use logchannel::OutputKind;
 
+use crate::ft::standing::{Release, Standing};
 use crate::host::emitter::Emitter;
 use crate::host::histogram::Histogram;
 use crate::live::Outputs;
@@ -40,11 +43,11 @@ struct HeldOutputs {
 struct Shared {
     held: Mutex<HeldOutputs>,
     /// Wakes the gate's thread: a console line is acknowledged, or the
-    /// gate closes. It looks at `alone` every `ACK_POLL` on its own.
+    /// gate closes. It looks at the standing every `ACK_POLL` on its own.
     wake: Condvar,
     /// The backup's cumulative ack, as the ack reader last saw it.
     acked: AtomicU64,
-    alone: Arc<AtomicBool>,
+    standing: Arc<Standing>,
     closing: AtomicBool,
     /// How long each released output was held.
     hold: Arc<Histogram>,
@@ -56,13 +59,19 @@ impl Shared {
     }
 
     /// Emits, in order, every held output up to entry `acked` (all of them
-    /// once the primary is alone). The channel's ack reader leaves console
-    /// lines, and whatever follows them, to the gate's thread: a console on
-    /// a stalled pipe may block, and the reader must go on reading acks.
-    fn release(&self, held: &mut HeldOutputs, acked: u64, by_ack_reader: bool) {
-        let alone = self.alone.load(Ordering::SeqCst);
+    /// once the primary is alone; none while the channel's `write_gaps`
+    /// are unconfirmed, or once deposed). The channel's ack reader leaves
+    /// console lines, and whatever follows them, to the gate's thread: a
+    /// console on a stalled pipe may block, and the reader must go on
+    /// reading acks.
+    fn release(&self, held: &mut HeldOutputs, acked: u64, write_gaps: u64, by_ack_reader: bool) {
+        let all = match self.standing.release(write_gaps) {
+            Release::Nothing => return,
+            Release::Acknowledged => false,
+            Release::Everything => true,
+        };
         while let Some(front) = held.queue.front() {
-            if !(alone || front.seq <= acked) {
+            if !(all || front.seq <= acked) {
                 break;
             }
             if by_ack_reader && front.kind == OutputKind::Console {
@@ -88,7 +97,8 @@ impl Shared {
 /// Holds outputs until the backup acknowledges them. They are released by
 /// the channel's ack reader as each ack arrives (no thread to wake on the
 /// output's path), or by the gate's own thread once the primary goes on
-/// alone; the guest keeps running meanwhile.
+/// alone or its standing is confirmed after a pause; the guest keeps
+/// running meanwhile.
 pub struct OutputGate {
     shared: Arc<Shared>,
     sender: Arc<LogSender>,
@@ -96,13 +106,14 @@ pub struct OutputGate {
 }
 
 impl OutputGate {
-    /// `alone` becomes true when the primary has won the right to go on
-    /// without a backup: held outputs are then released at once. `hold`
-    /// gets how long each output waited.
+    /// `standing` says what may be released: acknowledged outputs, all of
+    /// them once the primary goes on alone, none while it is unconfirmed
+    /// after a pause or once it is deposed. `hold` gets how long each
+    /// output waited.
     pub fn new(
         emitter: Emitter,
         sender: Arc<LogSender>,
-        alone: Arc<AtomicBool>,
+        standing: Arc<Standing>,
         hold: Arc<Histogram>,
     ) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
@@ -112,19 +123,20 @@ impl OutputGate {
             }),
             wake: Condvar::new(),
             acked: AtomicU64::new(0),
-            alone,
+            standing,
             closing: AtomicBool::new(false),
             hold,
         });
         let on_ack = Arc::clone(&shared);
-        sender.on_ack(move |acked| {
+        sender.on_ack(move |acked, write_gaps| {
             on_ack.acked.store(acked, Ordering::SeqCst);
-            on_ack.release(&mut on_ack.lock(), acked, true);
+            on_ack.release(&mut on_ack.lock(), acked, write_gaps, true);
         });
         let gate = Arc::clone(&shared);
+        let channel = Arc::clone(&sender);
         let thread = std::thread::Builder::new()
             .name("ftvm-output-gate".into())
-            .spawn(move || watch(&gate))?;
+            .spawn(move || watch(&gate, &channel))?;
         Ok(OutputGate {
             shared,
             sender,
@@ -148,7 +160,9 @@ impl OutputGate {
             since,
         });
         // The ack may have come before the output was queued.
-        self.shared.release(&mut held, self.sender.acked(), false);
+        let write_gaps = self.sender.write_gaps();
+        self.shared
+            .release(&mut held, self.sender.acked(), write_gaps, false);
     }
 
     /// Waits until every submitted output is released or, after
@@ -167,26 +181,31 @@ impl OutputGate {
     }
 }
 
-/// The gate's thread: releases acknowledged console lines, everything
-/// once the primary is alone, and on closing waits up to `CLOSE_WAIT` for
-/// the last acknowledgements. Outputs never acknowledged are dropped, never
-/// released.
-fn watch(shared: &Shared) {
+/// The gate's thread: releases acknowledged console lines, what was held
+/// across a pause once the primary is confirmed, everything once it is
+/// alone, and on closing waits up to `CLOSE_WAIT` for the last
+/// acknowledgements. Outputs never acknowledged, and all of a deposed
+/// primary's, are dropped, never released.
+fn watch(shared: &Shared, sender: &LogSender) {
     let mut give_up_at = None;
     let mut held = shared.lock();
     loop {
-        shared.release(&mut held, shared.acked.load(Ordering::SeqCst), false);
+        let acked = shared.acked.load(Ordering::SeqCst);
+        shared.release(&mut held, acked, sender.write_gaps(), false);
         if shared.closing.load(Ordering::SeqCst) {
             let at = *give_up_at.get_or_insert_with(|| Instant::now() + CLOSE_WAIT);
             if held.queue.is_empty() {
                 return;
             }
-            if Instant::now() >= at {
+            let deposed = shared.standing.deposed();
+            if Instant::now() >= at || deposed {
+                let why = if deposed {
+                    "this primary was deposed"
+                } else {
+                    "the backup never acknowledged it"
+                };
                 for h in held.queue.drain(..) {
-                    tracing::warn!(
-                        "dropped an output the backup never acknowledged (entry #{})",
-                        h.seq
-                    );
+                    tracing::warn!("dropped an output (entry #{}): {why}", h.seq);
                 }
                 return;
             }
@@ -213,5 +232,55 @@ impl Outputs for OutputGate {
 
     fn finish(self: Box<Self>) -> Option<Emitter> {
         (*self).take_emitter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared(standing: Arc<Standing>) -> Shared {
+        let held = [1, 2]
+            .into_iter()
+            .map(|seq| Held {
+                seq,
+                kind: OutputKind::Transmit,
+                bytes: format!("frame {seq}\n").into_bytes(),
+                since: Instant::now(),
+            })
+            .collect();
+        Shared {
+            held: Mutex::new(HeldOutputs {
+                queue: held,
+                emitter: Some(Emitter {
+                    net: None,
+                    console: Box::new(std::io::sink()),
+                    capture: None,
+                    served: Arc::default(),
+                }),
+            }),
+            wake: Condvar::new(),
+            acked: AtomicU64::new(0),
+            standing,
+            closing: AtomicBool::new(false),
+            hold: Arc::default(),
+        }
+    }
+
+    #[test]
+    fn an_ack_read_after_a_pause_releases_nothing_until_the_arbiter_confirms() {
+        let standing = Arc::new(Standing::default());
+        let s = shared(standing.clone());
+        // Acknowledged, but the channel counts a pause nobody confirmed.
+        s.release(&mut s.lock(), 2, 1, true);
+        assert_eq!(s.lock().queue.len(), 2);
+        standing.confirm(1);
+        s.release(&mut s.lock(), 1, 1, true);
+        assert_eq!(s.lock().queue.len(), 1, "entry 1 released once confirmed");
+        // Deposed: nothing, ever, even alone.
+        standing.depose();
+        standing.go_alone();
+        s.release(&mut s.lock(), 2, 1, true);
+        assert_eq!(s.lock().queue.len(), 1);
     }
 }

@@ -43,8 +43,17 @@ pub enum ServerEvent {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         backup: Option<String>,
     },
-    /// The peer fell silent or broke the channel.
+    /// The peer fell silent or broke the channel, or its replay stood
+    /// still (docs/fault-tolerance.md, "What counts as a failure").
     FailureDetected { peer: ServerRole, detail: String },
+    /// The peer stopped on purpose and said goodbye: not a failure.
+    PeerLeft { peer: ServerRole, reason: String },
+    /// A primary that had not written to its backup for half the failure
+    /// timeout (it was paused) asked the arbiter, and is still the primary.
+    Confirmed { view: u64 },
+    /// Another server holds this one's place in the view: it stops, and
+    /// releases nothing more.
+    Deposed { view: u64, detail: String },
     /// A backup replayed everything its primary sent and claims the view.
     CaughtUp { view: u64, detail: String },
     /// Test-and-set for `view` was won.

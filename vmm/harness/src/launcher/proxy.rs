@@ -1,30 +1,54 @@
-//! A TCP proxy that can partition a connection: put between a backup and
-//! its primary's log channel, it is cut on demand. A cut proxy keeps
-//! both connections open and silently drops every byte, so that each side
-//! sees silence, as in a real partition, rather than a closed socket.
+//! A TCP proxy that can partition a connection, or slow it down: put
+//! between a backup and its primary's log channel, it is cut on demand. A
+//! cut proxy keeps both connections open and silently drops every byte, so
+//! that each side sees silence, as in a real partition, rather than a
+//! closed socket. A delaying proxy holds every byte a set time in each
+//! direction before passing it on, as a long link does: nothing is lost or
+//! reordered.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
 pub struct Proxy {
     addr: SocketAddr,
     cut: Arc<AtomicBool>,
+    /// Delay toward the target and back from it, in microseconds.
+    delay_us: [Arc<AtomicU64>; 2],
     stop: Arc<AtomicBool>,
 }
 
-fn pump(mut from: TcpStream, mut to: TcpStream, cut: Arc<AtomicBool>, stop: Arc<AtomicBool>) {
+/// Writes what `pump` read once its delay is over, in order.
+fn deliver(mut to: TcpStream, queue: mpsc::Receiver<(Instant, Vec<u8>)>) {
+    for (due, bytes) in queue {
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        if to.write_all(&bytes).is_err() {
+            return;
+        }
+    }
+}
+
+fn pump(
+    mut from: TcpStream,
+    to: TcpStream,
+    cut: Arc<AtomicBool>,
+    delay_us: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+) {
     let _ = from.set_read_timeout(Some(Duration::from_millis(50)));
+    let (queue, delayed) = mpsc::channel();
+    std::thread::spawn(move || deliver(to, delayed));
     let mut buf = [0u8; 16384];
     while !stop.load(Ordering::SeqCst) {
         match from.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
-                if !cut.load(Ordering::SeqCst) && to.write_all(&buf[..n]).is_err() {
+                let due = Instant::now() + Duration::from_micros(delay_us.load(Ordering::SeqCst));
+                if !cut.load(Ordering::SeqCst) && queue.send((due, buf[..n].to_vec())).is_err() {
                     break;
                 }
             }
@@ -47,8 +71,9 @@ impl Proxy {
             .set_nonblocking(true)
             .context("cannot make the proxy's listener nonblocking")?;
         let cut = Arc::new(AtomicBool::new(false));
+        let delay_us = [Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0))];
         let stop = Arc::new(AtomicBool::new(false));
-        let (c, s) = (cut.clone(), stop.clone());
+        let (c, d, s) = (cut.clone(), delay_us.clone(), stop.clone());
         std::thread::spawn(move || {
             while !s.load(Ordering::SeqCst) {
                 match listener.accept() {
@@ -60,16 +85,21 @@ impl Proxy {
                         let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else {
                             continue;
                         };
-                        let (cut1, stop1, cut2, stop2) =
-                            (c.clone(), s.clone(), c.clone(), s.clone());
-                        std::thread::spawn(move || pump(client, server, cut1, stop1));
-                        std::thread::spawn(move || pump(s2, c2, cut2, stop2));
+                        let (cut1, delay1, stop1) = (c.clone(), d[0].clone(), s.clone());
+                        let (cut2, delay2, stop2) = (c.clone(), d[1].clone(), s.clone());
+                        std::thread::spawn(move || pump(client, server, cut1, delay1, stop1));
+                        std::thread::spawn(move || pump(s2, c2, cut2, delay2, stop2));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(10)),
                 }
             }
         });
-        Ok(Proxy { addr, cut, stop })
+        Ok(Proxy {
+            addr,
+            cut,
+            delay_us,
+            stop,
+        })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -79,6 +109,15 @@ impl Proxy {
     /// From now on, drop every byte in both directions.
     pub fn partition(&self) {
         self.cut.store(true, Ordering::SeqCst);
+    }
+
+    /// From now on, hold every byte going to the target (from the backup,
+    /// to the primary's log channel) `to_target` before passing it on, and
+    /// every byte coming back `from_target`: a round trip of both.
+    pub fn delay(&self, to_target: Duration, from_target: Duration) {
+        for (d, delay) in self.delay_us.iter().zip([to_target, from_target]) {
+            d.store(delay.as_micros() as u64, Ordering::SeqCst);
+        }
     }
 }
 
