@@ -5,14 +5,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use ftvm_core::machine::memory::parse_size;
 use ftvm_core::replay::{FileSource, Replay, Verdict};
 use ftvm_core::run::run_loop::{self, RunError};
 use ftvm_core::run::stop::StopSignal;
 use ftvm_core::run::vm::{Vm, VmConfig};
 use logchannel::image_hash;
 
-use crate::args::{seconds, GuestArgs};
+use crate::args::{parse_mem, seconds, GuestArgs};
 use crate::exit_codes;
 use crate::log::hex;
 use crate::stop::{stop_after, stop_on_signals};
@@ -48,7 +47,7 @@ pub struct ReplayArgs {
     #[arg(long)]
     timeout: Option<f64>,
     /// Refuse the log unless it was recorded with this much guest memory.
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = parse_mem)]
     mem: Option<u64>,
     /// Write the verdict as JSON to this file (exit 0, 3 and 6).
     #[arg(long)]

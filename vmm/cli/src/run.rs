@@ -11,13 +11,12 @@ use ftvm_core::host::emitter::Emitter;
 use ftvm_core::host::net_backend::NetBackend;
 use ftvm_core::live::record::{recording_config, Recorder};
 use ftvm_core::live::{EntrySink, Live};
-use ftvm_core::machine::memory::parse_size;
 use ftvm_core::run::run_loop::{self, RunSummary, StopReason};
 use ftvm_core::run::stop::StopSignal;
 use ftvm_core::run::vm::{Vm, VmConfig};
 use logchannel::{image_hash, LogHeader};
 
-use crate::args::{seconds, GuestArgs, DEFAULT_DIGEST_INTERVAL, VM_ID};
+use crate::args::{parse_mem, parse_tick_hz, seconds, GuestArgs, DEFAULT_DIGEST_INTERVAL, VM_ID};
 use crate::exit_codes;
 use crate::stop::stop_on_signals;
 
@@ -25,8 +24,8 @@ use crate::stop::stop_on_signals;
 pub struct RunArgs {
     #[command(flatten)]
     guest: GuestArgs,
-    /// Guest memory size (for example 64M, 1G).
-    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    /// Guest memory size (for example 64M, 1G): 2M to 3G, a multiple of 4K.
+    #[arg(long, default_value = "64M", value_parser = parse_mem)]
     mem: u64,
     /// Host UDP address on which the guest's service is reachable.
     #[arg(long, default_value = "127.0.0.1:7000")]
@@ -34,8 +33,8 @@ pub struct RunArgs {
     /// Stop after this many seconds.
     #[arg(long, alias = "duration")]
     timeout: Option<f64>,
-    /// PIT tick rate the guest is asked to program.
-    #[arg(long, default_value_t = ftvm_core::machine::boot::DEFAULT_TICK_HZ)]
+    /// PIT tick rate the guest is asked to program (19 to 596591 Hz).
+    #[arg(long, default_value_t = ftvm_core::machine::boot::DEFAULT_TICK_HZ, value_parser = parse_tick_hz)]
     tick_hz: u32,
     /// Write the run's counters as JSON to this file when it ends.
     #[arg(long)]
