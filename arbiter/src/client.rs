@@ -4,10 +4,12 @@
 
 use std::io::{self, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 
+use crate::api::{Arbiter, ArbiterAddr};
 use crate::protocol::{encode_request, parse_response, read_line, LineRead, Request, ViewReply};
 use crate::view::{Member, TasOutcome, View};
 use crate::ArbiterError;
@@ -90,8 +92,14 @@ impl ArbiterClient {
 
     fn call<T: DeserializeOwned>(&self, request: &Request) -> Result<T, ArbiterError> {
         let addr = self.addr;
-        let unreachable = |source| ArbiterError::Unreachable { addr, source };
-        let bad = |detail| ArbiterError::BadResponse { addr, detail };
+        let unreachable = |source| ArbiterError::Unreachable {
+            addr: ArbiterAddr::Builtin(addr),
+            source,
+        };
+        let bad = |detail| ArbiterError::BadResponse {
+            addr: ArbiterAddr::Builtin(addr),
+            detail,
+        };
         let line = encode_request(request).map_err(|e| bad(format!("cannot encode: {e}")))?;
         let mut stream = TcpStream::connect_timeout(&addr, self.timeout).map_err(unreachable)?;
         stream
@@ -134,10 +142,43 @@ impl ArbiterClient {
         match parse_response(&response).map_err(bad)? {
             Ok(reply) => Ok(reply),
             Err((kind, message)) => Err(ArbiterError::Rejected {
-                addr,
+                addr: ArbiterAddr::Builtin(addr),
                 kind,
                 message,
             }),
         }
+    }
+}
+
+/// The trait's methods are the inherent ones, which callers holding an
+/// `ArbiterClient` use without importing the trait.
+impl Arbiter for ArbiterClient {
+    fn ping(&self, vm: &str, me: &Member, view_known: u64) -> Result<View, ArbiterError> {
+        ArbiterClient::ping(self, vm, me, view_known)
+    }
+
+    fn ping_seen(&self, vm: &str, me: &Member, view: u64) -> Result<View, ArbiterError> {
+        ArbiterClient::ping_seen(self, vm, me, view)
+    }
+
+    fn test_and_set(
+        &self,
+        vm: &str,
+        view: u64,
+        claimant: &Member,
+    ) -> Result<TasOutcome, ArbiterError> {
+        ArbiterClient::test_and_set(self, vm, view, claimant)
+    }
+
+    fn query(&self, vm: &str) -> Result<View, ArbiterError> {
+        ArbiterClient::query(self, vm)
+    }
+
+    fn addr(&self) -> ArbiterAddr {
+        ArbiterAddr::Builtin(self.addr)
+    }
+
+    fn with_call_timeout(&self, timeout: Duration) -> Arc<dyn Arbiter> {
+        Arc::new(ArbiterClient::with_timeout(self.addr, timeout))
     }
 }

@@ -230,7 +230,7 @@ fn bad_version(found: &Value) -> ProtocolError {
     ))
 }
 
-fn check_id(what: &str, id: &str) -> Result<(), ProtocolError> {
+pub(crate) fn check_id(what: &str, id: &str) -> Result<(), ProtocolError> {
     if id.is_empty() || id.len() > MAX_ID_LEN {
         return Err(ProtocolError::Malformed(format!(
             "{what} must be 1 to {MAX_ID_LEN} bytes long, found {} bytes",

@@ -1,6 +1,10 @@
 //! The view service and test-and-set as a pure state machine: no I/O, and
 //! time is passed in, so that the rules can be tested exhaustively and the
-//! server can persist a decision before anyone sees it.
+//! server can persist a decision before anyone sees it. The rules
+//! themselves ([`ping`], [`claim`], [`retired_by`]) are functions of one
+//! VM's [`Record`] and of who is alive ([`Liveness`]), shared by the
+//! built-in server ([`ViewService`]) and the etcd backend, so that both
+//! decide alike.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
@@ -131,7 +135,8 @@ pub enum ViewError {
     },
 }
 
-/// What the arbiter must never forget about one VM.
+/// What the built-in arbiter must never forget about one VM: what it
+/// keeps on disk.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct VmState {
     pub view: View,
@@ -145,40 +150,349 @@ impl VmState {
     /// The invariants the state machine keeps, checked on what is read
     /// back from disk.
     pub fn check(&self) -> Result<(), String> {
-        let view = &self.view;
-        if view.number == 0 {
-            if view.primary.is_some() || view.backup.is_some() || self.acknowledged {
-                return Err("view 0 must have no members and no acknowledgement".into());
-            }
-        } else {
-            let Some(primary) = &view.primary else {
-                return Err(format!("view {} has no primary", view.number));
-            };
-            if view.is_backup(&primary.id) {
-                return Err(format!(
-                    "view {} has {:?} as both primary and backup",
-                    view.number, primary.id
-                ));
-            }
-        }
-        for member in view.primary.iter().chain(&view.backup) {
-            if member.id.is_empty() {
-                return Err(format!(
-                    "view {} has a member with an empty id",
-                    view.number
-                ));
-            }
-        }
+        check_view(&self.view, self.acknowledged)?;
         if let Some((&last, _)) = self.decided.last_key_value() {
-            if last >= view.number {
+            if last >= self.view.number {
                 return Err(format!(
                     "a test-and-set is recorded for view {last}, which is not older than the \
                      current view {}",
-                    view.number
+                    self.view.number
                 ));
             }
         }
         Ok(())
+    }
+}
+
+fn check_view(view: &View, acknowledged: bool) -> Result<(), String> {
+    if view.number == 0 {
+        if view.primary.is_some() || view.backup.is_some() || acknowledged {
+            return Err("view 0 must have no members and no acknowledgement".into());
+        }
+    } else {
+        let Some(primary) = &view.primary else {
+            return Err(format!("view {} has no primary", view.number));
+        };
+        if view.is_backup(&primary.id) {
+            return Err(format!(
+                "view {} has {:?} as both primary and backup",
+                view.number, primary.id
+            ));
+        }
+    }
+    for member in view.primary.iter().chain(&view.backup) {
+        if member.id.is_empty() {
+            return Err(format!(
+                "view {} has a member with an empty id",
+                view.number
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// What the rules read and change of one VM on each request, whichever
+/// backend keeps it: the built-in server assembles it from its state file
+/// and its memory, the etcd backend keeps it in one key.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Record {
+    pub view: View,
+    /// The primary of `view` has pinged with its number and vouched for its
+    /// backup, or the view has none.
+    pub acknowledged: bool,
+    /// The primary of `view` has pinged with its number, vouching or not.
+    pub seen: bool,
+    /// The latest view won by a claim; 0 if none was.
+    pub last_won: u64,
+}
+
+impl Record {
+    /// The invariants the rules keep, checked on what is read back from a
+    /// store the arbiter does not own.
+    pub fn check(&self) -> Result<(), String> {
+        check_view(&self.view, self.acknowledged || self.seen)?;
+        if self.acknowledged && !self.seen {
+            return Err(format!(
+                "view {} is acknowledged but not seen",
+                self.view.number
+            ));
+        }
+        if self.last_won > 0 && self.last_won >= self.view.number {
+            return Err(format!(
+                "view {} is recorded as won, which is not older than the current view {}",
+                self.last_won, self.view.number
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Who is alive, as the rules need to know it. The built-in server keeps
+/// the time of every ping in memory; the etcd backend has a key per server
+/// that a lease removes when the server stops pinging.
+pub(crate) trait Liveness {
+    /// The servers heard within the liveness bound that are not retired,
+    /// the most recently heard first (ties: the smaller id first), each
+    /// with the view number of its last ping.
+    fn alive(&self) -> Vec<(&Member, u64)>;
+    /// Whether `id` is retired or was not heard within the liveness bound.
+    fn gone(&self, id: &str) -> bool;
+}
+
+/// A change a ping made, for the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Change {
+    /// The first ping of a VM made its sender primary of view 1.
+    First,
+    /// The primary acknowledged view `number`.
+    Acknowledged { number: u64 },
+    /// A live spare became backup of the next view, in the place of a gone
+    /// backup if `replacing` names one.
+    Named {
+        spare: Member,
+        replacing: Option<Member>,
+    },
+}
+
+/// Step 1 of `ping` (see the README): refused before anything is recorded.
+pub(crate) fn check_known(vm: &str, current: u64, view_known: u64) -> Result<(), ViewError> {
+    if view_known > current {
+        return Err(ViewError::FutureView {
+            vm: vm.to_owned(),
+            requested: view_known,
+            current,
+        });
+    }
+    Ok(())
+}
+
+/// Steps 3 to 6 of `ping` (see the README), once `me` is recorded as heard
+/// (so that `alive` names it). Returns what changed, in order; the answer
+/// is `record.view`.
+pub(crate) fn ping(
+    record: &mut Record,
+    me: &Member,
+    view_known: u64,
+    backup_ready: bool,
+    alive: &impl Liveness,
+) -> Vec<Change> {
+    if record.view.number == 0 {
+        *record = Record {
+            view: View {
+                number: 1,
+                primary: Some(me.clone()),
+                backup: None,
+            },
+            acknowledged: false,
+            seen: false,
+            last_won: record.last_won,
+        };
+        return vec![Change::First];
+    }
+    let mut changes = Vec::new();
+    if view_known == record.view.number && record.view.is_primary(&me.id) {
+        record.seen = true;
+        // Without a backup there is nobody to vouch for.
+        if !record.acknowledged && (backup_ready || record.view.backup.is_none()) {
+            record.acknowledged = true;
+            changes.push(Change::Acknowledged {
+                number: record.view.number,
+            });
+        }
+    }
+    // The 6.824 rule: the arbiter moves on from a view only once its
+    // primary has pinged with its number.
+    let named = match &record.view.backup {
+        None if record.acknowledged => live_spare(record, alive),
+        // A backup its primary has not vouched for holds nothing the VM
+        // needs, and cannot win a claim; if it is gone, the view would
+        // wait for it forever.
+        Some(backup) if record.seen && !record.acknowledged && alive.gone(&backup.id) => {
+            live_spare(record, alive)
+        }
+        _ => None,
+    };
+    if let Some(spare) = named {
+        let replacing = record.view.backup.take();
+        record.view = View {
+            number: record.view.number + 1,
+            primary: record.view.primary.take(),
+            backup: Some(spare.clone()),
+        };
+        record.acknowledged = false;
+        record.seen = false;
+        changes.push(Change::Named { spare, replacing });
+    }
+    changes
+}
+
+/// The live spare the rules name. A server whose last ping named a view no
+/// newer than the last view won by a claim has not learned of that
+/// failover: it is most likely the member the winner displaced, resumed
+/// after a freeze, and in any case it becomes a spare again by pinging
+/// with a current number.
+fn live_spare(record: &Record, alive: &impl Liveness) -> Option<Member> {
+    alive
+        .alive()
+        .into_iter()
+        .find(|(member, known)| {
+            !record.view.is_primary(&member.id)
+                && !record.view.is_backup(&member.id)
+                && (*known == 0 || *known > record.last_won)
+        })
+        .map(|(member, _)| member.clone())
+}
+
+/// Logs a ping that was answered, with what it changed.
+pub(crate) fn log_ping(
+    vm: &str,
+    me: &Member,
+    view_known: u64,
+    backup_ready: bool,
+    changes: &[Change],
+    view: &View,
+) {
+    for change in changes {
+        match change {
+            Change::First => info!(vm, "{view}: first server to ping"),
+            Change::Acknowledged { number } => {
+                info!(vm, "view {number} acknowledged by its primary")
+            }
+            Change::Named {
+                spare,
+                replacing: Some(gone),
+            } => info!(
+                vm,
+                "{view}: backup {} was gone before its primary vouched for it; {} named instead",
+                gone.id,
+                spare.id
+            ),
+            Change::Named {
+                replacing: None, ..
+            } => info!(vm, "{view}: spare named backup"),
+        }
+    }
+    debug!(vm, server = %me.id, view_known, backup_ready, "ping: {view}");
+}
+
+/// Decides a claim for view `view` (the README's table, in its order),
+/// given the winner recorded for that view, if any. A first win makes
+/// `record` the view it created.
+pub(crate) fn claim(
+    record: &mut Record,
+    decided: Option<&Member>,
+    vm: &str,
+    view: u64,
+    claimant: &Member,
+) -> Result<TasOutcome, ViewError> {
+    // A decision is forever, whatever happened to the views since.
+    if let Some(winner) = decided {
+        return Ok(if winner == claimant {
+            TasOutcome::Won {
+                view: won_view(view, winner),
+            }
+        } else {
+            TasOutcome::Lost {
+                reason: LossReason::Decided {
+                    winner: winner.clone(),
+                },
+                view: record.view.clone(),
+            }
+        });
+    }
+    let current = record.view.number;
+    if view > current {
+        return Err(ViewError::FutureView {
+            vm: vm.to_owned(),
+            requested: view,
+            current,
+        });
+    }
+    let lost = |reason| {
+        Ok(TasOutcome::Lost {
+            reason,
+            view: record.view.clone(),
+        })
+    };
+    if view < current {
+        return lost(LossReason::Stale);
+    }
+    // The primary holds the VM's state by definition, so its claim is
+    // sound whether or not it has acknowledged the view; the backup's
+    // claim is sound only once the primary has acknowledged the view that
+    // named it (see the README).
+    if record.view.is_backup(&claimant.id) && !record.acknowledged {
+        return lost(LossReason::Unacknowledged);
+    }
+    if !record.view.is_primary(&claimant.id) && !record.view.is_backup(&claimant.id) {
+        return lost(LossReason::NotMember);
+    }
+    *record = Record {
+        view: won_view(view, claimant),
+        acknowledged: false,
+        seen: false,
+        last_won: view,
+    };
+    Ok(TasOutcome::Won {
+        view: record.view.clone(),
+    })
+}
+
+/// The ids a claim retires once its outcome stands (a win only once it is
+/// saved): a loser halts, and a winner claims because it took the other
+/// member of `claimed` (the view current when the claim was decided) for
+/// dead, so neither is named backup again, whatever it pings later.
+pub(crate) fn retired_by(
+    view: u64,
+    claimant: &Member,
+    claimed: &View,
+    outcome: &TasOutcome,
+) -> Vec<String> {
+    // A VM nobody has pinged keeps no record, so that claims naming
+    // arbitrary VMs cost the arbiter nothing.
+    if claimed.number == 0 {
+        return Vec::new();
+    }
+    match outcome {
+        TasOutcome::Lost { .. } => vec![claimant.id.clone()],
+        // The first answer of a win; a retry displaces nobody new.
+        TasOutcome::Won { .. } if claimed.number == view => claimed
+            .primary
+            .iter()
+            .chain(&claimed.backup)
+            .filter(|member| member.id != claimant.id)
+            .map(|member| member.id.clone())
+            .collect(),
+        TasOutcome::Won { .. } => Vec::new(),
+    }
+}
+
+/// Logs a claim that was answered; `decided` if it decided the view now.
+pub(crate) fn log_claim(
+    vm: &str,
+    view: u64,
+    claimant: &Member,
+    outcome: &TasOutcome,
+    decided: bool,
+) {
+    match outcome {
+        TasOutcome::Won { view: won } if decided => {
+            info!(vm, claimant = %claimant, "test-and-set for view {view} won: {won}")
+        }
+        TasOutcome::Won { .. } => {
+            debug!(vm, claimant = %claimant.id, "test-and-set for view {view}: the winner again")
+        }
+        TasOutcome::Lost { reason, .. } => {
+            info!(vm, view, claimant = %claimant.id, ?reason, "test-and-set lost")
+        }
+    }
+}
+
+fn won_view(claimed: u64, winner: &Member) -> View {
+    View {
+        number: claimed + 1,
+        primary: Some(winner.clone()),
+        backup: None,
     }
 }
 
@@ -194,8 +508,8 @@ struct LastPing {
     view_known: u64,
 }
 
-/// What the arbiter knows of one VM only while it runs: lost on a restart,
-/// and rebuilt from the next pings.
+/// What the built-in arbiter knows of one VM only while it runs: lost on a
+/// restart, and rebuilt from the next pings.
 #[derive(Default)]
 struct Heard {
     /// The servers heard within the liveness bound, by id.
@@ -222,43 +536,48 @@ impl Heard {
             }
         }
     }
+}
 
-    /// A backup is dead once it lost a claim or was displaced, or has not
-    /// pinged for the liveness bound. One never heard since the arbiter
-    /// started is given the bound from the start, so that a restart alone
-    /// does not declare anybody dead.
-    fn is_dead(&self, id: &str, started: Instant, now: Instant, bound: Duration) -> bool {
-        if self.retired.contains(id) {
-            return true;
-        }
-        let last = self.pings.get(id).map_or(started, |p| p.at);
-        now.saturating_duration_since(last) > bound
-    }
+/// [`Heard`] at one moment, as the rules read it.
+struct HeardAt<'a> {
+    heard: &'a Heard,
+    now: Instant,
+    bound: Duration,
+    /// When the arbiter started: a member not heard since is given the
+    /// bound from then, so that a restart alone declares nobody gone.
+    started: Instant,
+}
 
-    /// The live spare heard most recently (ties: the smaller id). A server
-    /// whose last ping named a view no newer than the last view won by a
-    /// claim has not learned of that failover: it is most likely the member
-    /// the winner displaced, resumed after a freeze, and in any case it
-    /// becomes a spare again by pinging with a current number.
-    fn live_spare(&self, state: &VmState, now: Instant, bound: Duration) -> Option<Member> {
-        let last_won = state.decided.last_key_value().map_or(0, |(&v, _)| v);
-        self.pings
+impl Liveness for HeardAt<'_> {
+    fn alive(&self) -> Vec<(&Member, u64)> {
+        let mut alive: Vec<(&String, &LastPing)> = self
+            .heard
+            .pings
             .iter()
             .filter(|(id, p)| {
-                !state.view.is_primary(id)
-                    && !state.view.is_backup(id)
-                    && !self.retired.contains(*id)
-                    && now.saturating_duration_since(p.at) <= bound
-                    && (p.view_known == 0 || p.view_known > last_won)
+                !self.heard.retired.contains(*id)
+                    && self.now.saturating_duration_since(p.at) <= self.bound
             })
-            .max_by(|(a_id, a), (b_id, b)| a.at.cmp(&b.at).then_with(|| b_id.cmp(a_id)))
-            .map(|(_, p)| p.member.clone())
+            .collect();
+        alive.sort_by(|(a_id, a), (b_id, b)| b.at.cmp(&a.at).then_with(|| a_id.cmp(b_id)));
+        alive
+            .into_iter()
+            .map(|(_, p)| (&p.member, p.view_known))
+            .collect()
+    }
+
+    fn gone(&self, id: &str) -> bool {
+        if self.heard.retired.contains(id) {
+            return true;
+        }
+        let last = self.heard.pings.get(id).map_or(self.started, |p| p.at);
+        self.now.saturating_duration_since(last) > self.bound
     }
 }
 
-/// Every VM's views, acknowledgements and test-and-set winners, plus what
-/// is known only while the arbiter runs (who pinged recently, who lost, which
-/// views their primary has seen).
+/// The built-in arbiter's views: every VM's views, acknowledgements and
+/// test-and-set winners, plus what is known only while it runs (who pinged
+/// recently, who lost, which views their primary has seen).
 pub(crate) struct ViewService {
     vms: BTreeMap<String, VmState>,
     heard: HashMap<String, Heard>,
@@ -323,14 +642,11 @@ impl ViewService {
         backup_ready: bool,
         now: Instant,
     ) -> Result<View, ViewError> {
-        let current = self.vms.get(vm).map_or(0, |s| s.view.number);
-        if view_known > current {
-            return Err(ViewError::FutureView {
-                vm: vm.to_owned(),
-                requested: view_known,
-                current,
-            });
-        }
+        check_known(
+            vm,
+            self.vms.get(vm).map_or(0, |s| s.view.number),
+            view_known,
+        )?;
         let started = *self.started.get_or_insert(now);
         let bound = self.spare_timeout;
         let heard = self.heard.entry(vm.to_owned()).or_default();
@@ -345,64 +661,26 @@ impl ViewService {
                 view_known,
             },
         );
-
         let state = self.vms.entry(vm.to_owned()).or_default();
-        if state.view.number == 0 {
-            state.view = View {
-                number: 1,
-                primary: Some(me.clone()),
-                backup: None,
-            };
-            state.acknowledged = false;
-            info!(vm, "{}: first server to ping", state.view);
-            return Ok(state.view.clone());
+        let mut record = record_of(state, heard);
+        let changes = ping(
+            &mut record,
+            me,
+            view_known,
+            backup_ready,
+            &HeardAt {
+                heard,
+                now,
+                bound,
+                started,
+            },
+        );
+        if record.seen {
+            heard.seen = record.view.number;
         }
-        if view_known == state.view.number && state.view.is_primary(&me.id) {
-            heard.seen = state.view.number;
-            // Without a backup there is nobody to vouch for.
-            if !state.acknowledged && (backup_ready || state.view.backup.is_none()) {
-                state.acknowledged = true;
-                info!(vm, "{} acknowledged by its primary", state.view);
-            }
-        }
-        // The 6.824 rule: the arbiter moves on from a view only once its
-        // primary has pinged with its number.
-        let seen = state.acknowledged || heard.seen == state.view.number;
-        let named = match &state.view.backup {
-            None if state.acknowledged => heard.live_spare(state, now, bound),
-            // A backup its primary has not vouched for holds nothing the VM
-            // needs, and cannot win a claim; if it is gone, the view would
-            // wait for it forever.
-            Some(backup)
-                if seen
-                    && !state.acknowledged
-                    && heard.is_dead(&backup.id, started, now, bound) =>
-            {
-                let spare = heard.live_spare(state, now, bound);
-                if let Some(spare) = &spare {
-                    info!(
-                        vm,
-                        "{}: backup {} is gone before its primary vouched for it; naming {} \
-                         instead",
-                        state.view,
-                        backup.id,
-                        spare.id
-                    );
-                }
-                spare
-            }
-            _ => None,
-        };
-        if let Some(spare) = named {
-            state.view = View {
-                number: state.view.number + 1,
-                primary: state.view.primary.take(),
-                backup: Some(spare),
-            };
-            state.acknowledged = false;
-            info!(vm, "{}: spare named backup", state.view);
-        }
-        debug!(vm, server = %me.id, view_known, backup_ready, "ping: {}", state.view);
+        state.view = record.view;
+        state.acknowledged = record.acknowledged;
+        log_ping(vm, me, view_known, backup_ready, &changes, &state.view);
         Ok(state.view.clone())
     }
 
@@ -429,25 +707,25 @@ impl ViewService {
         claimant: &Member,
     ) -> Result<TasOutcome, ViewError> {
         let Some(state) = self.vms.get_mut(vm) else {
-            if view > 0 {
-                return Err(ViewError::FutureView {
-                    vm: vm.to_owned(),
-                    requested: view,
-                    current: 0,
-                });
-            }
-            return Ok(TasOutcome::Lost {
-                reason: LossReason::NotMember,
-                view: View::default(),
-            });
+            // Nobody has pinged this VM: it has no members, so the claim
+            // is for a view it never had or by a non-member.
+            return claim(&mut Record::default(), None, vm, view, claimant);
         };
-        claim(state, vm, view, claimant)
+        let mut record = record_of(state, self.heard.entry(vm.to_owned()).or_default());
+        let decided = state.decided.get(&view).cloned();
+        let outcome = claim(&mut record, decided.as_ref(), vm, view, claimant)?;
+        let first_win = outcome.won() && decided.is_none();
+        if first_win {
+            state.decided.insert(view, claimant.clone());
+            state.view = record.view;
+            state.acknowledged = record.acknowledged;
+        }
+        log_claim(vm, view, claimant, &outcome, first_win);
+        Ok(outcome)
     }
 
     /// What a claim that stands (it was persisted, or decided nothing)
-    /// means for naming backups: a loser halts, and a winner claims
-    /// because it took the other member of `claimed` for dead, so neither
-    /// is named backup again, whatever it pings later.
+    /// means for naming backups (see [`retired_by`]).
     pub fn settle_claim(
         &mut self,
         vm: &str,
@@ -456,88 +734,25 @@ impl ViewService {
         claimed: &View,
         outcome: &TasOutcome,
     ) {
-        if !self.vms.contains_key(vm) {
+        let retired = retired_by(view, claimant, claimed, outcome);
+        if retired.is_empty() {
             return;
         }
         let heard = self.heard.entry(vm.to_owned()).or_default();
-        match outcome {
-            TasOutcome::Lost { .. } => heard.retire(&claimant.id),
-            // The first answer of a win; a retry displaces nobody new.
-            TasOutcome::Won { .. } if claimed.number == view => {
-                for member in claimed.primary.iter().chain(&claimed.backup) {
-                    if member.id != claimant.id {
-                        heard.retire(&member.id);
-                    }
-                }
-            }
-            TasOutcome::Won { .. } => {}
+        for id in retired {
+            heard.retire(&id);
         }
     }
 }
 
-fn claim(
-    state: &mut VmState,
-    vm: &str,
-    view: u64,
-    claimant: &Member,
-) -> Result<TasOutcome, ViewError> {
-    // A decision is forever, whatever happened to the views since.
-    if let Some(winner) = state.decided.get(&view) {
-        return Ok(if winner == claimant {
-            TasOutcome::Won {
-                view: won_view(view, winner),
-            }
-        } else {
-            TasOutcome::Lost {
-                reason: LossReason::Decided {
-                    winner: winner.clone(),
-                },
-                view: state.view.clone(),
-            }
-        });
-    }
-    let current = state.view.number;
-    if view > current {
-        return Err(ViewError::FutureView {
-            vm: vm.to_owned(),
-            requested: view,
-            current,
-        });
-    }
-    let lost = |reason| {
-        info!(vm, view, claimant = %claimant.id, ?reason, "test-and-set lost");
-        Ok(TasOutcome::Lost {
-            reason,
-            view: state.view.clone(),
-        })
-    };
-    if view < current {
-        return lost(LossReason::Stale);
-    }
-    // The primary holds the VM's state by definition, so its claim is
-    // sound whether or not it has acknowledged the view; the backup's
-    // claim is sound only once the primary has acknowledged the view that
-    // named it (see the README).
-    if state.view.is_backup(&claimant.id) && !state.acknowledged {
-        return lost(LossReason::Unacknowledged);
-    }
-    if !state.view.is_primary(&claimant.id) && !state.view.is_backup(&claimant.id) {
-        return lost(LossReason::NotMember);
-    }
-    state.decided.insert(view, claimant.clone());
-    state.view = won_view(view, claimant);
-    state.acknowledged = false;
-    info!(vm, claimant = %claimant, "test-and-set for view {view} won: {}", state.view);
-    Ok(TasOutcome::Won {
+/// One VM's record as the rules read it: the state on disk, and which view
+/// its primary has seen since the arbiter started.
+fn record_of(state: &VmState, heard: &Heard) -> Record {
+    Record {
         view: state.view.clone(),
-    })
-}
-
-fn won_view(claimed: u64, winner: &Member) -> View {
-    View {
-        number: claimed + 1,
-        primary: Some(winner.clone()),
-        backup: None,
+        acknowledged: state.acknowledged,
+        seen: state.acknowledged || (state.view.number > 0 && heard.seen == state.view.number),
+        last_won: state.decided.last_key_value().map_or(0, |(&v, _)| v),
     }
 }
 

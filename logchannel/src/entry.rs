@@ -91,6 +91,18 @@ pub enum Event {
     },
     /// The log is complete up to this exit count: the backup may run to it.
     Progress { exits: u64 },
+    /// The guest was taken between two synchronous exits, at the
+    /// instruction `pos.rip` after `pos.exits` of them, for the entries that
+    /// follow at the same position (packets, an interrupt). `regs` (a hash
+    /// of the 16 general registers, RIP and RFLAGS) and `mem` (the memory
+    /// hash) tell this pass through the instruction from the others: a
+    /// replay delivers at the first pass with both.
+    AsyncPoint {
+        #[serde(with = "hex::int")]
+        regs: u64,
+        #[serde(with = "hex::int")]
+        mem: u64,
+    },
     /// The end of the run.
     End { exits: u64, reason: String },
 }
@@ -110,10 +122,11 @@ pub enum EventKind {
     Output,
     Progress,
     End,
+    AsyncPoint,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 12] = [
+    pub const ALL: [EventKind; 13] = [
         EventKind::Rdtsc,
         EventKind::Rdtscp,
         EventKind::Rdrand,
@@ -126,6 +139,7 @@ impl EventKind {
         EventKind::Output,
         EventKind::Progress,
         EventKind::End,
+        EventKind::AsyncPoint,
     ];
 
     pub fn name(self) -> &'static str {
@@ -142,6 +156,7 @@ impl EventKind {
             EventKind::Output => "output",
             EventKind::Progress => "progress",
             EventKind::End => "end",
+            EventKind::AsyncPoint => "async-point",
         }
     }
 }
@@ -167,6 +182,7 @@ impl Event {
             Event::Output { .. } => EventKind::Output,
             Event::Progress { .. } => EventKind::Progress,
             Event::End { .. } => EventKind::End,
+            Event::AsyncPoint { .. } => EventKind::AsyncPoint,
         }
     }
 }
@@ -200,6 +216,7 @@ impl fmt::Display for Event {
             }
             Event::Progress { exits } => write!(f, "{kind} complete to exit {exits}"),
             Event::End { exits, reason } => write!(f, "{kind} at exit {exits}: {reason}"),
+            Event::AsyncPoint { regs, mem } => write!(f, "{kind} regs {regs:#x} mem {mem:#x}"),
         }
     }
 }

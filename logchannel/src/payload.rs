@@ -59,6 +59,7 @@ mod tag {
     pub const PROGRESS: u8 = 9;
     pub const END: u8 = 10;
     pub const OUTPUT: u8 = 11;
+    pub const ASYNC_POINT: u8 = 12;
 }
 
 fn reason_code(r: DigestReason) -> u8 {
@@ -162,6 +163,11 @@ impl Encode for WireEntry<'_> {
                 delta(*exits, pos.exits).encode(e)?;
                 reason.encode(e)
             }
+            Event::AsyncPoint { regs, mem } => {
+                tag::ASYNC_POINT.encode(e)?;
+                regs.to_le_bytes().encode(e)?;
+                mem.to_le_bytes().encode(e)
+            }
         }
     }
 }
@@ -237,6 +243,10 @@ impl Decode<Base> for Decoded {
             tag::END => Event::End {
                 exits: undelta(i64::decode(d)?, exits),
                 reason: String::decode(d)?,
+            },
+            tag::ASYNC_POINT => Event::AsyncPoint {
+                regs: u64::from_le_bytes(<[u8; 8]>::decode(d)?),
+                mem: u64::from_le_bytes(<[u8; 8]>::decode(d)?),
             },
             other => {
                 return Err(DecodeError::OtherString(format!(

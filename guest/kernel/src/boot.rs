@@ -4,6 +4,41 @@ const MAGIC: u64 = 0x544f_4f42_4d56_5446; // "FTVMBOOT"
 const VERSION: u32 = 1;
 pub const BLOCK_SIZE: usize = 72;
 
+/// What the guest runs, from the boot-info block's `workload` field
+/// (docs/guest-abi.md).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    /// The UDP key-value service.
+    Kv,
+    /// Tasks preempted by the timer racing on shared counters.
+    Race,
+    /// A busy wait for timer ticks.
+    Spin,
+    /// The key-value service and a preempted background task.
+    KvRace,
+}
+
+impl Workload {
+    fn from_field(value: u32) -> Option<Workload> {
+        Some(match value {
+            0 => Workload::Kv,
+            1 => Workload::Race,
+            2 => Workload::Spin,
+            3 => Workload::KvRace,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Kv => "kv",
+            Workload::Race => "race",
+            Workload::Spin => "spin",
+            Workload::KvRace => "kv-race",
+        }
+    }
+}
+
 pub struct BootInfo {
     pub mem_size: u64,
     pub net_mmio_base: u64,
@@ -14,6 +49,7 @@ pub struct BootInfo {
     pub tick_hz: u32,
     /// The PIT channel-0 divisor for tick_hz.
     pub pit_divisor: u16,
+    pub workload: Workload,
 }
 
 /// The smallest register window that holds every virtio-mmio register and
@@ -57,6 +93,9 @@ impl BootInfo {
         let Some(pit_divisor) = crate::pit::divisor(tick_hz) else {
             return Err("unsupported tick_hz");
         };
+        let Some(workload) = Workload::from_field(u32_at(block, 68)) else {
+            return Err("unknown workload");
+        };
         let mut guest_mac = [0; 6];
         guest_mac.copy_from_slice(&block[48..54]);
         let mut guest_ip = [0; 4];
@@ -70,6 +109,7 @@ impl BootInfo {
             service_port: u16::from_le_bytes([block[60], block[61]]),
             tick_hz,
             pit_divisor,
+            workload,
         })
     }
 }

@@ -6,7 +6,7 @@ use crate::shared::Shared;
 use core::arch::{asm, global_asm};
 
 pub const CODE_SELECTOR: u16 = 0x08;
-const DATA_SELECTOR: u16 = 0x10;
+pub const DATA_SELECTOR: u16 = 0x10;
 const TSS_SELECTOR: u16 = 0x18;
 
 /// IST slots (1-based, as in the gate descriptor).

@@ -1,9 +1,12 @@
 //! The IDT: CPU exceptions 0..32 stop the VM with a report on the console;
-//! the 16 PIC vectors count timer ticks or do nothing. Every gate switches to
-//! an IST stack (see gdt.rs).
+//! the 16 PIC vectors count timer ticks or do nothing, except for the
+//! workloads with tasks, where the timer and the network interrupt enter the
+//! scheduler. Every gate switches to an IST stack (see gdt.rs).
 
+use crate::boot::Workload;
 use crate::gdt::{CODE_SELECTOR, IST_EXCEPTION, IST_FATAL, IST_IRQ};
 use crate::pic::{MASTER_VECTOR, TIMER_IRQ};
+use crate::sched;
 use crate::shared::Shared;
 use crate::{port, serial};
 use core::arch::{asm, global_asm};
@@ -79,9 +82,10 @@ extern "C" {
     fn ftvm_irq_ignore();
 }
 
-/// Fills and loads the IDT. Called once at boot, interrupts off, after the
+/// Fills and loads the IDT for `workload`, whose network interrupt (if it
+/// uses one) is `net_irq`. Called once at boot, interrupts off, after the
 /// GDT and TSS that the gates refer to are loaded.
-pub fn init() {
+pub fn init(workload: Workload, net_irq: u8) {
     // SAFETY: the stub table is immutable data defined in global_asm above.
     let stubs = unsafe { &ftvm_exception_stubs };
     // SAFETY: boot runs once on the only CPU and the IDT is not loaded yet.
@@ -93,11 +97,13 @@ pub fn init() {
         };
         set_gate(idt, vector, stub, ist);
     }
+    let tasks = matches!(workload, Workload::Race | Workload::KvRace);
     for irq in 0..IRQS {
-        let stub: unsafe extern "C" fn() = if irq == TIMER_IRQ as usize {
-            ftvm_irq_timer
-        } else {
-            ftvm_irq_ignore
+        let stub: unsafe extern "C" fn() = match irq as u8 {
+            TIMER_IRQ if tasks => sched::ftvm_sched_timer,
+            TIMER_IRQ => ftvm_irq_timer,
+            irq if irq == net_irq && workload == Workload::KvRace => sched::ftvm_sched_net,
+            _ => ftvm_irq_ignore,
         };
         set_gate(
             idt,
@@ -106,6 +112,7 @@ pub fn init() {
             IST_IRQ,
         );
     }
+
     let pointer = crate::gdt::DescriptorTablePointer {
         limit: (core::mem::size_of::<Idt>() - 1) as u16,
         base: IDT.get() as u64,

@@ -1,6 +1,8 @@
-//! ftvm-guest: the tiny x86_64 kernel that ftvm boots. It serves the
-//! key-value protocol of docs/protocol.md over UDP on a virtio-net device,
-//! following the VMM contract of docs/guest-abi.md.
+//! ftvm-guest: the tiny x86_64 kernel that ftvm boots. By default it serves
+//! the key-value protocol of docs/protocol.md over UDP on a virtio-net
+//! device, following the VMM contract of docs/guest-abi.md; the boot-info
+//! block can ask for another workload instead (`race`, `spin`) or beside it
+//! (`kv-race`), built to test interrupts delivered between VM exits.
 //!
 //! It runs at CPL0, where this platform's KVM emulates every instruction, so
 //! it does little per request and causes few VM exits: per request it traps
@@ -10,6 +12,7 @@
 #![no_std]
 #![no_main]
 
+mod background;
 mod boot;
 mod client_table;
 mod entropy;
@@ -21,12 +24,15 @@ mod net;
 mod pic;
 mod pit;
 mod port;
+mod race;
+mod sched;
 mod serial;
 mod service;
 mod shared;
+mod spin;
 mod virtio_net;
 
-use boot::BootInfo;
+use boot::{BootInfo, Workload};
 use core::arch::asm;
 use service::Service;
 use shared::Shared;
@@ -58,10 +64,15 @@ pub unsafe extern "C" fn _start(boot_info: *const [u8; boot::BLOCK_SIZE]) -> ! {
         Err(reason) => fail("bad boot info: ", reason),
     };
     gdt::init();
-    idt::init();
+    idt::init(info.workload, info.net_irq);
     print_banner(&info);
     pic::init(info.net_irq);
     pit::init(info.pit_divisor);
+    match info.workload {
+        Workload::Race => race::run(),
+        Workload::Spin => spin::run(),
+        Workload::Kv | Workload::KvRace => {}
+    }
     let mut net = match VirtioNet::init(info.net_mmio_base as usize) {
         Ok(net) => net,
         Err(reason) => fail("virtio-net: ", reason),
@@ -69,6 +80,9 @@ pub unsafe extern "C" fn _start(boot_info: *const [u8; boot::BLOCK_SIZE]) -> ! {
     serial::write_str("ftvm-guest: kv service ready on port ");
     serial::write_dec(info.service_port as u64);
     serial::write_str("\n");
+    if info.workload == Workload::KvRace {
+        background::start();
+    }
     // SAFETY: this is the only place that takes the service; _start runs
     // once and never returns.
     let service = unsafe { &mut *SERVICE.get() };
@@ -78,6 +92,8 @@ pub unsafe extern "C" fn _start(boot_info: *const [u8; boot::BLOCK_SIZE]) -> ! {
 /// The main loop. Interrupts are enabled only inside `sti; hlt`, and only
 /// after the receive ring was found empty with interrupts disabled, so that
 /// a frame arriving in between still ends the `hlt` with its interrupt.
+/// With a background task (`kv-race`) the service yields to it instead of
+/// halting; a received frame's interrupt switches back to the service.
 fn run(info: &BootInfo, net: &mut VirtioNet, service: &mut Service) -> ! {
     let stats_interval = STATS_SECONDS * info.tick_hz as u64;
     let mut next_stats = stats_interval;
@@ -90,6 +106,9 @@ fn run(info: &BootInfo, net: &mut VirtioNet, service: &mut Service) -> ! {
         let mut received = false;
         while let Some(buffer) = net.rx.next() {
             received = true;
+            if info.workload == Workload::KvRace {
+                background::count_request();
+            }
             handle_frame(
                 info,
                 net.rx.frame(&buffer),
@@ -99,14 +118,20 @@ fn run(info: &BootInfo, net: &mut VirtioNet, service: &mut Service) -> ! {
             );
             net.rx.repost(buffer);
         }
+        if received && info.workload == Workload::KvRace {
+            net.tx.flush();
+        }
         net.tx.reclaim();
         let ticks = pit::ticks();
         if ticks >= next_stats {
-            print_stats(service, &counters, ticks);
+            print_stats(info.workload, service, &counters, ticks);
             next_stats = (ticks / stats_interval + 1) * stats_interval;
         }
         if !received {
-            sti_hlt();
+            match info.workload {
+                Workload::KvRace => sched::yield_now(),
+                _ => sti_hlt(),
+            }
         }
     }
 }
@@ -157,10 +182,12 @@ fn print_banner(info: &BootInfo) {
     serial::write_dec(info.service_port as u64);
     serial::write_str(" hz=");
     serial::write_dec(info.tick_hz as u64);
+    serial::write_str(" workload=");
+    serial::write_str(info.workload.name());
     serial::write_str("\n");
 }
 
-fn print_stats(service: &Service, counters: &NetCounters, ticks: u64) {
+fn print_stats(workload: Workload, service: &Service, counters: &NetCounters, ticks: u64) {
     serial::write_str("ftvm-guest: stats requests=");
     serial::write_dec(service.requests);
     serial::write_str(" keys=");
@@ -173,6 +200,15 @@ fn print_stats(service: &Service, counters: &NetCounters, ticks: u64) {
     serial::write_dec(service.bad_requests);
     serial::write_str(" txfull=");
     serial::write_dec(counters.tx_full);
+    if workload == Workload::KvRace {
+        let (rounds, shared) = background::counters();
+        serial::write_str(" bg=");
+        serial::write_dec(rounds);
+        serial::write_str(" shared=");
+        serial::write_dec(shared);
+        serial::write_str(" switches=");
+        serial::write_dec(sched::switches());
+    }
     serial::write_str("\n");
 }
 

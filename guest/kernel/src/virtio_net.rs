@@ -381,6 +381,14 @@ impl Transmitter {
         self.queue.publish();
     }
 
+    /// Notifies the device, whatever the used ring's flags say: the exit
+    /// makes the VMM drain the queue now. A guest that gives the CPU to
+    /// another task instead of halting needs it, or its replies would wait
+    /// for its next exit.
+    pub fn flush(&self) {
+        self.queue.notify();
+    }
+
     /// Returns an unused buffer.
     pub fn release(&mut self, buffer: TxBuffer) {
         self.push_free(buffer.id);

@@ -156,6 +156,7 @@ impl Handshake<'_> {
                 mem_size: ours.mem_size,
                 role: ours.role.code(),
                 first_seq: ours.first_seq,
+                workload: ours.workload.clone(),
             },
             &mut out,
         )?;
@@ -291,6 +292,7 @@ impl Handshake<'_> {
                 mem_size,
                 role,
                 first_seq,
+                workload,
             } => {
                 let role = Role::from_code(role).ok_or_else(|| {
                     ChannelError::protocol(self.peer, format!("hello with unknown role {role}"))
@@ -303,6 +305,7 @@ impl Handshake<'_> {
                     mem_size,
                     role,
                     first_seq,
+                    workload,
                 })
             }
             other => Err(self.unexpected(&other, "a hello")),

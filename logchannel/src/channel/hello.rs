@@ -50,6 +50,8 @@ pub struct Hello {
     pub image_hash: [u8; 32],
     /// Guest memory in bytes.
     pub mem_size: u64,
+    /// What the guest runs, as the VMM names it (ftvm: `kv`, `race`, …).
+    pub workload: String,
     pub role: Role,
     /// The primary's: the sequence number of the first entry it will send
     /// on this connection. The backup's: the one it expects, or 0 to take
@@ -66,6 +68,7 @@ impl Hello {
         view: u64,
         image_hash: [u8; 32],
         mem_size: u64,
+        workload: impl Into<String>,
         first_seq: u64,
     ) -> Hello {
         Hello {
@@ -74,6 +77,7 @@ impl Hello {
             view,
             image_hash,
             mem_size,
+            workload: workload.into(),
             role,
             first_seq,
         }
@@ -109,6 +113,10 @@ pub enum Mismatch {
     MemSize {
         primary: u64,
         backup: u64,
+    },
+    Workload {
+        primary: String,
+        backup: String,
     },
     /// The backup expects a first sequence number the primary does not
     /// start from.
@@ -158,6 +166,10 @@ impl fmt::Display for Mismatch {
                 f,
                 "memory size mismatch: primary has {primary} bytes of guest memory, backup {backup}"
             ),
+            Mismatch::Workload { primary, backup } => write!(
+                f,
+                "workload mismatch: primary runs {primary:?}, backup {backup:?}"
+            ),
             Mismatch::FirstSeq { primary, backup } => write!(
                 f,
                 "first sequence number mismatch: primary sends from entry {primary}, backup expects entry {backup}"
@@ -198,6 +210,12 @@ pub(crate) fn check(primary: &Hello, backup: &Hello) -> Option<Mismatch> {
         return Some(Mismatch::MemSize {
             primary: primary.mem_size,
             backup: backup.mem_size,
+        });
+    }
+    if primary.workload != backup.workload {
+        return Some(Mismatch::Workload {
+            primary: primary.workload.clone(),
+            backup: backup.workload.clone(),
         });
     }
     if backup.first_seq != 0 && backup.first_seq != primary.first_seq {

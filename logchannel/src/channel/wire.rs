@@ -8,8 +8,10 @@ use bincode::{Decode, Encode};
 /// The version of the channel protocol this build speaks. Both ends must
 /// speak the same one; the handshake refuses any other. Version 2 added the
 /// goodbye: a peer of version 1 would take it for a protocol violation, and
-/// so for a failure, which is what the goodbye exists to avoid.
-pub const CHANNEL_PROTOCOL_VERSION: u32 = 2;
+/// so for a failure, which is what the goodbye exists to avoid. Version 3
+/// appended the workload to the hello, and entries may be `async-point`s
+/// (tag 12), which a version 2 backup could not decode.
+pub const CHANNEL_PROTOCOL_VERSION: u32 = 3;
 
 /// The first bytes each end sends. A peer whose first bytes differ is not a
 /// log channel peer at all, which deserves another message than a version
@@ -28,8 +30,10 @@ const CONTROL_SEQ_BASE: u64 = 1 << 63;
 
 /// One control message. The variant's index (bincode writes it as a u32
 /// varint, one byte) is its tag on the wire, so variants are only ever
-/// appended. `Hello`, `Accept` and `Refused` keep their layout in every
-/// protocol version: a peer must be able to read why it was refused.
+/// appended. `Accept` and `Refused` keep their layout in every protocol
+/// version, and `Hello` only grows at its end: a peer of another version
+/// is refused on its preamble, before its hello is parsed, and must be able
+/// to read why.
 #[derive(Debug, Encode, Decode)]
 pub(crate) enum Message {
     Hello {
@@ -40,6 +44,8 @@ pub(crate) enum Message {
         /// 0 primary, 1 backup.
         role: u8,
         first_seq: u64,
+        /// Since version 3.
+        workload: String,
     },
     Accept,
     Refused {

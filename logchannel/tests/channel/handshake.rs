@@ -185,6 +185,23 @@ fn a_memory_size_mismatch_is_refused_on_both_ends() {
 }
 
 #[test]
+fn a_workload_mismatch_is_refused_on_both_ends() {
+    bounded(LIMIT, || {
+        let mut backup = hello(Role::Backup);
+        backup.workload = "race".to_string();
+        refused(
+            hello(Role::Primary),
+            backup,
+            Mismatch::Workload {
+                primary: "kv".to_string(),
+                backup: "race".to_string(),
+            },
+            "workload mismatch: primary runs \"kv\", backup \"race\"",
+        );
+    });
+}
+
+#[test]
 fn a_role_mismatch_is_refused_on_both_ends() {
     bounded(LIMIT, || {
         refused(

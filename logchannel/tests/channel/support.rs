@@ -16,7 +16,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 pub const MEM: u64 = 64 << 20;
 
 pub fn hello(role: Role) -> Hello {
-    Hello::new(role, "vm-test", 3, logchannel::image_hash(b"guest"), MEM, 1)
+    Hello::new(
+        role,
+        "vm-test",
+        3,
+        logchannel::image_hash(b"guest"),
+        MEM,
+        "kv",
+        1,
+    )
 }
 
 /// For tests about something other than failure detection: a failure

@@ -20,13 +20,15 @@ fn frame(seq: u64, payload: &[u8]) -> Vec<u8> {
     out
 }
 
-/// The hello message for a short `vm_id` (its length fits in one byte).
+/// The hello message for a short `vm_id` (its length fits in one byte),
+/// with the workload `kv`.
 fn hello_payload(vm_id: &str, role: u8, view: u8, first_seq: u8) -> Vec<u8> {
     let mut p = vec![0x00, vm_id.len() as u8];
     p.extend_from_slice(vm_id.as_bytes());
     p.push(view);
     p.extend_from_slice(&logchannel::image_hash(b"guest"));
     p.extend_from_slice(&[0xfc, 0x00, 0x00, 0x00, 0x04, role, first_seq]);
+    p.extend_from_slice(&[0x02, b'k', b'v']);
     p
 }
 
@@ -48,7 +50,7 @@ fn config() -> ChannelConfig {
 }
 
 const PREAMBLE: [u8; 12] = [
-    0x46, 0x54, 0x56, 0x4d, 0x43, 0x48, 0x4e, 0x00, 0x02, 0x00, 0x00, 0x00,
+    0x46, 0x54, 0x56, 0x4d, 0x43, 0x48, 0x4e, 0x00, 0x03, 0x00, 0x00, 0x00,
 ];
 
 #[test]
@@ -71,7 +73,7 @@ fn the_wire_is_laid_out_as_documented() {
         s.write_all(&ours).expect("write");
         expect_bytes(&mut s, &PREAMBLE, "preamble");
         let hello_frame = frame(CONTROL, &hello_payload("vm", 0, 3, 1));
-        assert_eq!((hello_frame.len(), hello_frame[0]), (49, 0x2c));
+        assert_eq!((hello_frame.len(), hello_frame[0]), (52, 0x2f));
         expect_bytes(&mut s, &hello_frame, "primary's hello");
         expect_bytes(&mut s, &frame(CONTROL + 1, &[0x01]), "accept");
         let sender = accepting.join().expect("thread").expect("primary accepts");

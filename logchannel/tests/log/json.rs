@@ -182,3 +182,35 @@ fn a_header_with_a_short_image_hash_is_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn an_async_point_round_trips_through_a_log_and_json() {
+    let point = Entry {
+        seq: 1,
+        pos: logchannel::Position {
+            exits: 1402,
+            rip: 0x10_4c8e,
+        },
+        event: Event::AsyncPoint {
+            regs: 0xe8f8_e425_a5e0_d29a,
+            mem: 0x0a0c_5f58_7579_1a11,
+        },
+    };
+    assert_eq!(
+        point.to_string(),
+        "#1 @exit 1402 rip 0x104c8e  async-point regs 0xe8f8e425a5e0d29a mem 0xa0c5f5875791a11"
+    );
+    let text = dump(std::slice::from_ref(&point));
+    assert!(
+        text.lines().nth(1).is_some_and(|l| l.contains(
+            r#""event":{"type":"async_point","regs":"0xe8f8e425a5e0d29a","mem":"0xa0c5f5875791a11"}"#
+        )),
+        "{text}"
+    );
+    let (_, loaded) = load(&text).expect("load");
+    assert_eq!(loaded, vec![point.clone()]);
+    let (bytes, _) = write_log(std::slice::from_ref(&point));
+    let mut reader = LogReader::new(&bytes[..]).expect("reader");
+    let read = reader.next().expect("an entry").expect("readable");
+    assert_eq!(read, point);
+}

@@ -136,6 +136,28 @@ fn frames_are_laid_out_as_documented() {
     };
     let frame = frame_of(&mut encoder, &third);
     assert_eq!(frame[5..], [2, 0x80, 0, 0xfc, 0x80, 0x38, 0x01, 0x00]);
+
+    // An async point at the same exit, 0x20 bytes back: tag 12 and its two
+    // hashes as 8 bytes each, little endian.
+    let fourth = Entry {
+        seq: 4,
+        pos: Position {
+            exits: 1239,
+            rip: 0x10_205f,
+        },
+        event: Event::AsyncPoint {
+            regs: 0x0102_0304_0506_0708,
+            mem: 0x1112_1314_1516_1718,
+        },
+    };
+    let frame = frame_of(&mut encoder, &fourth);
+    let payload = [
+        0, 0x3f, 12, //
+        0x08, 0x07, 0x06, 0x05, 0x04, 0x03, 0x02, 0x01, //
+        0x18, 0x17, 0x16, 0x15, 0x14, 0x13, 0x12, 0x11,
+    ];
+    assert_eq!(frame[0] as usize, payload.len());
+    assert_eq!(frame[5..], payload, "24 bytes in all");
 }
 
 /// CRC-32 as the README specifies it, written independently of the crate.

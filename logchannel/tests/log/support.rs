@@ -230,6 +230,7 @@ pub fn arb_event() -> impl Strategy<Value = Event> {
             }
         }),
         any::<u64>().prop_map(|exits| Event::Progress { exits }),
+        (any::<u64>(), any::<u64>()).prop_map(|(regs, mem)| Event::AsyncPoint { regs, mem }),
     ]
 }
 

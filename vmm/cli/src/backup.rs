@@ -54,11 +54,12 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
     };
     let stop_at = stop_at(started, timeout);
     let join = JoinWait::new(&stop, stop_at, wait);
-    if let Err(e) = Membership::wait_for_primary(ft.arbiter, &ft.vm_id, &join) {
+    let arbiter = Membership::connect(&ft.arbiter).map_err(|e| anyhow!(e))?;
+    if let Err(e) = Membership::wait_for_primary(&*arbiter, &ft.vm_id, &join) {
         return joining_failed(e.into(), &events);
     }
     let membership =
-        Membership::start(ft.arbiter, &ft.vm_id, me, stop.clone()).map_err(|e| anyhow!(e))?;
+        Membership::start(arbiter, &ft.vm_id, me, stop.clone()).map_err(|e| anyhow!(e))?;
     let joined = connect(ft, &membership, &join, image_hash(&image), config);
     membership.joined();
     let (receiver, view) = match joined {
@@ -146,6 +147,7 @@ fn connect(
             view.number,
             image_hash,
             ft.mem,
+            ft.workload.name(),
             0,
         );
         let cancelled = || join.stopping() || membership.deposed();

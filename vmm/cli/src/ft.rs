@@ -8,9 +8,11 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
+use arbiter::ArbiterAddr;
 use ftvm_core::ft::backup::BackupError;
 use ftvm_core::ft::membership::ArbitrationError;
 use ftvm_core::host::events::{Events, ServerEvent};
+use ftvm_core::machine::workload::Workload;
 use ftvm_core::run::run_loop::{RunError, RunSummary};
 use ftvm_core::run::vm::{Vm, VmConfig};
 use logchannel::ChannelConfig;
@@ -37,15 +39,21 @@ pub struct FtArgs {
     /// 4K.
     #[arg(long, default_value = "64M", value_parser = parse_mem)]
     pub mem: u64,
+    /// What the embedded guest runs: kv (the KV service), race, spin or
+    /// kv-race (docs/guest-abi.md); primary and backup must agree.
+    #[arg(long, default_value = "kv")]
+    pub workload: Workload,
     /// The VM this pair runs, as the arbiter knows it.
     #[arg(long, default_value = VM_ID)]
     pub vm_id: String,
     /// This server's id at the arbiter (one per process incarnation).
     #[arg(long)]
     id: Option<String>,
-    /// The arbiter's address.
-    #[arg(long)]
-    pub arbiter: SocketAddr,
+    /// The arbiter: `HOST:PORT` for the built-in one (`ftvm arbiter`), or
+    /// `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]` for an etcd cluster (its
+    /// client endpoints; keys under PREFIX, `ftvm` if none).
+    #[arg(long, value_name = "ADDR")]
+    pub arbiter: ArbiterAddr,
     /// Where this server serves the guest's clients while it is primary.
     #[arg(long)]
     pub service: SocketAddr,
@@ -151,6 +159,7 @@ impl FtArgs {
             tick_hz: self.tick_hz,
             kvm_device: self.guest.kvm_device.clone(),
             patching: true,
+            workload: self.workload,
         };
         Ok(Vm::new(image, config)?)
     }

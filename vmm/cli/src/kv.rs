@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use arbiter::ArbiterAddr;
 use ftvm_kvclient::{FailoverClient, FailoverConfig, FailoverError, ServerSource, DEFAULT_VM_ID};
 
 use crate::exit_codes::{KV_ERROR, KV_NOT_FOUND, KV_OK};
@@ -23,12 +24,13 @@ pub struct KvArgs {
     /// Address of the guest's KV service, as given to `ftvm run --service`.
     #[arg(long, value_name = "HOST:PORT")]
     pub server: Option<SocketAddr>,
-    /// Address of the arbiter: ask it for the primary's service address,
-    /// and ask again when the primary does not answer (after a failover,
-    /// the request is retried at the new primary under the same number, so
-    /// it is executed once).
-    #[arg(long, value_name = "HOST:PORT")]
-    pub arbiter: Option<SocketAddr>,
+    /// The arbiter (`HOST:PORT`, or `etcd://HOST:PORT[,...][/PREFIX]` for
+    /// etcd): ask it for the primary's service address, and ask again when
+    /// the primary does not answer (after a failover, the request is
+    /// retried at the new primary under the same number, so it is executed
+    /// once).
+    #[arg(long, value_name = "ADDR")]
+    pub arbiter: Option<ArbiterAddr>,
     /// The VM to ask the arbiter about (with `--arbiter` only).
     // `requires = "arbiter"` is not enforced once the group is satisfied,
     // so the other member is excluded instead.
@@ -46,8 +48,8 @@ pub struct KvArgs {
 impl KvArgs {
     /// Where requests go: `--server`, or the primary `--arbiter` names.
     pub fn source(&self) -> ServerSource {
-        match (self.server, self.arbiter) {
-            (_, Some(addr)) => ServerSource::arbiter(addr, self.vm_id.clone()),
+        match (self.server, &self.arbiter) {
+            (_, Some(addr)) => ServerSource::arbiter_at(addr.clone(), self.vm_id.clone()),
             (Some(addr), None) => ServerSource::Fixed(addr),
             // clap requires one of them; a hand-built KvArgs without either
             // has nowhere to send to but the unspecified address, which
@@ -245,6 +247,12 @@ mod tests {
             args.source(),
             ServerSource::arbiter("[::1]:7100".parse().unwrap(), "vm1")
         );
+        let etcd = "etcd://127.0.0.1:2379,etcd-b:2379/prod";
+        let args = parse(&["--arbiter", etcd, "get", "k"]).unwrap();
+        assert_eq!(
+            args.source(),
+            ServerSource::arbiter_at(etcd.parse().unwrap(), "ftvm")
+        );
         // Exactly one of --server and --arbiter; --vm-id only with --arbiter.
         for argv in [
             &[
@@ -259,6 +267,7 @@ mod tests {
             &["--vm-id", "vm1", "get", "k"],
             &["--server", "127.0.0.1:7000", "--vm-id", "vm1", "get", "k"],
             &["--arbiter", "localhost:7100", "get", "k"],
+            &["--arbiter", "etcd://127.0.0.1", "get", "k"],
         ] {
             assert!(parse(argv).is_err(), "{argv:?}");
         }

@@ -69,8 +69,9 @@ pub fn run(args: &PrimaryArgs) -> Result<ExitCode> {
         service_addr: net.local_addr(),
         log_addr: Some(log_addr),
     };
+    let arbiter = Membership::connect(&ft.arbiter).map_err(|e| anyhow!(e))?;
     let membership =
-        Membership::start(ft.arbiter, &ft.vm_id, me, stop.clone()).map_err(|e| anyhow!(e))?;
+        Membership::start(arbiter, &ft.vm_id, me, stop.clone()).map_err(|e| anyhow!(e))?;
     let stop_at = stop_at(started, timeout);
     let join = JoinWait::new(&stop, stop_at, wait);
     let pair = Pair {
@@ -194,6 +195,7 @@ impl Pair<'_> {
                 view.number,
                 self.image_hash,
                 self.ft.mem,
+                self.ft.workload.name(),
                 1,
             );
             let cancelled =

@@ -30,8 +30,9 @@ Exit status:
      another guest image, memory size or no patching; or the replay failed
      for a reason of its own (KVM, a guest fault, a file)
   3  DIVERGED: an entry did not match, or the guest can no longer reach it
-     (idle in hlt with nothing to wake it, or past its exit); the report
-     names the entry, both states and the last entry that matched
+     (idle in hlt with nothing to wake it, past its exit, or looping
+     between two exits in states that never match an async point's); the
+     report names the entry, both states and the last entry that matched
   6  STOPPED (SIGINT, SIGTERM, --timeout) before the end of the log: it says
      how many of the log's entries were applied and the exit reached";
 
@@ -92,12 +93,13 @@ pub fn run(args: &ReplayArgs) -> Result<ExitCode> {
         tick_hz: header.config.tick_hz,
         kvm_device: args.guest.kvm_device.clone(),
         patching: !args.no_patch,
+        workload: outline.settings.workload,
     };
     let mut vm = Vm::new(&image, config)?;
     let mut replay = Replay::new(
         source,
         header.config.digest_interval,
-        outline.output_memory,
+        outline.settings.output_memory,
         args.guest.console()?,
         args.guest.capture()?,
         stop.clone(),
@@ -112,7 +114,16 @@ pub fn run(args: &ReplayArgs) -> Result<ExitCode> {
     eprintln!("ftvm replay: {}", replay.counts);
     eprintln!("ftvm replay: log entries read by kind:\n{stats}");
     let summary = match result {
-        Ok(summary) => summary,
+        Ok(summary) => {
+            let b = &summary.between;
+            if b.deliveries > 0 {
+                eprintln!(
+                    "ftvm replay: {} deliveries between two exits, found with {} breakpoint hits and {} single steps",
+                    b.deliveries, b.breakpoint_hits, b.single_steps
+                );
+            }
+            summary
+        }
         Err(RunError::Diverged(d)) => {
             eprintln!("ftvm replay: DIVERGED after {elapsed:.2} s\n{d}");
             write_summary(
@@ -129,6 +140,7 @@ pub fn run(args: &ReplayArgs) -> Result<ExitCode> {
     eprintln!("ftvm replay: {verdict} ({elapsed:.2} s)");
     let reproduced = matches!(verdict, Verdict::Reproduced { .. });
     let mut json = serde_json::to_value(&verdict)?;
+    json["between"] = serde_json::to_value(&summary.between)?;
     json["ok"] = reproduced.into();
     json["log_bytes"] = stats.total_bytes.into();
     json["entries"] = outline.entries.into();

@@ -11,6 +11,7 @@ use ftvm_core::host::emitter::Emitter;
 use ftvm_core::host::net_backend::NetBackend;
 use ftvm_core::live::record::{recording_config, Recorder};
 use ftvm_core::live::{EntrySink, Live};
+use ftvm_core::machine::workload::Workload;
 use ftvm_core::run::run_loop::{self, RunSummary, StopReason};
 use ftvm_core::run::stop::StopSignal;
 use ftvm_core::run::vm::{Vm, VmConfig};
@@ -27,9 +28,14 @@ pub struct RunArgs {
     /// Guest memory size (for example 64M, 1G): 2M to 3G, a multiple of 4K.
     #[arg(long, default_value = "64M", value_parser = parse_mem)]
     mem: u64,
-    /// Host UDP address on which the guest's service is reachable.
+    /// Host UDP address on which the guest's service is reachable (the
+    /// workloads that serve KV).
     #[arg(long, default_value = "127.0.0.1:7000")]
     service: SocketAddr,
+    /// What the embedded guest runs: kv (the KV service), race, spin or
+    /// kv-race (docs/guest-abi.md).
+    #[arg(long, default_value = "kv")]
+    workload: Workload,
     /// Stop after this many seconds.
     #[arg(long, alias = "duration")]
     timeout: Option<f64>,
@@ -77,9 +83,15 @@ fn serve(args: &RunArgs, record: Option<&RecordArgs>) -> Result<ExitCode> {
         tick_hz: args.tick_hz,
         kvm_device: args.guest.kvm_device.clone(),
         patching: true,
+        workload: args.workload,
     };
     let mut vm = Vm::new(&image, config)?;
-    let net = NetBackend::bind(args.service)?;
+    // A workload that serves nobody takes no port.
+    let net = if args.workload.serves_kv() {
+        Some(Arc::new(NetBackend::bind(args.service)?))
+    } else {
+        None
+    };
     let sink: Option<Box<dyn EntrySink>> = match record {
         Some(record) => {
             let header = LogHeader::new(
@@ -89,6 +101,7 @@ fn serve(args: &RunArgs, record: Option<&RecordArgs>) -> Result<ExitCode> {
                 recording_config(
                     record.digest_interval,
                     args.tick_hz,
+                    args.workload,
                     record.output_memory_hash,
                 ),
             );
@@ -98,21 +111,23 @@ fn serve(args: &RunArgs, record: Option<&RecordArgs>) -> Result<ExitCode> {
     };
     let recording = sink.is_some();
     eprintln!(
-        "ftvm: booting the guest ({} MiB), service on {}{}",
+        "ftvm: booting the guest ({} MiB, workload {}){}{}",
         args.mem >> 20,
-        net.local_addr(),
+        args.workload,
+        net.as_ref()
+            .map(|n| format!(", service on {}", n.local_addr()))
+            .unwrap_or_default(),
         record
             .map(|r| format!(", recording to {}", r.log.display()))
             .unwrap_or_default()
     );
-    let net = Arc::new(net);
     let emitter = Emitter {
-        net: Some(net.clone()),
+        net: net.clone(),
         console: args.guest.console()?,
         capture: args.guest.capture()?,
         served: Default::default(),
     };
-    let mut live = Live::new(Some(net), Box::new(emitter), sink, stop.clone(), timeout);
+    let mut live = Live::new(net, Box::new(emitter), sink, stop.clone(), timeout);
     let summary = match run_loop::run(&mut vm, &mut live, &stop, recording) {
         Ok(s) => s,
         Err(e) => {
@@ -150,6 +165,13 @@ pub fn print_summary(summary: &RunSummary) {
         summary.packets_delivered,
         summary.frames_transmitted
     );
+    let b = &summary.between;
+    if b.deliveries > 0 {
+        eprintln!(
+            "ftvm: {} deliveries between two exits ({} kicks)",
+            b.deliveries, b.kicks
+        );
+    }
 }
 
 /// The exit status of a run that ended without an error of the VMM's.

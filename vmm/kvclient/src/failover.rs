@@ -20,10 +20,11 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use arbiter::{ArbiterClient, ArbiterError, ErrorKind, View, MAX_ID_LEN};
+use arbiter::{Arbiter, ArbiterAddr, ArbiterError, ErrorKind, View, MAX_ID_LEN};
 use thiserror::Error;
 use tracing::debug;
 
@@ -48,12 +49,17 @@ pub enum ServerSource {
     /// Always this address (`ftvm kv --server`).
     Fixed(SocketAddr),
     /// The service address of the primary of VM `vm_id`, as named by the
-    /// arbiter at `addr` (`ftvm kv --arbiter`).
-    Arbiter { addr: SocketAddr, vm_id: String },
+    /// arbiter at `addr`, built-in or etcd (`ftvm kv --arbiter`).
+    Arbiter { addr: ArbiterAddr, vm_id: String },
 }
 
 impl ServerSource {
+    /// The built-in arbiter at `addr`.
     pub fn arbiter(addr: SocketAddr, vm_id: impl Into<String>) -> ServerSource {
+        Self::arbiter_at(ArbiterAddr::Builtin(addr), vm_id)
+    }
+
+    pub fn arbiter_at(addr: ArbiterAddr, vm_id: impl Into<String>) -> ServerSource {
         ServerSource::Arbiter {
             addr,
             vm_id: vm_id.into(),
@@ -169,6 +175,12 @@ pub enum FailoverError {
     Client(#[from] ClientError),
     #[error("invalid VM id {vm_id:?}: must be 1 to {MAX_ID_LEN} bytes")]
     InvalidVmId { vm_id: String },
+    /// The arbiter's client could not be started (for etcd: its runtime).
+    #[error("cannot start the client of the arbiter at {arbiter}: {source}")]
+    ArbiterClient {
+        arbiter: ArbiterAddr,
+        source: Box<ArbiterError>,
+    },
     /// No primary was ever learned in this call, because the arbiter could
     /// not be asked (until the timeout), or answered in a way that asking
     /// again cannot fix.
@@ -180,7 +192,7 @@ pub enum FailoverError {
         .elapsed.as_secs_f64()
     )]
     Arbiter {
-        arbiter: SocketAddr,
+        arbiter: ArbiterAddr,
         vm_id: String,
         queries: u32,
         elapsed: Duration,
@@ -195,7 +207,7 @@ pub enum FailoverError {
         .elapsed.as_secs_f64()
     )]
     NoPrimary {
-        arbiter: SocketAddr,
+        arbiter: ArbiterAddr,
         vm_id: String,
         view: u64,
         elapsed: Duration,
@@ -257,7 +269,7 @@ impl Trouble {
         )
     }
 
-    fn note(&self, arbiter: SocketAddr) -> String {
+    fn note(&self, arbiter: &ArbiterAddr) -> String {
         match self {
             Trouble::Arbiter(error) => {
                 format!(
@@ -299,8 +311,9 @@ impl Attempt {
     }
 
     /// The error for a call that reached its deadline without a reply.
-    fn timed_out(self, arbiter: SocketAddr, vm_id: &str) -> FailoverError {
+    fn timed_out(self, arbiter: &ArbiterAddr, vm_id: &str) -> FailoverError {
         let vm_id = vm_id.to_owned();
+        let arbiter = arbiter.clone();
         let elapsed = self.started.elapsed();
         match (self.last_sent, self.trouble) {
             (Some((server, view)), trouble) => FailoverError::Timeout {
@@ -309,7 +322,7 @@ impl Attempt {
                 view,
                 rounds: self.rounds,
                 elapsed,
-                note: trouble.map(|t| t.note(arbiter)).or_else(|| {
+                note: trouble.map(|t| t.note(&arbiter)).or_else(|| {
                     self.round_error
                         .map(|e| format!("the last round failed: {e}"))
                 }),
@@ -339,12 +352,24 @@ impl Attempt {
     }
 }
 
+/// Where calls go, with the arbiter's client made once: an etcd client
+/// holds connections that every query reuses.
+#[derive(Clone, Debug)]
+enum Target {
+    Fixed(SocketAddr),
+    Arbiter {
+        arbiter: Arc<dyn Arbiter>,
+        vm_id: String,
+    },
+}
+
 /// A KV client that sends to a fixed server or to the primary the arbiter
 /// names, following it across failovers; see the module documentation.
 #[derive(Debug)]
 pub struct FailoverClient {
     client: KvClient,
     source: ServerSource,
+    target: Target,
     config: FailoverConfig,
     resolved: Option<Resolved>,
     /// The last call ended without a reply from `resolved`: the next one
@@ -377,16 +402,32 @@ impl FailoverClient {
         source: ServerSource,
         config: FailoverConfig,
     ) -> Result<Self, FailoverError> {
-        if let ServerSource::Arbiter { vm_id, .. } = &source {
-            if vm_id.is_empty() || vm_id.len() > MAX_ID_LEN {
-                return Err(FailoverError::InvalidVmId {
+        let target = match &source {
+            ServerSource::Fixed(server) => Target::Fixed(*server),
+            ServerSource::Arbiter { addr, vm_id } => {
+                if vm_id.is_empty() || vm_id.len() > MAX_ID_LEN {
+                    return Err(FailoverError::InvalidVmId {
+                        vm_id: vm_id.clone(),
+                    });
+                }
+                // Each query bounds itself (see `query`); this is the
+                // longest.
+                let arbiter = arbiter::connect(addr, config.arbiter_timeout).map_err(|e| {
+                    FailoverError::ArbiterClient {
+                        arbiter: addr.clone(),
+                        source: Box::new(e),
+                    }
+                })?;
+                Target::Arbiter {
+                    arbiter,
                     vm_id: vm_id.clone(),
-                });
+                }
             }
-        }
+        };
         Ok(FailoverClient {
             client,
             source,
+            target,
             config,
             resolved: None,
             suspect: false,
@@ -490,10 +531,10 @@ impl FailoverClient {
         .map_err(ClientError::from)?;
         self.stats.calls += 1;
         let started = Instant::now();
-        match self.source.clone() {
-            ServerSource::Fixed(server) => self.call_fixed(op, key, value, server, started),
-            ServerSource::Arbiter { addr, vm_id } => {
-                self.call_via_arbiter(op, key, value, addr, &vm_id, started)
+        match self.target.clone() {
+            Target::Fixed(server) => self.call_fixed(op, key, value, server, started),
+            Target::Arbiter { arbiter, vm_id } => {
+                self.call_via_arbiter(op, key, value, &*arbiter, &vm_id, started)
             }
         }
     }
@@ -528,10 +569,11 @@ impl FailoverClient {
         op: Op,
         key: &[u8],
         value: &[u8],
-        arbiter: SocketAddr,
+        arbiter: &dyn Arbiter,
         vm_id: &str,
         started: Instant,
     ) -> Result<Reply, FailoverError> {
+        let addr = arbiter.addr();
         let mut attempt = Attempt {
             started,
             deadline: started
@@ -556,7 +598,7 @@ impl FailoverClient {
                     }
                     Err(Trouble::Arbiter(source)) if Trouble::is_final(&source) => {
                         return Err(FailoverError::Arbiter {
-                            arbiter,
+                            arbiter: addr,
                             vm_id: vm_id.to_owned(),
                             queries: attempt.queries,
                             elapsed: started.elapsed(),
@@ -569,19 +611,19 @@ impl FailoverClient {
                         attempt.trouble = Some(trouble);
                         if nothing_to_send_to {
                             if !self.pause(&attempt) {
-                                return Err(attempt.timed_out(arbiter, vm_id));
+                                return Err(attempt.timed_out(&addr, vm_id));
                             }
                             continue;
                         }
                         // The arbiter cannot say, but the primary it named
                         // last may still be there: try it again, and ask
                         // again after this round.
-                        debug!(%arbiter, "arbiter unreachable: trying the last primary again");
+                        debug!(arbiter = %addr, "arbiter unreachable: trying the last primary again");
                     }
                 }
             }
             let Some(resolved) = &self.resolved else {
-                return Err(attempt.timed_out(arbiter, vm_id));
+                return Err(attempt.timed_out(&addr, vm_id));
             };
             let (server, view) = (resolved.server, resolved.view.number);
             let primary_id = resolved.view.primary.as_ref().map(|p| p.id.clone());
@@ -603,7 +645,7 @@ impl FailoverClient {
                     self.stats.failed_rounds += 1;
                     attempt.round_error = None;
                     if attempt.left().is_zero() {
-                        return Err(attempt.timed_out(arbiter, vm_id));
+                        return Err(attempt.timed_out(&addr, vm_id));
                     }
                 }
                 Err(error @ ClientError::Io { .. }) => {
@@ -612,7 +654,7 @@ impl FailoverClient {
                     attempt.round_error = Some(error);
                     // Socket errors tend to come at once: do not spin.
                     if !self.pause(&attempt) {
-                        return Err(attempt.timed_out(arbiter, vm_id));
+                        return Err(attempt.timed_out(&addr, vm_id));
                     }
                 }
                 // An answer, or an invalid request: another round would not
@@ -631,7 +673,7 @@ impl FailoverClient {
     /// points the client at it.
     fn query(
         &mut self,
-        arbiter: SocketAddr,
+        arbiter: &dyn Arbiter,
         vm_id: &str,
         attempt: &mut Attempt,
     ) -> Result<(), Trouble> {
@@ -643,15 +685,16 @@ impl FailoverClient {
             .max(MIN_ARBITER_TIMEOUT);
         attempt.queries += 1;
         self.stats.queries += 1;
-        let view = ArbiterClient::with_timeout(arbiter, timeout)
+        let view = arbiter
+            .with_call_timeout(timeout)
             .query(vm_id)
             .map_err(|error| {
-                debug!(%arbiter, vm_id, %error, "arbiter query failed");
+                debug!(arbiter = %arbiter.addr(), vm_id, %error, "arbiter query failed");
                 self.stats.arbiter_errors += 1;
                 Trouble::Arbiter(error)
             })?;
         let Some(primary) = &view.primary else {
-            debug!(%arbiter, vm_id, view = view.number, "the arbiter names no primary");
+            debug!(arbiter = %arbiter.addr(), vm_id, view = view.number, "the arbiter names no primary");
             self.stats.no_primary += 1;
             return Err(Trouble::NoPrimary { view: view.number });
         };
@@ -659,7 +702,7 @@ impl FailoverClient {
         if self.resolved.as_ref().is_some_and(|r| r.server != server) {
             self.stats.server_changes += 1;
         }
-        debug!(%arbiter, vm_id, %view, %server, "the arbiter names the primary");
+        debug!(arbiter = %arbiter.addr(), vm_id, %view, %server, "the arbiter names the primary");
         self.client.set_server(server);
         self.resolved = Some(Resolved { view, server });
         Ok(())
@@ -697,10 +740,19 @@ impl FailoverClient {
 }
 
 /// Where the `KvClient` points before the arbiter named a primary; nothing
-/// is sent there.
+/// is sent there, and the socket is bound again for the primary's address
+/// if it needs another.
 fn initial_server(source: &ServerSource) -> SocketAddr {
     match source {
-        ServerSource::Fixed(addr) | ServerSource::Arbiter { addr, .. } => *addr,
+        ServerSource::Fixed(addr)
+        | ServerSource::Arbiter {
+            addr: ArbiterAddr::Builtin(addr),
+            ..
+        } => *addr,
+        ServerSource::Arbiter {
+            addr: ArbiterAddr::Etcd(_),
+            ..
+        } => SocketAddr::from(([127, 0, 0, 1], 0)),
     }
 }
 
@@ -1041,7 +1093,10 @@ mod tests {
             panic!("expected an arbiter error, got {error:?}");
         };
         // It kept trying.
-        assert!(*arbiter == addr && *queries > 1, "{error:?}");
+        assert!(
+            *arbiter == ArbiterAddr::Builtin(addr) && *queries > 1,
+            "{error:?}"
+        );
         let message = error.to_string();
         let expected = format!(
             "cannot learn the primary of VM \"vm1\" from the arbiter at {addr}: unreachable: "
@@ -1065,7 +1120,7 @@ mod tests {
             "{took:?}"
         );
         assert!(
-            matches!(&error, FailoverError::Arbiter { arbiter, .. } if *arbiter == addr),
+            matches!(&error, FailoverError::Arbiter { arbiter, .. } if *arbiter == ArbiterAddr::Builtin(addr)),
             "{error:?}"
         );
         assert!(error.to_string().contains(&addr.to_string()), "{error}");

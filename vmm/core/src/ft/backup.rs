@@ -10,7 +10,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use logchannel::{ChannelError, Entry, LogReceiver, OutputKind, Position};
 
@@ -24,6 +24,7 @@ use crate::live::Live;
 use crate::machine::patch::TrapResult;
 use crate::machine::scan::NondetSite;
 use crate::replay::{LogSource, Replay};
+use crate::run::precise::Aim;
 use crate::run::run_loop::{Machine, Mode, RunError, StopReason};
 use crate::run::stop::StopSignal;
 
@@ -377,6 +378,37 @@ impl Mode for Backup {
 
     fn wait_idle(&mut self, m: &mut Machine, pos: Position) -> Result<(), RunError> {
         replay_or_live!(self, live => live.wait_idle(m, pos), self.replay.wait_idle(m, pos))
+    }
+
+    fn kick_at(&mut self, m: &mut Machine) -> Option<Instant> {
+        self.live.as_mut().and_then(|live| live.kick_at(m))
+    }
+
+    fn due_between(&mut self, m: &mut Machine) -> bool {
+        self.live.as_mut().is_some_and(|live| live.due_between(m))
+    }
+
+    fn deliver_between(&mut self, m: &mut Machine, at: Position) -> Result<bool, RunError> {
+        match self.live.as_mut() {
+            Some(live) => live.deliver_between(m, at),
+            None => Ok(false),
+        }
+    }
+
+    fn aim(&mut self, m: &mut Machine, pos: Position) -> Result<Option<(u64, u64)>, RunError> {
+        replay_or_live!(self, live => live.aim(m, pos), self.replay.aim(m, pos))
+    }
+
+    fn at_aim(&mut self, m: &mut Machine, at: Position, aim: &mut Aim) -> Result<bool, RunError> {
+        replay_or_live!(self, live => live.at_aim(m, at, aim), self.replay.at_aim(m, at, aim))
+    }
+
+    fn should_stop_between(
+        &mut self,
+        m: &mut Machine,
+        pos: Position,
+    ) -> Result<Option<StopReason>, RunError> {
+        replay_or_live!(self, live => live.should_stop_between(m, pos), self.replay.should_stop_between(m, pos))
     }
 
     fn finish(

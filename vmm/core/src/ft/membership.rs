@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use arbiter::{ArbiterClient, ArbiterError, Member, TasOutcome, View};
+use arbiter::{Arbiter, ArbiterAddr, ArbiterError, Member, TasOutcome, View};
 
 use crate::run::run_loop::RunError;
 use crate::run::stop::StopSignal;
@@ -31,6 +31,8 @@ const WAIT_POLL: Duration = Duration::from_millis(5);
 pub const ARBITER_PATIENCE: Duration = Duration::from_secs(5);
 /// Each request to the arbiter.
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(500);
+/// How often an unanswered claim is made again, at most.
+const CLAIM_RETRY: Duration = Duration::from_millis(50);
 
 /// Why a server that needed the arbiter does not go on: it lost, it was
 /// replaced, the arbiter cannot be reached, or it never joined.
@@ -110,7 +112,7 @@ impl<'a> JoinWait<'a> {
 }
 
 pub struct Membership {
-    client: ArbiterClient,
+    client: Arc<dyn Arbiter>,
     vm_id: String,
     me: Mutex<Member>,
     view: Mutex<View>,
@@ -136,15 +138,23 @@ pub struct Membership {
 }
 
 impl Membership {
+    /// The arbiter at `addr`, built-in or etcd, each request bounded as
+    /// this module bounds them; one client serves every wait and the
+    /// pinger (an etcd client keeps its connections).
+    pub fn connect(addr: &ArbiterAddr) -> Result<Arc<dyn Arbiter>, String> {
+        arbiter::connect(addr, REQUEST_TIMEOUT)
+            .map_err(|e| format!("cannot start the arbiter's client: {e}"))
+    }
+
     /// For a backup: waits (with queries, which register nothing) until the
     /// VM has a primary, so that a backup started first never becomes the
     /// primary of view 1 by pinging first.
     pub fn wait_for_primary(
-        arbiter: SocketAddr,
+        client: &dyn Arbiter,
         vm_id: &str,
         join: &JoinWait,
     ) -> Result<(), ArbitrationError> {
-        let client = ArbiterClient::with_timeout(arbiter, REQUEST_TIMEOUT);
+        let arbiter = client.addr();
         let started = Instant::now();
         let mut answered = None;
         let mut last_error = String::new();
@@ -184,13 +194,13 @@ impl Membership {
     /// Starts pinging in the background, often while the server joins.
     /// `stop` is the server's stop request.
     pub fn start(
-        arbiter: SocketAddr,
+        client: Arc<dyn Arbiter>,
         vm_id: &str,
         me: Member,
         stop: StopSignal,
     ) -> Result<Arc<Self>, String> {
         let m = Arc::new(Membership {
-            client: ArbiterClient::with_timeout(arbiter, REQUEST_TIMEOUT),
+            client,
             vm_id: vm_id.to_string(),
             me: Mutex::new(me),
             view: Mutex::new(View::default()),
@@ -388,7 +398,7 @@ impl Membership {
             return Ok(());
         }
         Err(ArbitrationError::Unreachable {
-            addr: self.client.addr.to_string(),
+            addr: self.client.addr().to_string(),
             detail: format!("no answer for {:?}", since.elapsed()),
         })
     }
@@ -447,6 +457,7 @@ impl Membership {
         let me = self.me();
         let deadline = Instant::now() + ARBITER_PATIENCE;
         loop {
+            let asked = Instant::now();
             match self.client.test_and_set(&self.vm_id, view, &me) {
                 Ok(TasOutcome::Won { view: won }) => {
                     self.note(&won);
@@ -469,7 +480,11 @@ impl Membership {
                         self.stop();
                         return Err(self.unreachable(&e));
                     }
-                    std::thread::sleep(Duration::from_millis(50));
+                    // At most one claim per CLAIM_RETRY, so that an arbiter
+                    // that refuses connections is not asked in a spin; one
+                    // that took its time (etcd electing a leader) is asked
+                    // again at once, as soon as it may answer.
+                    std::thread::sleep(CLAIM_RETRY.saturating_sub(asked.elapsed()));
                 }
                 Err(e) => {
                     self.stop();
@@ -491,7 +506,7 @@ impl Membership {
             e.to_string()
         };
         ArbitrationError::Unreachable {
-            addr: self.client.addr.to_string(),
+            addr: self.client.addr().to_string(),
             detail,
         }
     }
@@ -504,7 +519,7 @@ impl Membership {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arbiter::{Server, ServerConfig, ServerHandle};
+    use arbiter::{ArbiterClient, Server, ServerConfig, ServerHandle};
     use std::path::PathBuf;
 
     const VM: &str = "vm-membership-test";
@@ -536,6 +551,10 @@ mod tests {
         fn addr(&self) -> SocketAddr {
             self.handle.as_ref().expect("running").local_addr()
         }
+
+        fn client(&self) -> Arc<dyn Arbiter> {
+            Membership::connect(&self.addr().into()).expect("a client")
+        }
     }
 
     impl Drop for TestArbiter {
@@ -562,13 +581,15 @@ mod tests {
     /// A primary of view 1 and a backup named in view 2, acknowledged.
     fn pair(arbiter: &TestArbiter) -> (Arc<Membership>, Arc<Membership>) {
         let stop = StopSignal::new();
-        let p = Membership::start(arbiter.addr(), VM, member("p", 7000), stop.clone()).expect("p");
+        let p =
+            Membership::start(arbiter.client(), VM, member("p", 7000), stop.clone()).expect("p");
         let view = p
             .wait_for(&join(&stop), "a primary", |v| v.primary.is_some())
             .expect("view 1");
         assert!(p.is_me(view.primary.as_ref()));
         p.acknowledge(view.number);
-        let b = Membership::start(arbiter.addr(), VM, member("b", 7010), stop.clone()).expect("b");
+        let b =
+            Membership::start(arbiter.client(), VM, member("b", 7010), stop.clone()).expect("b");
         let view = b
             .wait_for(&join(&stop), "b is backup", |v| b.is_me(v.backup.as_ref()))
             .expect("view 2");
@@ -622,8 +643,10 @@ mod tests {
         let nowhere = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port");
+        let nowhere = Membership::connect(&nowhere.into()).expect("a client");
         let stop = StopSignal::new();
-        let m = Membership::start(nowhere, VM, member("p", 7000), stop.clone()).expect("start");
+        let m = Membership::start(Arc::clone(&nowhere), VM, member("p", 7000), stop.clone())
+            .expect("start");
         let requested = stop.clone();
         let asked_at = Instant::now() + Duration::from_millis(200);
         std::thread::spawn(move || {
@@ -648,7 +671,7 @@ mod tests {
         let stop = StopSignal::new();
         let limit = Instant::now() + Duration::from_millis(200);
         let wait = JoinWait::new(&stop, Some(limit), Duration::from_secs(60));
-        let err = Membership::wait_for_primary(nowhere, VM, &wait).expect_err("stopped");
+        let err = Membership::wait_for_primary(&*nowhere, VM, &wait).expect_err("stopped");
         assert!(
             matches!(err, ArbitrationError::StoppedJoining { .. }),
             "{err}"

@@ -206,6 +206,10 @@ impl EntrySink for FtSink {
         match self.sender.send(pos, event) {
             Ok(seq) => Ok(seq),
             Err(e) => {
+                // As at every exit: a primary that was paused may have been
+                // replaced meanwhile, which it must learn before it takes
+                // its backup's silence for a failure.
+                self.check_standing()?;
                 self.channel_down(e)?;
                 Ok(0)
             }
@@ -222,7 +226,11 @@ impl EntrySink for FtSink {
         if self.alone() {
             return Ok(());
         }
-        self.sender.set_progress(pos.exits);
+        // Everything at exits before this one is logged; at this one the
+        // guest may still be given an interrupt between this exit and the
+        // next (an `async-point` entry at this exit count), so the backup
+        // must not run past it on the strength of this mark.
+        self.sender.set_progress(pos.exits.saturating_sub(1));
         // The lag as this exit finds it, before any wait below shortens it.
         let m = self.sender.metrics();
         let lag_us = (m.lag_ms * 1000.0) as u64;

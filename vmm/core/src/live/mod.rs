@@ -18,11 +18,15 @@ use crate::host::net_backend::{Datagram, NetBackend};
 use crate::machine::patch::TrapResult;
 use crate::machine::scan::{NondetKind, NondetSite};
 use crate::run::digest;
+use crate::run::precise::regs_hash;
 use crate::run::run_loop::{Machine, Mode, RunError, StopReason, TIMER_IRQ};
 use crate::run::stop::StopSignal;
 
 /// Datagrams held while the guest has no free receive buffer.
 const MAX_PENDING_DATAGRAMS: usize = 1024;
+/// How long a guest with the network may compute without a synchronous exit
+/// before it is kicked to look for datagrams to deliver between two exits.
+const DATAGRAM_KICK: Duration = Duration::from_millis(2);
 
 /// Where a live run's log entries go.
 pub trait EntrySink: Send {
@@ -80,6 +84,12 @@ pub struct Live {
     stop: StopSignal,
     pending: VecDeque<Datagram>,
     board: Option<Arc<StatusBoard>>,
+    /// The last synchronous exit, or delivery between two: a timer tick
+    /// waits for a kick only once the guest has made no exit for a tick.
+    last_exit: Instant,
+    /// The `async-point` entry that goes before the first entry logged at
+    /// a delivery between two exits.
+    point: Option<Event>,
 }
 
 impl Live {
@@ -100,6 +110,8 @@ impl Live {
             stop,
             pending: VecDeque::new(),
             board: None,
+            last_exit: start,
+            point: None,
         }
     }
 
@@ -115,7 +127,12 @@ impl Live {
 
     fn log(&mut self, pos: Position, event: Event) -> Result<Option<u64>, RunError> {
         match &mut self.sink {
-            Some(s) => s.log(pos, event).map(Some),
+            Some(s) => {
+                if let Some(point) = self.point.take() {
+                    s.log(pos, point)?;
+                }
+                s.log(pos, event).map(Some)
+            }
             None => Ok(None),
         }
     }
@@ -305,7 +322,45 @@ impl Mode for Live {
         }
     }
 
+    fn kick_at(&mut self, m: &mut Machine) -> Option<Instant> {
+        let tick = Duration::from_nanos(1_000_000_000 / u64::from(m.vm.config.tick_hz.max(1)));
+        let timer =
+            m.vm.devices
+                .pit
+                .next_irq0_ns()
+                .map(|ns| (self.start + Duration::from_nanos(ns)).max(self.last_exit + tick));
+        let datagrams = self.net.as_ref().map(|_| self.last_exit + DATAGRAM_KICK);
+        match (timer, datagrams) {
+            (Some(t), Some(d)) => Some(t.min(d)),
+            (t, d) => t.or(d),
+        }
+    }
+
+    fn due_between(&mut self, m: &mut Machine) -> bool {
+        let now = self.now_ns();
+        if m.vm.devices.pit.next_irq0_ns().is_some_and(|at| at <= now) {
+            return true;
+        }
+        self.collect_datagrams();
+        !self.pending.is_empty() && m.vm.devices.net.rx_buffers_available(&m.vm.mem) > 0
+    }
+
+    fn deliver_between(&mut self, m: &mut Machine, at: Position) -> Result<bool, RunError> {
+        if self.sink.is_some() {
+            let (regs, mem) = m.state()?;
+            self.point = Some(Event::AsyncPoint {
+                regs: regs_hash(&regs),
+                mem,
+            });
+        }
+        self.last_exit = Instant::now();
+        let injected = self.deliver(m, at, true);
+        self.point = None;
+        injected
+    }
+
     fn resume(&mut self, _m: &mut Machine, pos: Position) -> Result<(), RunError> {
+        self.last_exit = Instant::now();
         if let Some(b) = &self.board {
             b.exits
                 .store(pos.exits, std::sync::atomic::Ordering::Relaxed);

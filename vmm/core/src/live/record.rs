@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use logchannel::{Event, LogHeader, LogStats, LogWriter, Position, ReplayConfig};
 
 use crate::live::EntrySink;
+use crate::machine::workload::{self, Workload};
 use crate::run::digest;
 use crate::run::run_loop::{RunError, StopReason, ABORTED_END_PREFIX};
 
@@ -29,14 +30,18 @@ pub enum RecordError {
 
 /// The settings a recording stores in its header, which its replay must
 /// reproduce: the digest interval, the timer rate, patching (always on
-/// when recording) and, with `output_memory_hash`, output checks that
-/// refresh the memory hash.
+/// when recording), the workload when it is not the default one and, with
+/// `output_memory_hash`, output checks that refresh the memory hash.
 pub fn recording_config(
     digest_interval: u64,
     tick_hz: u32,
+    workload: Workload,
     output_memory_hash: bool,
 ) -> ReplayConfig {
     let mut extra = BTreeMap::new();
+    if workload != Workload::default() {
+        extra.insert(workload::LOG_KEY.to_string(), workload.name().to_string());
+    }
     if output_memory_hash {
         extra.insert(
             digest::OUTPUT_MEMORY_KEY.to_string(),
@@ -155,11 +160,20 @@ mod tests {
     /// left it out of the header.
     #[test]
     fn the_output_memory_choice_is_in_the_recorded_settings() {
-        let on = recording_config(512, 100, true);
+        let on = recording_config(512, 100, Workload::Kv, true);
         assert!(digest::output_memory_refreshed(&on));
-        let off = recording_config(512, 100, false);
+        let off = recording_config(512, 100, Workload::Kv, false);
         assert!(!digest::output_memory_refreshed(&off));
         assert!(off.extra.is_empty(), "{off:?}");
         assert_ne!(on, off);
+    }
+
+    #[test]
+    fn a_workload_other_than_the_default_is_in_the_recorded_settings() {
+        let race = recording_config(512, 100, Workload::Race, false);
+        assert_eq!(
+            race.extra.get(workload::LOG_KEY).map(String::as_str),
+            Some("race")
+        );
     }
 }

@@ -9,6 +9,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _};
 use crate::host::frame::{GUEST_IP, GUEST_MAC, GUEST_SERVICE_PORT};
 use crate::machine::layout::*;
 use crate::machine::memory::GuestMemory;
+use crate::machine::workload::Workload;
 
 pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"FTVMBOOT");
 pub const BOOT_INFO_VERSION: u32 = 1;
@@ -93,7 +94,11 @@ fn segment_from_gdt(entry: u64, index: u16) -> kvm_segment {
 }
 
 /// Writes the boot GDT, page tables and boot-info block.
-pub fn write_boot_structures(mem: &GuestMemory, tick_hz: u32) -> Result<(), BootError> {
+pub fn write_boot_structures(
+    mem: &GuestMemory,
+    tick_hz: u32,
+    workload: Workload,
+) -> Result<(), BootError> {
     for (i, entry) in GDT.iter().enumerate() {
         mem.write_obj(*entry, GuestAddress(BOOT_GDT_ADDR + 8 * i as u64))?;
     }
@@ -119,6 +124,7 @@ pub fn write_boot_structures(mem: &GuestMemory, tick_hz: u32) -> Result<(), Boot
     info[56..60].copy_from_slice(&GUEST_IP.octets());
     info[60..62].copy_from_slice(&GUEST_SERVICE_PORT.to_le_bytes());
     info[64..68].copy_from_slice(&tick_hz.to_le_bytes());
+    info[68..72].copy_from_slice(&workload.boot_field().to_le_bytes());
     mem.write_slice(&info, GuestAddress(BOOT_INFO_ADDR))?;
     Ok(())
 }
@@ -208,7 +214,7 @@ mod tests {
     #[test]
     fn page_tables_identity_map_ram_and_the_mmio_window() {
         let mem = crate::machine::memory::create(16 << 20).expect("memory");
-        write_boot_structures(&mem, 100).expect("boot structures");
+        write_boot_structures(&mem, 100, Workload::Spin).expect("boot structures");
         let walk = |va: u64| -> u64 {
             let pml4e: u64 = mem
                 .read_obj(GuestAddress(PML4_ADDR + ((va >> 39) & 511) * 8))
@@ -238,5 +244,9 @@ mod tests {
             .read_obj(GuestAddress(BOOT_INFO_ADDR + 16))
             .expect("size");
         assert_eq!(size, 16 << 20);
+        let workload: u32 = mem
+            .read_obj(GuestAddress(BOOT_INFO_ADDR + 68))
+            .expect("workload");
+        assert_eq!(workload, Workload::Spin.boot_field());
     }
 }

@@ -115,9 +115,61 @@ pub fn scan<'a>(segments: impl IntoIterator<Item = (u64, &'a [u8])>) -> ScanRepo
     report
 }
 
+/// Whether the instruction at the start of `code` is a string instruction
+/// with a repeat prefix (`rep movsq`, `repne scasb`, …). Such an instruction
+/// can be interrupted between two of its iterations with RIP still on it, so
+/// RIP and registers there do not say how far it is, in a way a single step
+/// (which may run any number of iterations on some KVMs) reproduces.
+pub fn is_repeated_string(code: &[u8]) -> bool {
+    let mut decoder = Decoder::new(64, code, DecoderOptions::NONE);
+    let instr = decoder.decode();
+    let string = matches!(
+        instr.mnemonic(),
+        Mnemonic::Movsb
+            | Mnemonic::Movsw
+            | Mnemonic::Movsd
+            | Mnemonic::Movsq
+            | Mnemonic::Stosb
+            | Mnemonic::Stosw
+            | Mnemonic::Stosd
+            | Mnemonic::Stosq
+            | Mnemonic::Lodsb
+            | Mnemonic::Lodsw
+            | Mnemonic::Lodsd
+            | Mnemonic::Lodsq
+            | Mnemonic::Cmpsb
+            | Mnemonic::Cmpsw
+            | Mnemonic::Cmpsd
+            | Mnemonic::Cmpsq
+            | Mnemonic::Scasb
+            | Mnemonic::Scasw
+            | Mnemonic::Scasd
+            | Mnemonic::Scasq
+            | Mnemonic::Insb
+            | Mnemonic::Insw
+            | Mnemonic::Insd
+            | Mnemonic::Outsb
+            | Mnemonic::Outsw
+            | Mnemonic::Outsd
+    );
+    string && (instr.has_rep_prefix() || instr.has_repe_prefix() || instr.has_repne_prefix())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repeated_string_instructions_are_recognised() {
+        assert!(is_repeated_string(&[0xf3, 0x48, 0xa5])); // rep movsq
+        assert!(is_repeated_string(&[0xf3, 0xa4])); // rep movsb
+        assert!(is_repeated_string(&[0xf2, 0xae])); // repne scasb
+        assert!(!is_repeated_string(&[0x48, 0xa5])); // movsq, once
+        assert!(!is_repeated_string(&[0xf3, 0x90])); // pause
+        assert!(!is_repeated_string(&[0xf2, 0x0f, 0x10, 0x00])); // movsd xmm0, [rax]
+        assert!(!is_repeated_string(&[0x48, 0xff, 0xc0])); // inc rax
+        assert!(!is_repeated_string(&[])); // nothing to decode
+    }
 
     #[test]
     fn finds_sse_and_nondeterministic_instructions() {

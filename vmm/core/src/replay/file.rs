@@ -9,6 +9,7 @@ use std::path::Path;
 
 use logchannel::{DigestReason, Entry, Event, FrameError, LogError, LogHeader, LogReader};
 
+use crate::machine::workload::{self, Workload};
 use crate::replay::LogSource;
 use crate::run::digest::{OUTPUT_MEMORY_KEY, OUTPUT_MEMORY_REFRESH};
 use crate::run::run_loop::{end_without_final_digest, RunError};
@@ -36,7 +37,7 @@ pub enum LogFileError {
     },
     #[error("the log was recorded with the setting {key} = {value:?}, which this build does not know; replay must reproduce every setting, so it refuses the log")]
     UnknownSetting { key: String, value: String },
-    #[error("the log's setting {key} = {value:?} has a value this build does not know (the one it knows is {known:?})")]
+    #[error("the log's setting {key} = {value:?} has a value this build does not know ({known})")]
     UnknownValue {
         key: String,
         value: String,
@@ -44,13 +45,22 @@ pub enum LogFileError {
     },
 }
 
+/// The settings of a log header's `config.extra`, as replay must reproduce
+/// them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// Output checks refresh the memory hash (`record
+    /// --output-memory-hash`).
+    pub output_memory: bool,
+    /// What the guest ran (`--workload`); absent: the default.
+    pub workload: Workload,
+}
+
 /// What replay learns from reading a whole log before it starts.
 #[derive(Debug, Clone)]
 pub struct LogOutline {
     pub header: LogHeader,
-    /// Whether output checks refresh the memory hash (`record
-    /// --output-memory-hash`).
-    pub output_memory: bool,
+    pub settings: Settings,
     /// Entries in the log, its `end` entry included.
     pub entries: u64,
     /// The `end` entry.
@@ -60,28 +70,34 @@ pub struct LogOutline {
     pub final_digest: bool,
 }
 
-/// The settings in `header.config.extra` that this build knows, each with
-/// a value it knows: replay cannot reproduce a setting it does not know.
-/// Returns whether output checks refresh the memory hash.
-pub fn output_memory_setting(header: &LogHeader) -> Result<bool, LogFileError> {
-    let mut refresh = false;
+/// The settings in `header.config.extra`, which must all be settings this
+/// build knows, each with a value it knows: replay cannot reproduce a
+/// setting it does not know.
+pub fn settings(header: &LogHeader) -> Result<Settings, LogFileError> {
+    let mut settings = Settings::default();
     for (key, value) in &header.config.extra {
-        if key != OUTPUT_MEMORY_KEY {
-            return Err(LogFileError::UnknownSetting {
-                key: key.clone(),
-                value: value.clone(),
-            });
+        let unknown_value = |known| LogFileError::UnknownValue {
+            key: key.clone(),
+            value: value.clone(),
+            known,
+        };
+        match key.as_str() {
+            OUTPUT_MEMORY_KEY if value == OUTPUT_MEMORY_REFRESH => settings.output_memory = true,
+            OUTPUT_MEMORY_KEY => return Err(unknown_value("the one it knows is \"refresh\"")),
+            workload::LOG_KEY => {
+                settings.workload = value.parse().map_err(|_| {
+                    unknown_value("the ones it knows are \"kv\", \"race\", \"spin\", \"kv-race\"")
+                })?;
+            }
+            _ => {
+                return Err(LogFileError::UnknownSetting {
+                    key: key.clone(),
+                    value: value.clone(),
+                })
+            }
         }
-        if value != OUTPUT_MEMORY_REFRESH {
-            return Err(LogFileError::UnknownValue {
-                key: key.clone(),
-                value: value.clone(),
-                known: OUTPUT_MEMORY_REFRESH,
-            });
-        }
-        refresh = true;
     }
-    Ok(refresh)
+    Ok(settings)
 }
 
 /// Reads a whole log and checks that it is complete: every frame sound, an
@@ -89,7 +105,7 @@ pub fn output_memory_setting(header: &LogHeader) -> Result<bool, LogFileError> {
 /// that entry says the recording stopped where none could be taken.
 pub fn outline<R: Read>(mut reader: LogReader<R>) -> Result<LogOutline, LogFileError> {
     let header = reader.header().clone();
-    let output_memory = output_memory_setting(&header)?;
+    let settings = settings(&header)?;
     let mut entries = 0;
     let mut end_digest_at = None;
     for entry in reader.by_ref() {
@@ -110,7 +126,7 @@ pub fn outline<R: Read>(mut reader: LogReader<R>) -> Result<LogOutline, LogFileE
                 }
                 return Ok(LogOutline {
                     header,
-                    output_memory,
+                    settings,
                     entries,
                     end: entry,
                     final_digest,
@@ -262,7 +278,7 @@ mod tests {
         let o = outline_of(bytes).expect("complete");
         assert_eq!(o.entries, 3);
         assert!(o.final_digest);
-        assert!(!o.output_memory);
+        assert!(!o.settings.output_memory);
         assert_eq!(o.end.seq, 3);
     }
 
@@ -356,9 +372,19 @@ mod tests {
     #[test]
     fn the_output_memory_setting_is_read_and_an_unknown_value_refused() {
         let on = header(&[(OUTPUT_MEMORY_KEY, OUTPUT_MEMORY_REFRESH)]);
-        assert!(output_memory_setting(&on).expect("known"));
+        assert!(settings(&on).expect("known").output_memory);
         let odd = header(&[(OUTPUT_MEMORY_KEY, "sometimes")]);
-        let err = output_memory_setting(&odd).expect_err("unknown value");
+        let err = settings(&odd).expect_err("unknown value");
         assert!(matches!(err, LogFileError::UnknownValue { .. }), "{err}");
+    }
+
+    #[test]
+    fn the_workload_setting_is_read_and_an_unknown_one_refused() {
+        assert_eq!(settings(&header(&[])).expect("none").workload, Workload::Kv);
+        let race = header(&[(workload::LOG_KEY, "race")]);
+        assert_eq!(settings(&race).expect("known").workload, Workload::Race);
+        let odd = header(&[(workload::LOG_KEY, "chess")]);
+        let err = settings(&odd).expect_err("unknown workload");
+        assert!(err.to_string().contains("chess"), "{err}");
     }
 }

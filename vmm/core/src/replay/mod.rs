@@ -6,6 +6,7 @@
 //! expected and what was found. A replay that ends without one says how
 //! far it got ([`Verdict`]).
 
+mod between;
 pub mod file;
 
 use std::fmt;
@@ -19,6 +20,7 @@ use crate::machine::patch::TrapResult;
 use crate::machine::scan::{NondetKind, NondetSite};
 use crate::run::digest;
 use crate::run::divergence::{Divergence, FAILED_DELIVERY};
+use crate::run::precise::Aim;
 use crate::run::run_loop::{
     end_without_final_digest, flush_outputs, Machine, Mode, RunError, RunSummary, StopReason,
 };
@@ -35,6 +37,8 @@ pub struct ReplayCounts {
     pub packets_delivered: u64,
     pub interrupts_injected: u64,
     pub traps_emulated: u64,
+    /// `async-point` entries reached: deliveries between two exits.
+    pub async_points: u64,
 }
 
 /// Where a replay's entries come from.
@@ -315,6 +319,9 @@ impl<S: LogSource> Replay<S> {
     /// The guest has gone past `entry`'s exit without applying it; `found`
     /// is where it is and what it does there.
     fn passed(&self, pos: Position, entry: Entry, found: String) -> RunError {
+        if let Event::AsyncPoint { .. } = entry.event {
+            return self.passed_async_point(pos, entry, found);
+        }
         let expected = format!("#{} applied at exit {}", entry.seq, entry.pos.exits);
         self.report(
             Some(entry),
@@ -451,6 +458,22 @@ fn trap_result(kind: NondetKind, event: &Event) -> Option<TrapResult> {
 impl<S: LogSource> Mode for Replay<S> {
     fn now_ns(&self) -> u64 {
         0
+    }
+
+    fn aim(&mut self, _m: &mut Machine, pos: Position) -> Result<Option<(u64, u64)>, RunError> {
+        self.async_point_at(pos)
+    }
+
+    fn at_aim(&mut self, m: &mut Machine, at: Position, aim: &mut Aim) -> Result<bool, RunError> {
+        self.judge_pass(m, at, aim)
+    }
+
+    fn should_stop_between(
+        &mut self,
+        m: &mut Machine,
+        pos: Position,
+    ) -> Result<Option<StopReason>, RunError> {
+        self.end_between(m, pos)
     }
 
     /// Before the guest leaves exit `pos` (and while it idles there): the
@@ -799,8 +822,8 @@ impl fmt::Display for ReplayCounts {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         write!(
             f,
-            "{} entries applied, {} digests checked, {} outputs reproduced, {} packets, {} interrupts, {} trapped instructions",
-            self.entries_applied, self.digests_checked, self.outputs_reproduced, self.packets_delivered, self.interrupts_injected, self.traps_emulated
+            "{} entries applied, {} digests checked, {} outputs reproduced, {} packets, {} interrupts ({} between exits), {} trapped instructions",
+            self.entries_applied, self.digests_checked, self.outputs_reproduced, self.packets_delivered, self.interrupts_injected, self.async_points, self.traps_emulated
         )
     }
 }
@@ -920,6 +943,41 @@ mod tests {
         let d = diverged(r.trap(at(7), &rdtsc_site()).expect_err("left behind"));
         assert_eq!(d.entry.map(|e| e.seq), Some(2));
         assert_eq!(d.last_matched, Some((1, at(5))));
+    }
+
+    fn async_point() -> Event {
+        Event::AsyncPoint { regs: 7, mem: 70 }
+    }
+
+    #[test]
+    fn an_async_point_is_aimed_at_from_its_own_exit_only() {
+        let mut r = replay_of(&[
+            (5, Event::Rdtsc { value: 1 }),
+            (5, async_point()),
+            (6, Event::Rdtsc { value: 2 }),
+        ]);
+        assert_eq!(r.async_point_at(at(5)).expect("peek"), None, "rdtsc first");
+        r.trap(at(5), &rdtsc_site()).expect("exit 5");
+        assert_eq!(r.async_point_at(at(4)).expect("peek"), None);
+        assert_eq!(r.async_point_at(at(5)).expect("peek"), Some((2, RIP)));
+    }
+
+    #[test]
+    fn an_async_point_the_guest_left_behind_names_its_instruction() {
+        let mut r = replay_of(&[(5, async_point()), (6, Event::Rdtsc { value: 2 })]);
+        let d = diverged(r.trap(at(6), &rdtsc_site()).expect_err("left behind"));
+        assert_eq!(d.entry.map(|e| e.seq), Some(1));
+        assert!(
+            d.what
+                .contains("left exit 5 without reaching rip 0x1000 with the recorded state"),
+            "{}",
+            d.what
+        );
+        assert!(
+            d.expected.contains("registers 0x7, memory 0x46"),
+            "{}",
+            d.expected
+        );
     }
 
     #[test]

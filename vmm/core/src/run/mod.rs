@@ -2,9 +2,13 @@
 //! pure exit handler, the one run loop shared by live runs, recordings and
 //! replays, divergence digests and reports, and the stop signal.
 
+pub mod breakpoint;
 pub mod digest;
 pub mod divergence;
 pub mod exit;
+pub mod kick;
+pub mod precise;
 pub mod run_loop;
+pub mod single_step;
 pub mod stop;
 pub mod vm;

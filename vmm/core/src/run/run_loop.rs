@@ -17,6 +17,8 @@ use crate::machine::scan::NondetSite;
 use crate::run::digest::{self, MemoryHasher};
 use crate::run::divergence::Divergence;
 use crate::run::exit::{handle_exit, Action, Exit, ExitKind};
+use crate::run::kick::Kicker;
+use crate::run::precise::{can_take_interrupt, Aim, PreciseError};
 use crate::run::stop::StopSignal;
 use crate::run::vm::{Vm, VmError};
 
@@ -51,6 +53,8 @@ pub enum RunError {
     DeadHalt { rip: u64 },
     #[error("cannot prepare the vCPU thread: {0}")]
     Thread(std::io::Error),
+    #[error(transparent)]
+    Precise(#[from] PreciseError),
     #[error("writing the log failed: {0}")]
     Log(#[from] logchannel::LogError),
     #[error("reading the log failed: {0}")]
@@ -128,11 +132,26 @@ pub struct ExitCounts {
     pub asynchronous: u64,
 }
 
+/// What delivering between two synchronous exits took.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct BetweenCounts {
+    /// Places between two exits where something was delivered (a live run
+    /// at a kick, a replay at a breakpoint hit that matched).
+    pub deliveries: u64,
+    /// Kicks sent to a guest that made no synchronous exit (live).
+    pub kicks: u64,
+    /// Breakpoint hits, the matching ones included (replay).
+    pub breakpoint_hits: u64,
+    /// Single steps over hits that did not match (replay).
+    pub single_steps: u64,
+}
+
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct RunSummary {
     pub reason: Option<StopReason>,
     pub elapsed_secs: f64,
     pub exits: ExitCounts,
+    pub between: BetweenCounts,
     pub interrupts_injected: u64,
     pub timer_irqs: u64,
     pub packets_delivered: u64,
@@ -272,6 +291,50 @@ pub trait Mode {
     /// The guest is halted with nothing delivered: wait for something to
     /// deliver, or say why nothing ever will.
     fn wait_idle(&mut self, m: &mut Machine, pos: Position) -> Result<(), RunError>;
+    /// When a guest that makes no synchronous exit from now on should be
+    /// kicked out of `KVM_RUN`, so that what is due then reaches it between
+    /// two exits (a live run's timer tick, a datagram); `None`: never.
+    fn kick_at(&mut self, _m: &mut Machine) -> Option<Instant> {
+        None
+    }
+    /// At an asynchronous exit (a kick): whether anything is due that the
+    /// guest should take right where it is.
+    fn due_between(&mut self, _m: &mut Machine) -> bool {
+        false
+    }
+    /// Delivers what is due at `at` (the count of synchronous exits so far
+    /// and the RIP a kick stopped the guest at), where it can take an
+    /// interrupt. Returns whether one was injected.
+    fn deliver_between(&mut self, _m: &mut Machine, _at: Position) -> Result<bool, RunError> {
+        Ok(false)
+    }
+    /// Whether the guest must be stopped at an instruction before it runs
+    /// on from the last synchronous exit `pos` (a replay's next
+    /// `async-point` entry): that entry's sequence number and RIP.
+    fn aim(&mut self, _m: &mut Machine, _pos: Position) -> Result<Option<(u64, u64)>, RunError> {
+        Ok(None)
+    }
+    /// The guest is at the aimed instruction, at `at`: judge this pass
+    /// (`aim.judge`) and, when it is the recorded one, apply the entry,
+    /// deliver what follows it and return true. A pass that can never lead
+    /// to the recorded one is a divergence, returned as the error.
+    fn at_aim(
+        &mut self,
+        _m: &mut Machine,
+        _at: Position,
+        _aim: &mut Aim,
+    ) -> Result<bool, RunError> {
+        Ok(false)
+    }
+    /// Between two exits, after the last synchronous exit `pos`: whether the
+    /// run ends here (a replay whose recording was stopped between exits).
+    fn should_stop_between(
+        &mut self,
+        _m: &mut Machine,
+        _pos: Position,
+    ) -> Result<Option<StopReason>, RunError> {
+        Ok(None)
+    }
     /// The run ends at `pos`. `at_position` is false when a stop request
     /// had to take the vCPU between two synchronous exits (a guest that made
     /// none for [`STOP_GRACE`]), where its state belongs to no position.
@@ -323,9 +386,41 @@ pub fn flush_outputs<M: Mode>(
     Ok(())
 }
 
-/// One synchronous exit's worth of work before delivery. Returns `None` for
-/// an exit that is not a position (a signal kick).
-fn step<M: Mode>(m: &mut Machine, mode: &mut M) -> Result<Option<(Position, Action)>, RunError> {
+/// What one entry into the guest ended with.
+enum Stepped {
+    /// A synchronous exit: a position.
+    Sync(Position, Action),
+    /// A signal kick or another exit that is not a position.
+    Between,
+    /// The aimed breakpoint (a `hlt` exit one past it).
+    Hit,
+    /// A single step completed.
+    Debug,
+}
+
+/// Enters the guest once and handles the exit; with `aim`, its breakpoint
+/// or its step is in place, and undone after the exit.
+fn step<M: Mode>(
+    m: &mut Machine,
+    mode: &mut M,
+    mut aim: Option<&mut Aim>,
+) -> Result<Stepped, RunError> {
+    let stepped = enter(m, mode, aim.as_deref_mut());
+    if let Some(aim) = aim {
+        let interrupted_at = match stepped {
+            Ok(Stepped::Between) => Some(m.regs().rip),
+            _ => None,
+        };
+        aim.end_step(&m.vm.vcpu, interrupted_at)?;
+    }
+    stepped
+}
+
+fn enter<M: Mode>(
+    m: &mut Machine,
+    mode: &mut M,
+    mut aim: Option<&mut Aim>,
+) -> Result<Stepped, RunError> {
     let now = mode.now_ns();
     // The exit's data borrows the vCPU, so it is handled first and the
     // registers (for the position) are read once that borrow ends.
@@ -335,7 +430,12 @@ fn step<M: Mode>(m: &mut Machine, mode: &mut M) -> Result<Option<(Position, Acti
         let Vm {
             vcpu, devices, mem, ..
         } = &mut *m.vm;
-        let exit = match vcpu.run() {
+        let result = vcpu.run();
+        // Before anything looks at guest memory, whatever the exit.
+        if let Some(aim) = aim.as_deref_mut() {
+            aim.restore(mem);
+        }
+        let exit = match result {
             Ok(VcpuExit::X86Rdmsr(e)) => {
                 msr_read = Some(e.index);
                 break 'exit (ExitKind::Msr, Action::Resume);
@@ -348,13 +448,14 @@ fn step<M: Mode>(m: &mut Machine, mode: &mut M) -> Result<Option<(Position, Acti
             Ok(VcpuExit::MmioRead(addr, data)) => Exit::MmioRead { addr, data },
             Ok(VcpuExit::MmioWrite(addr, data)) => Exit::MmioWrite { addr, data },
             Ok(VcpuExit::Hlt) => Exit::Hlt,
+            Ok(VcpuExit::Debug(_)) => return Ok(Stepped::Debug),
             Ok(VcpuExit::Intr) => {
                 m.summary.exits.asynchronous += 1;
-                return Ok(None);
+                return Ok(Stepped::Between);
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 m.summary.exits.asynchronous += 1;
-                return Ok(None);
+                return Ok(Stepped::Between);
             }
             Err(e) => return Err(RunError::Run(e)),
             Ok(VcpuExit::Shutdown) => {
@@ -398,6 +499,23 @@ fn step<M: Mode>(m: &mut Machine, mode: &mut M) -> Result<Option<(Position, Acti
         };
         (kind, action)
     };
+    if kind == ExitKind::Hlt && aim.is_some_and(|a| a.is_hit(m.regs().rip)) {
+        return Ok(Stepped::Hit);
+    }
+    let (pos, action) = synchronous(m, mode, kind, action, pit_read, msr_read)?;
+    Ok(Stepped::Sync(pos, action))
+}
+
+/// The work of a synchronous exit of `kind` before delivery: its position,
+/// trapped instructions, time reads.
+fn synchronous<M: Mode>(
+    m: &mut Machine,
+    mode: &mut M,
+    kind: ExitKind,
+    action: Action,
+    pit_read: Option<(u16, Vec<u8>)>,
+    msr_read: Option<u32>,
+) -> Result<(Position, Action), RunError> {
     let position = m.summary.exits.synchronous + 1;
     m.summary.exits.synchronous = position;
     let mut regs = m.regs();
@@ -417,7 +535,7 @@ fn step<M: Mode>(m: &mut Machine, mode: &mut M) -> Result<Option<(Position, Acti
             }
             m.vm.vcpu.sync_regs_mut().regs = regs;
             m.vm.vcpu.set_sync_dirty_reg(kvm_ioctls::SyncReg::Register);
-            return Ok(Some((pos, Action::Resume)));
+            return Ok((pos, Action::Resume));
         }
     }
     let counts = &mut m.summary.exits;
@@ -437,7 +555,36 @@ fn step<M: Mode>(m: &mut Machine, mode: &mut M) -> Result<Option<(Position, Acti
         }
         m.vm.set_io_in_data(&data);
     }
-    Ok(Some((pos, action)))
+    Ok((pos, action))
+}
+
+/// What a hit of the aimed breakpoint turned out to be.
+enum Hit {
+    /// The recorded pass: the mode delivered there.
+    Delivered,
+    /// Another pass: the next entry steps over the instruction.
+    Passed,
+    /// Not the pass wanted, on a `hlt` of the guest's: its own exit.
+    Sync(Position, Action),
+}
+
+fn at_breakpoint<M: Mode>(m: &mut Machine, mode: &mut M, aim: &mut Aim) -> Result<Hit, RunError> {
+    m.summary.between.breakpoint_hits += 1;
+    aim.rewind(m.vm)?;
+    let at = Position {
+        exits: m.summary.exits.synchronous,
+        rip: aim.rip(),
+    };
+    if mode.at_aim(m, at, aim)? {
+        m.summary.between.deliveries += 1;
+        return Ok(Hit::Delivered);
+    }
+    if !aim.on_hlt() {
+        return Ok(Hit::Passed);
+    }
+    aim.advance(m.vm)?;
+    let (pos, action) = synchronous(m, mode, ExitKind::Hlt, Action::Idle, None, None)?;
+    Ok(Hit::Sync(pos, action))
 }
 
 /// Runs the guest until it powers off, fails, or `mode` stops it.
@@ -465,20 +612,80 @@ pub fn run<M: Mode>(
     };
     let mut at_position = true;
     let mut stop_seen: Option<Instant> = None;
+    // The replay's aim (with the sequence number of the entry it is for),
+    // and the kicker of a live run, started when it first wants a kick.
+    let mut aim: Option<(u64, Aim)> = None;
+    let mut kicker: Option<Kicker> = None;
     let reason = loop {
         if at_position {
             if let Some(reason) = mode.should_stop(&mut m, pos)? {
                 break reason;
             }
             mode.resume(&mut m, pos)?;
-        } else if stop.is_requested()
-            && stop_seen.get_or_insert_with(Instant::now).elapsed() > STOP_GRACE
-        {
-            break StopReason::RequestedBetweenExits;
+        } else {
+            if let Some(reason) = mode.should_stop_between(&mut m, pos)? {
+                break reason;
+            }
+            if stop.is_requested()
+                && stop_seen.get_or_insert_with(Instant::now).elapsed() > STOP_GRACE
+            {
+                break StopReason::RequestedBetweenExits;
+            }
         }
-        let Some((at, action)) = step(&mut m, mode)? else {
-            at_position = false;
-            continue;
+        match (mode.kick_at(&mut m), &kicker) {
+            (Some(at), Some(k)) => k.set(Some(at)),
+            (Some(at), None) => {
+                let k = Kicker::start().map_err(RunError::Thread)?;
+                k.set(Some(at));
+                kicker = Some(k);
+            }
+            (None, Some(k)) => k.set(None),
+            (None, None) => {}
+        }
+        match mode.aim(&mut m, pos)? {
+            Some((seq, _)) if aim.as_ref().is_some_and(|(s, _)| *s == seq) => {}
+            Some((seq, rip)) => aim = Some((seq, Aim::new(m.vm, rip)?)),
+            None => aim = None,
+        }
+        if let Some((_, a)) = &mut aim {
+            a.before_entry(m.vm)?;
+        }
+        let (at, action) = match step(&mut m, mode, aim.as_mut().map(|(_, a)| a))? {
+            Stepped::Sync(at, action) => (at, action),
+            Stepped::Debug => {
+                m.summary.between.single_steps += 1;
+                at_position = false;
+                continue;
+            }
+            Stepped::Between => {
+                at_position = false;
+                if aim.is_none() && mode.due_between(&mut m) && can_take_interrupt(m.vm)? {
+                    let at = Position {
+                        exits: m.summary.exits.synchronous,
+                        rip: m.regs().rip,
+                    };
+                    mode.deliver_between(&mut m, at)?;
+                    m.summary.between.deliveries += 1;
+                }
+                continue;
+            }
+            Stepped::Hit => {
+                let Some((_, a)) = &mut aim else {
+                    return Err(VmError::Internal("a breakpoint hit without an aim").into());
+                };
+                match at_breakpoint(&mut m, mode, a)? {
+                    Hit::Sync(at, action) => (at, action),
+                    Hit::Delivered => {
+                        aim = None;
+                        at_position = false;
+                        continue;
+                    }
+                    Hit::Passed => {
+                        at_position = false;
+                        continue;
+                    }
+                }
+            }
         };
         at_position = true;
         pos = at;
@@ -504,6 +711,10 @@ pub fn run<M: Mode>(
             if !if_flag {
                 return Err(RunError::DeadHalt { rip: pos.rip });
             }
+            // The vCPU is out of KVM_RUN for as long as it idles.
+            if let Some(k) = &kicker {
+                k.set(None);
+            }
             while !injected {
                 if mode.should_stop(&mut m, pos)?.is_some() {
                     break;
@@ -516,6 +727,7 @@ pub fn run<M: Mode>(
     flush_outputs(&mut m, mode, pos, true)?;
     mode.finish(&mut m, pos, reason, at_position)?;
     let mut summary = m.summary;
+    summary.between.kicks = kicker.as_ref().map_or(0, Kicker::kicks);
     summary.reason = Some(reason);
     summary.elapsed_secs = start.elapsed().as_secs_f64();
     summary.unknown_pio = m.vm.devices.unknown_pio;

@@ -17,6 +17,7 @@ use crate::machine::loader::{ElfImage, LoaderError};
 use crate::machine::memory::{self, GuestMemory, MemoryError};
 use crate::machine::patch::{PatchError, PatchTable};
 use crate::machine::scan;
+use crate::machine::workload::Workload;
 
 ioctl_iow_nr!(KVM_INTERRUPT, KVMIO, 0x86, kvm_interrupt);
 
@@ -35,6 +36,8 @@ pub struct VmConfig {
     /// Patch rdtsc/rdtscp/rdrand/rdseed to trap. Only tests turn this off,
     /// to show that replay needs it.
     pub patching: bool,
+    /// What the guest is asked to run (the boot-info block's field).
+    pub workload: Workload,
 }
 
 impl Default for VmConfig {
@@ -44,6 +47,7 @@ impl Default for VmConfig {
             tick_hz: boot::DEFAULT_TICK_HZ,
             kvm_device: PathBuf::from("/dev/kvm"),
             patching: true,
+            workload: Workload::default(),
         }
     }
 }
@@ -177,7 +181,7 @@ impl Vm {
         if config.patching {
             patches.apply(&mem)?;
         }
-        boot::write_boot_structures(&mem, config.tick_hz)?;
+        boot::write_boot_structures(&mem, config.tick_hz, config.workload)?;
         let mut vcpu = vm.create_vcpu(0).map_err(kvm_err("create a vCPU"))?;
         boot::setup_vcpu(&kvm, &vcpu, image.entry)?;
         // KVM copies the registers into kvm_run at every exit, which makes

@@ -63,6 +63,7 @@ fn connect() -> Result<(LogSender, Arc<LogReceiver>)> {
             1,
             image_hash(b"no guest"),
             0,
+            "none",
             first_seq,
         )
     };

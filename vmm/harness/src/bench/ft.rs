@@ -357,7 +357,19 @@ fn closed_loop_tolerant(service: SocketAddr, clients: usize, duration: Duration)
 
 fn failover_trial(launcher: &Launcher, args: &FtBenchArgs, n: usize) -> Result<FailoverTrial> {
     let mut pair = start_pair(launcher, args, Duration::from_secs(60))?;
+    measure_failover(&mut pair, n, |_| Ok(()))
+}
+
+/// Does `first` (another failure at the same moment), kills `pair`'s
+/// primary (SIGKILL) at once, and times the backup's way from that kill to
+/// its first reply.
+pub(super) fn measure_failover(
+    pair: &mut Cluster,
+    n: usize,
+    first: impl FnOnce(&mut Cluster) -> Result<()>,
+) -> Result<FailoverTrial> {
     let backup_service = pair.backup.address()?;
+    first(pair)?;
     let kill_ns = ftvm_core::host::events::unix_ns();
     let killed = Instant::now();
     pair.primary.kill();

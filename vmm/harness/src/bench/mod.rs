@@ -3,8 +3,10 @@
 //! run.
 
 pub mod channel;
+pub mod etcd;
 pub mod ft;
 pub mod kv;
+pub mod precise;
 pub mod record;
 
 #[derive(clap::Args)]
@@ -26,6 +28,14 @@ pub enum BenchWhat {
     /// The log channel alone on loopback: entries per second, and send to
     /// ack with the writer thread against `flush`.
     Channel(channel::ChannelBenchArgs),
+    /// The arbiter on etcd against the built-in one: failover time (also
+    /// with the etcd leader killed at the failure) and test-and-set
+    /// latency.
+    Etcd(etcd::EtcdBenchArgs),
+    /// Interrupts between exits (race, kv-race): record against run,
+    /// replay against the recorded time, breakpoint hits and single steps
+    /// per interrupt, log bytes per second.
+    Precise(precise::PreciseBenchArgs),
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
@@ -34,5 +44,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         BenchWhat::Record(r) => record::bench_record(r),
         BenchWhat::Ft(f) => ft::bench_ft(f),
         BenchWhat::Channel(c) => channel::bench_channel(c),
+        BenchWhat::Etcd(e) => etcd::bench_etcd(e),
+        BenchWhat::Precise(p) => precise::bench_precise(p),
     }
 }

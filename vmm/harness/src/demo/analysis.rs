@@ -9,7 +9,9 @@ use arbiter::View;
 
 use super::args::{FIRST, SECOND};
 use super::load::{FinalValues, Load};
-use super::report::{Addresses, Failover, FtPhase, LostWrite, OpCounts, Throughput, WriteCheck};
+use super::report::{
+    Addresses, EtcdLeaderKill, Failover, FtPhase, LostWrite, OpCounts, Throughput, WriteCheck,
+};
 use crate::history::{self, HistoryOp, OpKind};
 use crate::launcher::ClusterEvents;
 use crate::linearizability::{self, KeyVerdict, Overall};
@@ -193,7 +195,7 @@ pub(super) fn throughput(
     }
 }
 
-pub(super) fn markers(f: &Failover) -> Vec<Marker> {
+pub(super) fn markers(f: &Failover, etcd: Option<&EtcdLeaderKill>) -> Vec<Marker> {
     let Some(kill) = f.kill_unix_ns else {
         return Vec::new();
     };
@@ -201,6 +203,18 @@ pub(super) fn markers(f: &Failover) -> Vec<Marker> {
         t_ns: kill,
         label: "primary killed (SIGKILL)".into(),
     }];
+    if let Some(etcd) = etcd {
+        markers.push(Marker {
+            t_ns: etcd.killed_unix_ns,
+            label: format!("etcd leader {} killed (SIGKILL)", etcd.killed),
+        });
+        if let (Some(leader), Some(ms)) = (&etcd.elected, etcd.elected_after_ms) {
+            markers.push(Marker {
+                t_ns: etcd.killed_unix_ns.saturating_add((ms * 1e6) as u64),
+                label: format!("etcd leader {leader} elected +{ms:.0} ms"),
+            });
+        }
+    }
     let steps = [
         (f.detected_ms, "failure detected"),
         (f.test_and_set_won_ms, "test-and-set won"),
@@ -419,7 +433,7 @@ mod tests {
         assert_eq!(f.test_and_set_won_ms, Some(303.0));
         assert_eq!(f.live_ms, Some(305.0));
         assert_eq!(f.first_reply_ms, Some(410.0));
-        let labels: Vec<String> = markers(&f).into_iter().map(|m| m.label).collect();
+        let labels: Vec<String> = markers(&f, None).into_iter().map(|m| m.label).collect();
         assert_eq!(
             labels,
             [
@@ -428,6 +442,25 @@ mod tests {
                 "test-and-set won +303 ms",
                 "backup live +305 ms",
                 "first reply from the new primary +410 ms"
+            ]
+        );
+        let etcd = EtcdLeaderKill {
+            killed: "etcd1".into(),
+            killed_unix_ns: kill + 2_000_000,
+            elected: Some("etcd2".into()),
+            elected_after_ms: Some(1250.0),
+        };
+        let labels: Vec<String> = markers(&f, Some(&etcd))
+            .into_iter()
+            .map(|m| m.label)
+            .take(3)
+            .collect();
+        assert_eq!(
+            labels,
+            [
+                "primary killed (SIGKILL)",
+                "etcd leader etcd1 killed (SIGKILL)",
+                "etcd leader etcd2 elected +1250 ms"
             ]
         );
         let primaries = ev.primaries_per_view();

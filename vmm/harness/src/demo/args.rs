@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use ftvm_core::machine::workload::Workload;
+
 #[derive(clap::Args, Clone, Debug)]
 pub struct DemoArgs {
     /// Where timeline.svg, metrics.json, the clients' history and the
@@ -28,6 +30,27 @@ pub struct DemoArgs {
     /// The VM's name at the arbiter.
     #[arg(long, default_value = "demo")]
     pub vm_id: String,
+    /// What the guest runs: kv (the KV service) or kv-race (the KV service
+    /// and a background task the timer and every request preempt); the
+    /// demo's clients need a workload that serves KV.
+    #[arg(long, default_value = "kv")]
+    pub workload: Workload,
+    /// The arbiter on a local 3-member etcd cluster, started by the demo
+    /// (`etcd` must be installed), instead of `ftvm arbiter`; its leader is
+    /// killed during the run as well (see --etcd-kill-at).
+    #[arg(long)]
+    pub etcd: bool,
+    /// With --etcd: seconds into the load at which the etcd leader gets
+    /// SIGKILL (default: with the primary, at --kill-at).
+    #[arg(long, requires = "etcd")]
+    pub etcd_kill_at: Option<f64>,
+}
+
+impl DemoArgs {
+    /// When the etcd leader is killed, with --etcd.
+    pub(super) fn etcd_kill_at(&self) -> Option<f64> {
+        self.etcd.then(|| self.etcd_kill_at.unwrap_or(self.kill_at))
+    }
 }
 
 /// The first primary's and the backup's ids at the arbiter.

@@ -9,11 +9,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use arbiter::ArbiterAddr;
 use nix::sys::signal::Signal;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::args::{drain, DemoArgs, ARBITER_TIMEOUT, ATTEMPT_TIMEOUT, FIRST, STATUS_EVERY};
+use super::report::EtcdLeaderKill;
 use super::status::Status;
 use crate::history::{self, OpKind, Recorder};
 use crate::launcher::Cluster;
@@ -36,7 +38,12 @@ pub(super) struct Load {
     pub resends: u64,
     pub refused: u64,
     pub problems: Vec<String>,
+    /// With --etcd: the leader killed and the next one.
+    pub etcd: Option<EtcdLeaderKill>,
 }
+
+/// How often the demo looks for a new etcd leader after killing one.
+const LEADER_POLL: Duration = Duration::from_millis(20);
 
 /// How a request that the client keeps retrying across failover ended.
 enum Outcome {
@@ -58,7 +65,7 @@ struct FailoverClient {
 }
 
 impl FailoverClient {
-    fn new(arbiter: SocketAddr, vm_id: &str) -> Result<FailoverClient> {
+    fn new(arbiter: &ArbiterAddr, vm_id: &str) -> Result<FailoverClient> {
         let config = FailoverConfig {
             round: ClientConfig {
                 attempt_timeout: ATTEMPT_TIMEOUT,
@@ -67,8 +74,11 @@ impl FailoverClient {
             arbiter_timeout: ARBITER_TIMEOUT,
             ..FailoverConfig::default()
         };
-        let kv = ftvm_kvclient::FailoverClient::new(ServerSource::arbiter(arbiter, vm_id), config)
-            .context("cannot create a KV client")?;
+        let kv = ftvm_kvclient::FailoverClient::new(
+            ServerSource::arbiter_at(arbiter.clone(), vm_id),
+            config,
+        )
+        .context("cannot create a KV client")?;
         Ok(FailoverClient { kv, resends: 0 })
     }
 
@@ -159,13 +169,17 @@ pub(super) fn run_load(
     cluster: &mut Cluster,
     recorder: &Recorder,
 ) -> Load {
-    let arbiter = cluster.arbiter_addr();
+    let arbiter = cluster.arbiter_at();
     let clock = recorder.clock();
     let start = Instant::now();
     let start_ns = clock.now_ns();
     let load_end = start + Duration::from_secs_f64(args.duration);
     let give_up = load_end + drain(args);
     let kill_at = start + Duration::from_secs_f64(args.kill_at);
+    let mut etcd_kill_at = args
+        .etcd_kill_at()
+        .map(|at| start + Duration::from_secs_f64(at));
+    let mut etcd = None;
     let resends = AtomicU64::new(0);
     let refused = AtomicU64::new(0);
     let failures: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
@@ -177,6 +191,7 @@ pub(super) fn run_load(
         for c in 0..args.clients {
             let (resends, refused, failures) = (&resends, &refused, &failures);
             let fail = move |e: String| failures.lock().unwrap_or_else(|p| p.into_inner()).push(e);
+            let arbiter = &arbiter;
             handles.push(scope.spawn(move || {
                 let mut client = match FailoverClient::new(arbiter, &args.vm_id) {
                     Ok(c) => c,
@@ -202,10 +217,41 @@ pub(super) fn run_load(
                 resends.fetch_add(client.resends, Ordering::Relaxed);
             }));
         }
-        let status = Status::new(args, arbiter, start);
+        let status = Status::new(args, &arbiter, start);
         let mut next_status = start + STATUS_EVERY;
         loop {
             let now = Instant::now();
+            if etcd.is_none() && etcd_kill_at.is_some_and(|at| now >= at) {
+                match kill_etcd_leader(cluster, &clock) {
+                    Ok(kill) => {
+                        println!(
+                            "{:>6.1} s  SIGKILL -> etcd leader {}",
+                            now.duration_since(start).as_secs_f64(),
+                            kill.killed
+                        );
+                        etcd = Some(kill);
+                    }
+                    Err(e) => {
+                        problems.push(format!("{e:#}"));
+                        etcd_kill_at = None;
+                    }
+                }
+            }
+            if let Some(kill) = etcd.as_mut().filter(|k| k.elected.is_none()) {
+                if let Some(leader) = cluster
+                    .arbiter
+                    .etcd()
+                    .and_then(|e| e.leader().map(|m| e.name(m).to_owned()))
+                {
+                    let after = clock.now_ns().saturating_sub(kill.killed_unix_ns) as f64 / 1e6;
+                    println!(
+                        "{:>6.1} s  etcd leader elected: {leader} ({after:.0} ms after the kill)",
+                        now.duration_since(start).as_secs_f64()
+                    );
+                    kill.elected = Some(leader);
+                    kill.elected_after_ms = Some(after);
+                }
+            }
             if kill_ns.is_none() && now >= kill_at {
                 kill_ns = Some(clock.now_ns());
                 match cluster.primary.signal(Signal::SIGKILL) {
@@ -224,11 +270,16 @@ pub(super) fn run_load(
             if now >= load_end {
                 break;
             }
-            let wake = if kill_ns.is_none() {
+            let mut wake = if kill_ns.is_none() {
                 next_status.min(kill_at)
             } else {
                 next_status
             };
+            match (&etcd, etcd_kill_at) {
+                (None, Some(at)) => wake = wake.min(at),
+                (Some(kill), _) if kill.elected.is_none() => wake = wake.min(now + LEADER_POLL),
+                _ => {}
+            }
             std::thread::sleep(wake.min(load_end).saturating_duration_since(Instant::now()));
         }
         for h in handles {
@@ -246,7 +297,28 @@ pub(super) fn run_load(
         resends: resends.into_inner(),
         refused: refused.into_inner(),
         problems,
+        etcd,
     }
+}
+
+/// Finds the etcd leader and kills it.
+fn kill_etcd_leader(cluster: &Cluster, clock: &crate::history::Clock) -> Result<EtcdLeaderKill> {
+    let etcd = cluster
+        .arbiter
+        .etcd()
+        .context("--etcd-kill-at, but the pair does not run on etcd")?;
+    let leader = etcd
+        .leader()
+        .context("the etcd cluster has no leader to kill")?;
+    let killed_unix_ns = clock.now_ns();
+    etcd.kill(leader)
+        .with_context(|| format!("cannot kill {}", etcd.name(leader)))?;
+    Ok(EtcdLeaderKill {
+        killed: etcd.name(leader).to_owned(),
+        killed_unix_ns,
+        elected: None,
+        elected_after_ms: None,
+    })
 }
 
 /// Each key's value read back at the end: `None` if the read got no reply,
@@ -259,7 +331,7 @@ pub(super) type FinalValues = BTreeMap<Vec<u8>, Option<Option<Vec<u8>>>>;
 /// read got no reply. Also returns the reading client's id.
 pub(super) fn read_back(
     args: &DemoArgs,
-    arbiter: SocketAddr,
+    arbiter: &ArbiterAddr,
     recorder: &Recorder,
 ) -> (FinalValues, Option<u64>) {
     let keys: BTreeSet<Vec<u8>> = recorder.snapshot().into_iter().map(|o| o.key).collect();

@@ -36,11 +36,28 @@ pub struct DemoReport {
     /// Why the demo failed; empty when it passed.
     pub problems: Vec<String>,
     pub timeline_markers: Vec<Marker>,
+    /// With --etcd: the leader killed, and the one elected after it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub etcd: Option<EtcdLeaderKill>,
+}
+
+/// The etcd leader killed during the run (`ftvm demo --etcd`).
+#[derive(Debug, Clone, Serialize)]
+pub struct EtcdLeaderKill {
+    /// The member killed, and when (ns since the Unix epoch).
+    pub killed: String,
+    pub killed_unix_ns: u64,
+    /// The member found leader next, and how long after the kill; none if
+    /// no leader was found before the load ended.
+    pub elected: Option<String>,
+    pub elected_after_ms: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Addresses {
-    pub arbiter: SocketAddr,
+    /// As `--arbiter` names it: the built-in arbiter's address, or
+    /// `etcd://` and the members' endpoints.
+    pub arbiter: String,
     pub first_primary_service: SocketAddr,
     pub first_primary_log: SocketAddr,
     pub backup_service: SocketAddr,
@@ -129,6 +146,21 @@ pub(super) fn print_summary(r: &DemoReport, svg: &Path, metrics: &Path, history:
     println!("  test-and-set won      {}", ms(f.test_and_set_won_ms));
     println!("  {SECOND} live            {}", ms(f.live_ms));
     println!("  first reply from it   {}", ms(f.first_reply_ms));
+    if let Some(etcd) = &r.etcd {
+        let after_kill = f
+            .kill_unix_ns
+            .map(|k| (etcd.killed_unix_ns as f64 - k as f64) / 1e6);
+        println!(
+            "  etcd leader {} killed {}; {} elected {}",
+            etcd.killed,
+            after_kill.map_or(String::new(), |ms| format!("{ms:+.0} ms")),
+            etcd.elected.as_deref().unwrap_or("no leader"),
+            etcd.elected_after_ms
+                .map_or("before the load ended".to_owned(), |ms| format!(
+                    "{ms:.0} ms after it"
+                ))
+        );
+    }
     println!(
         "  view {} -> {}, primary now {}",
         f.view_before.map_or("?".into(), |v| v.to_string()),

@@ -5,7 +5,8 @@ use std::fs;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use arbiter::{ArbiterClient, ArbiterError, View};
+use arbiter::etcd::cluster::ClusterConfig as EtcdConfig;
+use arbiter::{ArbiterError, View};
 use rand::Rng;
 
 use super::analysis::{
@@ -16,7 +17,7 @@ use super::args::{drain, DemoArgs, ARBITER_TIMEOUT, FIRST, SECOND, STARTUP};
 use super::load::{read_back, run_load};
 use super::report::{print_summary, Addresses, DemoReport};
 use crate::history::{self, HistoryOp, Recorder};
-use crate::launcher::{Cluster, ClusterConfig, Launcher};
+use crate::launcher::{ArbiterKind, Cluster, ClusterConfig, Launcher};
 use crate::linearizability::{self, CheckConfig};
 use crate::timeline::{self, Reply, Timeline};
 
@@ -28,6 +29,12 @@ pub fn run(args: &DemoArgs) -> Result<DemoReport> {
             args.duration
         );
     }
+    if !args.workload.serves_kv() {
+        bail!(
+            "--workload {}: the demo's clients need a workload that serves KV (kv or kv-race)",
+            args.workload
+        );
+    }
     let seed = args.seed.unwrap_or_else(|| rand::rng().random());
     fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
@@ -35,24 +42,45 @@ pub fn run(args: &DemoArgs) -> Result<DemoReport> {
         "ftvm demo: seed {seed} (again: --seed {seed}); output in {}",
         args.out.display()
     );
+    if let Some(at) = args.etcd_kill_at() {
+        if !(at > 0.0 && at < args.duration) {
+            bail!(
+                "--etcd-kill-at ({at}) must be after the start and before --duration ({})",
+                args.duration
+            );
+        }
+    }
     let launcher = Launcher::this_executable()?;
     let (mut cluster, addresses) = start(&launcher, args)?;
     let started = Instant::now();
     let view_before = wait_ready(args, &mut cluster)?;
+    let kills = match args.etcd_kill_at() {
+        Some(at) if at == args.kill_at => {
+            format!(
+                "SIGKILL to the primary and the etcd leader at {} s",
+                args.kill_at
+            )
+        }
+        Some(at) => format!(
+            "SIGKILL to the primary at {} s, to the etcd leader at {at} s",
+            args.kill_at
+        ),
+        None => format!("SIGKILL to the primary at {} s", args.kill_at),
+    };
     println!(
-        "ready in {:.1} s: {view_before}; {} clients for {} s, SIGKILL to the primary at {} s",
+        "ready in {:.1} s: {view_before}; {} clients for {} s, {kills}",
         started.elapsed().as_secs_f64(),
         args.clients,
         args.duration,
-        args.kill_at
     );
 
     let recorder = Recorder::default();
     let load = run_load(args, seed, &mut cluster, &recorder);
-    let final_view = ArbiterClient::with_timeout(addresses.arbiter, ARBITER_TIMEOUT)
-        .query(&args.vm_id)
+    let arbiter = cluster.arbiter_at();
+    let final_view = arbiter::connect(&arbiter, ARBITER_TIMEOUT)
+        .and_then(|a| a.query(&args.vm_id))
         .ok();
-    let (final_values, reader_id) = read_back(args, addresses.arbiter, &recorder);
+    let (final_values, reader_id) = read_back(args, &arbiter, &recorder);
 
     // The servers are done; stopping them leaves the CPUs to the checker.
     let exits = cluster.stop(Duration::from_secs(5));
@@ -95,12 +123,9 @@ pub fn run(args: &DemoArgs) -> Result<DemoReport> {
     println!("checking linearizability of {} operations ...", ops.len());
     let lin = linearizability::check(&ops, &CheckConfig::default());
 
-    let markers = markers(&failover);
+    let markers = markers(&failover, load.etcd.as_ref());
     let timeline = Timeline {
-        title: format!(
-            "ftvm demo: {} clients, SIGKILL to the primary at {} s (seed {seed})",
-            args.clients, args.kill_at
-        ),
+        title: format!("ftvm demo: {} clients, {kills} (seed {seed})", args.clients),
         start_ns: load.start_ns,
         end_ns: load.end_ns,
         replies: load_ops
@@ -139,6 +164,7 @@ pub fn run(args: &DemoArgs) -> Result<DemoReport> {
         exits,
         problems,
         timeline_markers: markers,
+        etcd: load.etcd,
     };
     let metrics_path = args.out.join("metrics.json");
     let json = serde_json::to_string_pretty(&report).context("cannot encode the metrics")?;
@@ -160,25 +186,27 @@ fn server_time_limit(args: &DemoArgs) -> Duration {
     )
 }
 
-/// Starts the arbiter and the pair, their files in `--out`.
+/// Starts the arbiter (with --etcd: a 3-member etcd cluster) and the pair,
+/// the servers' files in `--out`.
 fn start(launcher: &Launcher, args: &DemoArgs) -> Result<(Cluster, Addresses)> {
-    let mut config = ClusterConfig::new(&args.vm_id, server_time_limit(args));
+    let time_limit = server_time_limit(args);
+    let mut config = ClusterConfig::new(&args.vm_id, time_limit);
     config.dir = Some(args.out.clone());
     config.names = [FIRST.into(), SECOND.into()];
     config.knobs.failure_timeout_ms = Some(args.failure_timeout_ms);
+    config.guest.workload = Some(args.workload);
     config.consoles = true;
+    if args.etcd {
+        config.arbiter = ArbiterKind::Etcd(EtcdConfig::new(time_limit));
+    }
     let cluster = Cluster::start(launcher, &config)?;
     let addresses = Addresses {
-        arbiter: cluster.arbiter_addr(),
+        arbiter: cluster.arbiter_at().to_string(),
         first_primary_service: cluster.primary.address()?,
         first_primary_log: cluster.log_listen(),
         backup_service: cluster.backup.address()?,
     };
-    println!(
-        "arbiter on {} (pid {})",
-        addresses.arbiter,
-        cluster.arbiter.pid()
-    );
+    println!("{}", cluster.arbiter.describe());
     println!(
         "{FIRST}: primary, service {}, log channel {} (pid {})",
         addresses.first_primary_service,
@@ -198,7 +226,7 @@ fn start(launcher: &Launcher, args: &DemoArgs) -> Result<(Cluster, Addresses)> {
 fn wait_ready(args: &DemoArgs, cluster: &mut Cluster) -> Result<View> {
     cluster.wait_fault_tolerant(STARTUP)?;
     cluster.wait_answering(STARTUP)?;
-    let arbiter = ArbiterClient::with_timeout(cluster.arbiter_addr(), ARBITER_TIMEOUT);
+    let arbiter = arbiter::connect(&cluster.arbiter_at(), ARBITER_TIMEOUT)?;
     let mut last = Err(String::from("no answer yet"));
     cluster
         .wait_for("the arbiter to name both servers", STARTUP, |_| {

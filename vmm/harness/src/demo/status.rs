@@ -1,10 +1,10 @@
 //! The demo's live status line: the arbiter's view, what each server last
 //! reported, and the replies so far.
 
-use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arbiter::{ArbiterClient, View};
+use arbiter::{Arbiter, ArbiterAddr, View};
 
 use super::args::DemoArgs;
 use crate::launcher::{describe_exit, Cluster};
@@ -12,16 +12,17 @@ use ftvm_core::host::events::ServerRole;
 
 pub(super) struct Status<'a> {
     args: &'a DemoArgs,
-    arbiter: ArbiterClient,
+    /// None if its client could not be started: the line says so.
+    arbiter: Option<Arc<dyn Arbiter>>,
     start: Instant,
     last: std::cell::Cell<(Instant, u64)>,
 }
 
 impl<'a> Status<'a> {
-    pub(super) fn new(args: &'a DemoArgs, arbiter: SocketAddr, start: Instant) -> Status<'a> {
+    pub(super) fn new(args: &'a DemoArgs, arbiter: &ArbiterAddr, start: Instant) -> Status<'a> {
         Status {
             args,
-            arbiter: ArbiterClient::with_timeout(arbiter, Duration::from_millis(200)),
+            arbiter: arbiter::connect(arbiter, Duration::from_millis(200)).ok(),
             start,
             last: std::cell::Cell::new((start, 0)),
         }
@@ -31,7 +32,10 @@ impl<'a> Status<'a> {
     /// clients' replies so far and per second since the last line.
     pub(super) fn print(&self, cluster: &mut Cluster, completed: u64) {
         let now = Instant::now();
-        let view = self.arbiter.query(&self.args.vm_id).ok();
+        let view = self
+            .arbiter
+            .as_ref()
+            .and_then(|a| a.query(&self.args.vm_id).ok());
         let mut parts = vec![view
             .as_ref()
             .map_or("arbiter unreachable".to_owned(), View::to_string)];

@@ -1,6 +1,7 @@
-//! A fault-tolerant pair as a user runs it: an arbiter, a primary and a
-//! backup, each a real `ftvm` process on loopback with its own events file,
-//! all killed when the cluster is dropped.
+//! A fault-tolerant pair as a user runs it: an arbiter (`ftvm arbiter`, or
+//! a local 3-member etcd cluster), a primary and a backup, each a real
+//! process on loopback, the servers with their own events files, all killed
+//! when the cluster is dropped.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{SocketAddr, TcpStream};
@@ -8,6 +9,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use arbiter::etcd::cluster::{ClusterConfig as EtcdConfig, LocalCluster};
+use arbiter::ArbiterAddr;
 
 use ftvm_core::host::events::{EventRecord, ServerEvent, ServerRole};
 
@@ -17,9 +20,25 @@ use super::{
     Role, ServerConfig,
 };
 
-/// How long the arbiter may take to listen, and the primary to take its
-/// role, before the cluster gives up starting.
+/// How long the arbiter may take to listen (etcd: to elect a leader), and
+/// the primary to take its role, before the cluster gives up starting.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// The etcd members outlive the servers' time limit by this much, so that
+/// they are there for the servers' last requests and the final checks.
+const ETCD_EXTRA_LIFETIME: Duration = Duration::from_secs(120);
+/// The key prefix a pair on etcd uses.
+pub const ETCD_PREFIX: &str = "ftvm";
+
+/// Which arbiter a pair uses.
+#[derive(Clone, Debug, Default)]
+pub enum ArbiterKind {
+    /// `ftvm arbiter`, with a state directory of its own.
+    #[default]
+    Builtin,
+    /// A local etcd cluster started as this says (its lifetime is the
+    /// servers' time limit, plus some).
+    Etcd(EtcdConfig),
+}
 
 #[derive(Clone, Debug)]
 pub struct ClusterConfig {
@@ -41,6 +60,7 @@ pub struct ClusterConfig {
     pub consoles: bool,
     /// The log channel through a [`Proxy`] that can cut it.
     pub proxy: bool,
+    pub arbiter: ArbiterKind,
 }
 
 impl ClusterConfig {
@@ -55,6 +75,102 @@ impl ClusterConfig {
             time_limit,
             consoles: false,
             proxy: false,
+            arbiter: ArbiterKind::Builtin,
+        }
+    }
+}
+
+/// A pair's arbiter, as it runs.
+pub enum ClusterArbiter {
+    Builtin {
+        process: Box<Process>,
+        config: ServerConfig,
+        _state: tempfile::TempDir,
+    },
+    Etcd(LocalCluster),
+}
+
+impl ClusterArbiter {
+    /// What the servers' `--arbiter` names.
+    pub fn addr(&self) -> ArbiterAddr {
+        match self {
+            ClusterArbiter::Builtin { config, .. } => ArbiterAddr::Builtin(config.address),
+            ClusterArbiter::Etcd(etcd) => ArbiterAddr::Etcd(etcd.addr(ETCD_PREFIX)),
+        }
+    }
+
+    /// The etcd cluster, if the pair runs on one.
+    pub fn etcd(&self) -> Option<&LocalCluster> {
+        match self {
+            ClusterArbiter::Etcd(etcd) => Some(etcd),
+            ClusterArbiter::Builtin { .. } => None,
+        }
+    }
+
+    /// Kills the arbiter: the process, or every etcd member.
+    pub fn kill(&mut self) {
+        match self {
+            ClusterArbiter::Builtin { process, .. } => process.kill(),
+            ClusterArbiter::Etcd(etcd) => {
+                for member in 0..etcd.members() {
+                    if let Err(e) = etcd.kill(member) {
+                        tracing::warn!("cannot kill {}: {e}", etcd.name(member));
+                    }
+                }
+            }
+        }
+    }
+
+    /// For messages: `arbiter 127.0.0.1:7100 (pid 123)`, or the etcd
+    /// members' endpoints.
+    pub fn describe(&self) -> String {
+        match self {
+            ClusterArbiter::Builtin {
+                process, config, ..
+            } => {
+                format!("arbiter {} (pid {})", config.address, process.pid())
+            }
+            ClusterArbiter::Etcd(etcd) => format!(
+                "etcd members {} (data and logs in {})",
+                etcd.endpoints().join(", "),
+                etcd.dir().display()
+            ),
+        }
+    }
+
+    fn start(
+        launcher: &Launcher,
+        kind: &ArbiterKind,
+        dir: &std::path::Path,
+        time_limit: Duration,
+    ) -> Result<ClusterArbiter> {
+        match kind {
+            ArbiterKind::Builtin => {
+                // Not in `dir`, which may outlive the cluster: a new cluster
+                // must not find an old one's decisions.
+                let state = tempfile::Builder::new()
+                    .prefix("ftvm-arbiter-")
+                    .tempdir()
+                    .context("cannot create the arbiter's state directory")?;
+                let mut config = ServerConfig::arbiter(free_tcp_addr()?, state.path());
+                config.dir = Some(dir.to_owned());
+                let process = Box::new(start_arbiter(launcher, &config)?);
+                Ok(ClusterArbiter::Builtin {
+                    process,
+                    config,
+                    _state: state,
+                })
+            }
+            ArbiterKind::Etcd(config) => {
+                let config = EtcdConfig {
+                    lifetime: time_limit + ETCD_EXTRA_LIFETIME,
+                    ..config.clone()
+                };
+                let etcd = LocalCluster::start(&config).context("cannot start etcd")?;
+                etcd.wait_for_leader(START_TIMEOUT)
+                    .context("the etcd cluster elects no leader")?;
+                Ok(ClusterArbiter::Etcd(etcd))
+            }
         }
     }
 }
@@ -64,13 +180,11 @@ pub struct Cluster {
     // arbiter go.
     pub primary: Process,
     pub backup: Process,
-    pub arbiter: Process,
+    pub arbiter: ClusterArbiter,
     /// Between the backup and the primary's log channel, if asked for.
     pub proxy: Option<Proxy>,
     launcher: Launcher,
-    arbiter_config: ServerConfig,
     log_listen: SocketAddr,
-    _state: tempfile::TempDir,
     _temp: Option<tempfile::TempDir>,
 }
 
@@ -81,19 +195,11 @@ impl Cluster {
     /// [`wait_fault_tolerant`](Cluster::wait_fault_tolerant).
     pub fn start(launcher: &Launcher, config: &ClusterConfig) -> Result<Cluster> {
         let (dir, temp) = dir_or_temp(config.dir.as_deref(), "ftvm-cluster-")?;
-        // Not in `dir`, which may outlive the cluster: a new cluster must not
-        // find an old one's decisions.
-        let state = tempfile::Builder::new()
-            .prefix("ftvm-arbiter-")
-            .tempdir()
-            .context("cannot create the arbiter's state directory")?;
-        let mut arbiter_config = ServerConfig::arbiter(free_tcp_addr()?, state.path());
-        arbiter_config.dir = Some(dir.clone());
-        let arbiter = start_arbiter(launcher, &arbiter_config)?;
+        let arbiter = ClusterArbiter::start(launcher, &config.arbiter, &dir, config.time_limit)?;
         let log_listen = free_tcp_addr()?;
         let proxy = config.proxy.then(|| Proxy::start(log_listen)).transpose()?;
         let membership = Membership {
-            arbiter: arbiter_config.address,
+            arbiter: arbiter.addr(),
             vm_id: config.vm_id.clone(),
             knobs: config.knobs.clone(),
         };
@@ -123,15 +229,27 @@ impl Cluster {
             arbiter,
             proxy,
             launcher: launcher.clone(),
-            arbiter_config,
             log_listen,
-            _state: state,
             _temp: temp,
         })
     }
 
+    /// The built-in arbiter's address.
+    ///
+    /// # Panics
+    /// For a pair on etcd, which has no such address (see
+    /// [`Cluster::arbiter_at`]).
     pub fn arbiter_addr(&self) -> SocketAddr {
-        self.arbiter_config.address
+        match &self.arbiter {
+            ClusterArbiter::Builtin { config, .. } => config.address,
+            ClusterArbiter::Etcd(_) => panic!("a pair on etcd has no built-in arbiter's address"),
+        }
+    }
+
+    /// What the servers' `--arbiter` names: the built-in arbiter's address
+    /// or the etcd cluster's endpoints and prefix.
+    pub fn arbiter_at(&self) -> ArbiterAddr {
+        self.arbiter.addr()
     }
 
     /// Where the primary's log channel listens (behind the proxy, if any).
@@ -140,10 +258,20 @@ impl Cluster {
     }
 
     /// Kills the arbiter, if it still runs, and starts it again on the same
-    /// address with the same state.
+    /// address with the same state (etcd: every member, on its data).
     pub fn restart_arbiter(&mut self) -> Result<()> {
         self.arbiter.kill();
-        self.arbiter = start_arbiter(&self.launcher, &self.arbiter_config)?;
+        match &mut self.arbiter {
+            ClusterArbiter::Builtin {
+                process, config, ..
+            } => **process = start_arbiter(&self.launcher, config)?,
+            ClusterArbiter::Etcd(etcd) => {
+                for member in 0..etcd.members() {
+                    etcd.restart(member)?;
+                }
+                etcd.wait_for_leader(START_TIMEOUT)?;
+            }
+        }
         Ok(())
     }
 
@@ -190,9 +318,15 @@ impl Cluster {
     }
 
     /// SIGTERM to each server, the VMMs first, then SIGKILL to those still
-    /// running after `grace`; how each ended, by name.
+    /// running after `grace`; how each ended, by name. etcd's members are
+    /// killed.
     pub fn stop(&mut self, grace: Duration) -> BTreeMap<String, String> {
-        [&mut self.backup, &mut self.primary, &mut self.arbiter]
+        let mut processes = vec![&mut self.backup, &mut self.primary];
+        match &mut self.arbiter {
+            ClusterArbiter::Builtin { process, .. } => processes.push(&mut **process),
+            ClusterArbiter::Etcd(_) => {}
+        }
+        let exits = processes
             .into_iter()
             .map(|p| {
                 let _ = p.stop(grace);
@@ -201,15 +335,23 @@ impl Cluster {
                     .map_or("status unknown".to_owned(), super::describe_exit);
                 (p.name().to_owned(), how)
             })
-            .collect()
+            .collect();
+        if let ClusterArbiter::Etcd(_) = self.arbiter {
+            self.arbiter.kill();
+        }
+        exits
     }
 }
 
 impl Watched for Cluster {
+    /// etcd members are left out: tests kill them on purpose, and etcd
+    /// does without a minority of them.
     fn died(&mut self) -> Option<String> {
-        [&mut self.arbiter, &mut self.primary, &mut self.backup]
-            .into_iter()
-            .find_map(Process::died)
+        let mut processes = vec![&mut self.primary, &mut self.backup];
+        if let ClusterArbiter::Builtin { process, .. } = &mut self.arbiter {
+            processes.insert(0, &mut **process);
+        }
+        processes.into_iter().find_map(Process::died)
     }
 
     fn log_tails(&self) -> String {

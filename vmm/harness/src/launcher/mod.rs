@@ -17,7 +17,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-pub use cluster::{Cluster, ClusterConfig, ClusterEvents};
+pub use cluster::{
+    ArbiterKind, Cluster, ClusterArbiter, ClusterConfig, ClusterEvents, ETCD_PREFIX,
+};
 use process::Files;
 pub use process::{describe_exit, Process};
 pub use proxy::Proxy;

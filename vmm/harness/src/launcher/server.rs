@@ -6,6 +6,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use arbiter::ArbiterAddr;
+use ftvm_core::machine::workload::Workload;
+
 /// Which command the server runs.
 #[derive(Clone, Debug)]
 pub enum Role {
@@ -29,7 +32,8 @@ pub enum Role {
 /// How a primary or backup takes part in its pair.
 #[derive(Clone, Debug)]
 pub struct Membership {
-    pub arbiter: SocketAddr,
+    /// The built-in arbiter's address, or an etcd cluster's endpoints.
+    pub arbiter: ArbiterAddr,
     /// The VM's name at the arbiter.
     pub vm_id: String,
     pub knobs: Knobs,
@@ -50,6 +54,8 @@ pub struct Guest {
     pub kernel: Option<PathBuf>,
     /// Memory size as `ftvm` takes it (`64M`).
     pub mem: Option<String>,
+    /// What the embedded guest runs (`--workload`).
+    pub workload: Option<Workload>,
 }
 
 #[derive(Clone, Debug)]
@@ -175,6 +181,7 @@ impl ServerConfig {
             args.flag("--kernel", kernel);
         }
         args.option("--mem", self.guest.mem.as_ref());
+        args.option("--workload", self.guest.workload);
         let serial = self.serial_file(dir);
         args.flag(
             "--serial",
@@ -242,10 +249,11 @@ mod tests {
         );
         config.console = true;
         config.guest.mem = Some("128M".into());
+        config.guest.workload = Some(Workload::KvRace);
         assert_eq!(
             words(&config).join(" "),
             "backup --vm-id vm --id b --arbiter 127.0.0.1:7100 --failure-timeout-ms 300 \
-             --service 127.0.0.1:7001 --mem 128M --serial /d/b.serial.txt \
+             --service 127.0.0.1:7001 --mem 128M --workload kv-race --serial /d/b.serial.txt \
              --events /d/b.events.jsonl --timeout 90"
         );
     }

@@ -1,0 +1,594 @@
+//! Interrupts at any instruction: workloads whose result depends on where
+//! every timer interrupt lands (`race`, `kv-race`) or that wait for ticks
+//! without ever exiting (`spin`), recorded, replayed, tampered with, and
+//! run by a primary/backup pair, with and without a failover.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ftvm_core::host::capture::read_frames;
+use ftvm_core::host::events::ServerEvent;
+use ftvm_core::machine::guest_image::GUEST_ELF;
+use ftvm_core::machine::loader::ElfImage;
+use ftvm_core::machine::workload::Workload;
+use ftvm_harness::launcher::{Cluster, Role, ServerConfig};
+use ftvm_kvclient::{ClientConfig, FailoverClient, FailoverConfig, KvClient, ServerSource};
+use ftvm_tests::{
+    assert_one_primary_per_view, cluster_config, fault_tolerant_cluster, free_udp, ftvm,
+    kvm_available, launcher, start_cluster, stop, vm_lock, VM_ID,
+};
+use iced_x86::{Decoder, DecoderOptions};
+use serde_json::Value;
+
+/// Every guest run here stops by itself; the processes are killed after
+/// this long whatever happens.
+const RUN_LIMIT: Duration = Duration::from_secs(120);
+/// How many `race` recordings show that the result depends on where the
+/// interrupts landed.
+const RACE_RECORDINGS: usize = 20;
+/// Periodic digests every this many exits, so that a `race` run (about 900
+/// exits) has several.
+const DIGEST_INTERVAL: &str = "100";
+
+struct Recorded {
+    log: PathBuf,
+    console: String,
+    frames: Vec<Vec<u8>>,
+}
+
+/// `ftvm record --workload W` of a workload that powers off by itself.
+fn record(dir: &Path, name: &str, workload: Workload) -> Recorded {
+    let log = dir.join(format!("{name}.log"));
+    let serial = dir.join(format!("{name}.txt"));
+    let out = ftvm(
+        &[
+            "record",
+            "--workload",
+            workload.name(),
+            "--log",
+            &log.to_string_lossy(),
+            "--serial",
+            &serial.to_string_lossy(),
+            "--digest-interval",
+            DIGEST_INTERVAL,
+            "--timeout",
+            "60",
+        ],
+        RUN_LIMIT,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "record {name} failed:\n{stderr}");
+    assert!(stderr.contains("(PowerOff)"), "{stderr}");
+    Recorded {
+        log,
+        console: std::fs::read_to_string(&serial).expect("console"),
+        frames: Vec::new(),
+    }
+}
+
+struct Replayed {
+    code: Option<i32>,
+    stderr: String,
+    console: String,
+    frames: Vec<Vec<u8>>,
+    summary: Value,
+}
+
+fn replay(log: &Path) -> Replayed {
+    let dir = tempfile::tempdir().expect("dir");
+    let serial = dir.path().join("console.txt");
+    let pcap = dir.path().join("replay.pcap");
+    let summary = dir.path().join("summary.json");
+    let out = ftvm(
+        &[
+            "replay",
+            &log.to_string_lossy(),
+            "--serial",
+            &serial.to_string_lossy(),
+            "--capture",
+            &pcap.to_string_lossy(),
+            "--summary-json",
+            &summary.to_string_lossy(),
+            "--timeout",
+            "200",
+        ],
+        Duration::from_secs(240),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    Replayed {
+        code: out.status.code(),
+        stderr,
+        console: std::fs::read_to_string(&serial).unwrap_or_default(),
+        frames: std::fs::read(&pcap)
+            .ok()
+            .and_then(|b| read_frames(&b).ok())
+            .unwrap_or_default(),
+        summary: std::fs::read_to_string(&summary)
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or(Value::Null),
+    }
+}
+
+fn assert_reproduced(rec: &Recorded, rep: &Replayed) {
+    assert_eq!(rep.code, Some(0), "replay failed:\n{}", rep.stderr);
+    assert!(
+        rep.stderr.contains("every digest and output matched"),
+        "{}",
+        rep.stderr
+    );
+    assert_eq!(rep.console, rec.console, "the console must be identical");
+    assert!(rep.frames == rec.frames, "the frames must be identical");
+}
+
+/// Deliveries between two exits that the replay found again.
+fn between(rep: &Replayed) -> u64 {
+    rep.summary["between"]["deliveries"].as_u64().unwrap_or(0)
+}
+
+/// The log as JSON lines (`ftvm log dump --json`), and back.
+fn dump(log: &Path) -> Vec<Value> {
+    let out = ftvm(
+        &["log", "dump", &log.to_string_lossy(), "--json"],
+        Duration::from_secs(30),
+    );
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
+
+fn load(lines: &[Value], to: &Path) {
+    let jsonl = to.with_extension("jsonl");
+    let text: String = lines.iter().map(|v| format!("{v}\n")).collect();
+    std::fs::write(&jsonl, text).expect("write the JSON lines");
+    let out = ftvm(
+        &[
+            "log",
+            "load",
+            &jsonl.to_string_lossy(),
+            "-o",
+            &to.to_string_lossy(),
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn hex(v: &Value) -> u64 {
+    let s = v.as_str().expect("a hex string");
+    u64::from_str_radix(s.trim_start_matches("0x"), 16).expect("hex")
+}
+
+/// Where every instruction of the embedded guest starts (a linear sweep of
+/// its code, as the VMM's scanner decodes it).
+fn instruction_starts() -> BTreeSet<u64> {
+    let image = ElfImage::parse(GUEST_ELF, 64 << 20).expect("the guest parses");
+    let mut starts = BTreeSet::new();
+    for (addr, bytes) in image.code(GUEST_ELF) {
+        let mut decoder = Decoder::with_ip(64, bytes, addr, DecoderOptions::NONE);
+        for instr in &mut decoder {
+            starts.insert(instr.ip());
+        }
+    }
+    starts
+}
+
+fn final_line(console: &str, prefix: &str) -> String {
+    console
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} line in:\n{console}"))
+        .to_string()
+}
+
+#[test]
+fn spin_completes_under_run_record_and_replay() {
+    if !kvm_available() {
+        return;
+    }
+    let _g = vm_lock();
+    // It never exits between its first and its last `rdtsc`: without
+    // interrupts between exits it waits forever.
+    let out = ftvm(&["run", "--workload", "spin", "--timeout", "60"], RUN_LIMIT);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("spin waited 100 ticks"), "{stdout}");
+    let dir = tempfile::tempdir().expect("dir");
+    let rec = record(dir.path(), "spin", Workload::Spin);
+    let rep = replay(&rec.log);
+    assert_reproduced(&rec, &rep);
+    assert_eq!(between(&rep), 100, "every tick between two exits");
+}
+
+#[test]
+fn race_results_depend_on_where_interrupts_land_and_each_replays_exactly() {
+    if !kvm_available() {
+        return;
+    }
+    let _g = vm_lock();
+    let dir = tempfile::tempdir().expect("dir");
+    let mut results = BTreeSet::new();
+    for i in 0..RACE_RECORDINGS {
+        let rec = record(dir.path(), &format!("race{i}"), Workload::Race);
+        let rep = replay(&rec.log);
+        assert_reproduced(&rec, &rep);
+        assert!(
+            rep.summary["counts"]["digests_checked"].as_u64() > Some(1),
+            "periodic digests as well as the final one: {}",
+            rep.summary
+        );
+        assert!(between(&rep) > 0, "no interrupt between exits");
+        let result = final_line(&rec.console, "ftvm-guest: race counters");
+        eprintln!("recording {i}: {result}; {}", rep.summary["between"]);
+        results.insert(result);
+    }
+    assert!(
+        results.len() >= 2,
+        "{RACE_RECORDINGS} recordings of race all ended with {results:?}"
+    );
+}
+
+/// One async point of `lines` in the middle of the run, and the entries at
+/// its position after it (what it delivered).
+fn async_point(lines: &[Value]) -> (usize, Vec<usize>) {
+    let points: Vec<usize> = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l["event"]["type"] == "async_point")
+        .map(|(i, _)| i)
+        .collect();
+    assert!(points.len() > 10, "too few async points: {}", points.len());
+    let at = points[points.len() / 2];
+    let pos = lines[at]["pos"].clone();
+    let same: Vec<usize> = (at + 1..lines.len())
+        .take_while(|i| lines[*i]["pos"] == pos && lines[*i]["event"]["type"] != "async_point")
+        .collect();
+    (at, same)
+}
+
+/// Replays `lines` edited by `edit` and expects a divergence at entry `seq`.
+fn assert_diverges_at(dir: &Path, name: &str, lines: &[Value], seq: u64) {
+    let log = dir.join(format!("{name}.log"));
+    load(lines, &log);
+    let rep = replay(&log);
+    assert_eq!(
+        rep.code,
+        Some(3),
+        "{name}: expected a divergence:\n{}",
+        rep.stderr
+    );
+    assert!(
+        rep.stderr
+            .contains(&format!("first divergent entry: #{seq} ")),
+        "{name}: the report must name entry #{seq}:\n{}",
+        rep.stderr
+    );
+}
+
+#[test]
+fn a_tampered_interrupt_between_exits_diverges_at_its_entry() {
+    if !kvm_available() {
+        return;
+    }
+    let _g = vm_lock();
+    let dir = tempfile::tempdir().expect("dir");
+    let starts = instruction_starts();
+    let rec = record(dir.path(), "race", Workload::Race);
+    let lines = dump(&rec.log);
+    let (at, delivered) = async_point(&lines);
+    let seq = lines[at]["seq"].as_u64().expect("seq");
+    let rip = hex(&lines[at]["pos"]["rip"]);
+    let next = starts
+        .range(rip + 1..)
+        .next()
+        .copied()
+        .expect("a next instruction");
+    let previous = starts
+        .range(..rip)
+        .next_back()
+        .copied()
+        .expect("an earlier one");
+    for (name, moved_to) in [("later", next), ("earlier", previous)] {
+        let mut edited = lines.clone();
+        for i in std::iter::once(at).chain(delivered.iter().copied()) {
+            edited[i]["pos"]["rip"] = format!("{moved_to:#x}").into();
+        }
+        assert_diverges_at(dir.path(), &format!("moved-{name}"), &edited, seq);
+    }
+    for field in ["regs", "mem"] {
+        let mut edited = lines.clone();
+        let flipped = hex(&edited[at]["event"][field]) ^ 1;
+        edited[at]["event"][field] = format!("{flipped:#x}").into();
+        assert_diverges_at(dir.path(), &format!("{field}-changed"), &edited, seq);
+    }
+    // In `spin` the guest passes the instruction in the same state again
+    // and again: a state that is never reached is found out at once.
+    let rec = record(dir.path(), "spin", Workload::Spin);
+    let lines = dump(&rec.log);
+    let (at, _) = async_point(&lines);
+    let seq = lines[at]["seq"].as_u64().expect("seq");
+    let mut edited = lines.clone();
+    let flipped = hex(&edited[at]["event"]["mem"]) ^ 1;
+    edited[at]["event"]["mem"] = format!("{flipped:#x}").into();
+    assert_diverges_at(dir.path(), "spin-mem-changed", &edited, seq);
+}
+
+/// Waits for both servers of a pair whose guest powers off to exit, and
+/// returns their logs.
+fn wait_pair_end(cluster: &mut Cluster) -> (String, String) {
+    for (name, p) in [
+        ("primary", &mut cluster.primary),
+        ("backup", &mut cluster.backup),
+    ] {
+        let status = p
+            .wait_exit(RUN_LIMIT)
+            .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        assert!(status.success(), "{name} failed:\n{}", p.log());
+    }
+    (cluster.primary.log(), cluster.backup.log())
+}
+
+/// The number in `text` right before `what` ("13 outputs reproduced").
+fn count_before(text: &str, what: &str) -> u64 {
+    let at = text
+        .find(what)
+        .unwrap_or_else(|| panic!("no {what:?} in:\n{text}"));
+    text[..at]
+        .split_whitespace()
+        .last()
+        .and_then(|n| n.trim_start_matches('(').parse().ok())
+        .unwrap_or_else(|| panic!("no count before {what:?} in:\n{text}"))
+}
+
+#[test]
+fn a_pair_runs_spin_and_race_and_the_backup_ends_in_the_primary_state() {
+    if !kvm_available() {
+        return;
+    }
+    let _g = vm_lock();
+    for workload in [Workload::Spin, Workload::Race] {
+        let mut config = cluster_config();
+        config.guest.workload = Some(workload);
+        config.consoles = true;
+        let mut cluster = start_cluster(&config);
+        let (primary_log, backup_log) = wait_pair_end(&mut cluster);
+        assert!(primary_log.contains("(PowerOff)"), "{primary_log}");
+        let console = cluster.primary.console();
+        let lines = console.lines().count() as u64;
+        // The backup checked each of the primary's outputs, the final
+        // values among them, and its final state, against its own.
+        assert_eq!(
+            count_before(&backup_log, "outputs reproduced"),
+            lines,
+            "{workload}: the backup reproduces every line:\n{backup_log}"
+        );
+        assert_eq!(
+            count_before(&backup_log, "digests checked"),
+            1,
+            "{workload}: the final digest:\n{backup_log}"
+        );
+        assert!(
+            count_before(&backup_log, "between exits)") > 0,
+            "{backup_log}"
+        );
+        assert!(backup_log.contains("(PowerOff)"), "{backup_log}");
+        assert_one_primary_per_view(&cluster);
+    }
+}
+
+#[test]
+fn a_failover_in_the_middle_of_race_finishes_on_the_new_primary() {
+    if !kvm_available() {
+        return;
+    }
+    let _g = vm_lock();
+    let mut config = cluster_config();
+    config.guest.workload = Some(Workload::Race);
+    config.consoles = true;
+    let mut cluster = fault_tolerant_cluster(&config);
+    // Once the primary has released its first progress line.
+    cluster
+        .primary
+        .wait_console("race task 0 at 1000", Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    cluster.primary.kill();
+    let released = cluster.primary.console();
+    let status = cluster
+        .backup
+        .wait_exit(RUN_LIMIT)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let backup_log = cluster.backup.log();
+    assert!(status.success(), "{backup_log}");
+    assert!(backup_log.contains("then went live"), "{backup_log}");
+    assert!(
+        cluster
+            .backup
+            .has_event(|e| matches!(e, ServerEvent::Live { .. })),
+        "{backup_log}"
+    );
+    // What the first primary released and what the second printed are the
+    // run's console, each line once, in an order a single run prints.
+    let after = cluster.backup.console();
+    let whole: Vec<&str> = released.lines().chain(after.lines()).collect();
+    let progress: Vec<&str> = whole
+        .iter()
+        .copied()
+        .filter(|l| l.contains("race task ") && l.contains(" at "))
+        .collect();
+    let unique: BTreeSet<&str> = progress.iter().copied().collect();
+    assert_eq!(
+        (progress.len(), unique.len()),
+        (8, 8),
+        "4 tasks print 2 progress lines each, none twice:\n{}",
+        whole.join("\n")
+    );
+    assert!(after.contains("ftvm-guest: race done"), "{after}");
+    assert!(
+        whole.first().is_some_and(|l| l.contains("booted")),
+        "{}",
+        whole.join("\n")
+    );
+    assert_eq!(
+        whole.iter().filter(|l| l.contains("race counters")).count(),
+        1
+    );
+    assert_one_primary_per_view(&cluster);
+}
+
+fn client(service: SocketAddr) -> KvClient {
+    KvClient::connect(service, ClientConfig::default()).expect("client")
+}
+
+/// Several clients' puts, appends and gets.
+fn kv_load(service: SocketAddr) {
+    let handles: Vec<_> = (0..3)
+        .map(|c| {
+            std::thread::spawn(move || {
+                let mut kv = client(service);
+                for i in 0..60 {
+                    let key = format!("c{c}-{}", i % 10);
+                    match i % 3 {
+                        0 => kv
+                            .put(key.as_bytes(), format!("v{i}").as_bytes())
+                            .expect("put"),
+                        1 => kv.append(key.as_bytes(), b"+").expect("append"),
+                        _ => {
+                            kv.get(key.as_bytes()).expect("get");
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("client");
+    }
+}
+
+#[test]
+fn kv_race_under_load_records_and_replays() {
+    if !kvm_available() {
+        return;
+    }
+    let _g = vm_lock();
+    let dir = tempfile::tempdir().expect("dir");
+    let log = dir.path().join("kv-race.log");
+    let pcap = dir.path().join("kv-race.pcap");
+    let mut config = ServerConfig::new(
+        "record",
+        Role::Record { log: log.clone() },
+        free_udp(),
+        RUN_LIMIT,
+    );
+    config.guest.workload = Some(Workload::KvRace);
+    config.console = true;
+    config.extra = [
+        "--capture",
+        &pcap.to_string_lossy(),
+        "--digest-interval",
+        "256",
+    ]
+    .iter()
+    .map(Into::into)
+    .collect();
+    let mut vmm = launcher()
+        .start(&config)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    vmm.wait_console("ftvm-guest: kv service ready", Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    kv_load(config.address);
+    let (status, stderr) = stop(&mut vmm);
+    assert!(status.success(), "record failed: {stderr}");
+    let rec = Recorded {
+        log,
+        console: vmm.console(),
+        frames: read_frames(&std::fs::read(&pcap).expect("pcap")).expect("parse pcap"),
+    };
+    assert!(rec.frames.len() >= 180, "every request answered");
+    let rep = replay(&rec.log);
+    assert_reproduced(&rec, &rep);
+    assert!(between(&rep) > 0, "{}", rep.summary);
+}
+
+fn failover_client(arbiter: SocketAddr) -> FailoverClient {
+    FailoverClient::new(
+        ServerSource::arbiter(arbiter, VM_ID),
+        FailoverConfig::with_total_timeout(Duration::from_secs(20)),
+    )
+    .expect("client")
+}
+
+#[test]
+fn kv_race_pair_fails_over_under_load_and_loses_no_acknowledged_write() {
+    if !kvm_available() {
+        return;
+    }
+    let _g = vm_lock();
+    let mut config = cluster_config();
+    config.guest.workload = Some(Workload::KvRace);
+    let mut cluster = fault_tolerant_cluster(&config);
+    let arbiter = cluster.arbiter_addr();
+    let stop = Arc::new(AtomicBool::new(false));
+    let load: Vec<_> = (0..3)
+        .map(|c| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut kv = failover_client(arbiter);
+                let key = format!("client-{c}").into_bytes();
+                let mut acked = Vec::new();
+                let mut i = 0u32;
+                while !stop.load(Ordering::SeqCst) && i < 120 {
+                    let piece = format!("<{i}>").into_bytes();
+                    kv.append(&key, &piece)
+                        .unwrap_or_else(|e| panic!("client {c}: append {i}: {e}"));
+                    acked.push(piece);
+                    i += 1;
+                }
+                (key, acked)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    cluster.primary.kill();
+    cluster
+        .backup
+        .wait_event("live", Duration::from_secs(15), |e| {
+            matches!(e, ServerEvent::Live { .. })
+        })
+        .unwrap_or_else(|e| panic!("the backup goes live: {e:#}"));
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, Ordering::SeqCst);
+    let mut kv = failover_client(arbiter);
+    let mut checked = 0;
+    for handle in load {
+        let (key, acked) = handle.join().expect("client");
+        let value = kv.get(&key).expect("final read").unwrap_or_default();
+        let expected = acked.concat();
+        assert!(
+            value.starts_with(&expected),
+            "{}: acknowledged appends lost\n expected prefix {:?}\n found {:?}",
+            String::from_utf8_lossy(&key),
+            String::from_utf8_lossy(&expected),
+            String::from_utf8_lossy(&value)
+        );
+        checked += acked.len();
+    }
+    assert!(checked > 0, "the load acknowledged nothing");
+    eprintln!("{checked} acknowledged appends found after the failover");
+    assert_one_primary_per_view(&cluster);
+}
