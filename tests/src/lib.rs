@@ -2,6 +2,9 @@
 //! ([`ftvm_harness::launcher`]): where the `ftvm` binary is, whether KVM is
 //! usable, turns at the machine's cores, and panicking shorthands.
 
+pub mod load;
+pub mod tamper;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Output};

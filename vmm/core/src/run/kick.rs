@@ -139,7 +139,10 @@ mod tests {
         let kicker = Kicker::start().expect("kicker");
         kicker.set(Some(Instant::now() + Duration::from_millis(50)));
         let slept = sleep_until_kicked(Duration::from_secs(5));
-        assert!(slept >= Duration::from_millis(40), "kicked early: {slept:?}");
+        assert!(
+            slept >= Duration::from_millis(40),
+            "kicked early: {slept:?}"
+        );
         assert!(slept < Duration::from_secs(2), "not kicked: {slept:?}");
         assert!(kicker.kicks() >= 1);
         // A deadline moved later, then cleared: no kick.
