@@ -9,7 +9,7 @@ use std::time::Duration;
 use ftvm_core::host::events::ServerEvent;
 use ftvm_harness::history::{OpKind, Recorder};
 use ftvm_harness::launcher::Cluster;
-use ftvm_kvclient::{FailoverClient, FailoverConfig, ServerSource};
+use ftvm_kvclient::{ClientConfig, FailoverClient, FailoverConfig, KvClient, ServerSource};
 use rand::Rng;
 
 use crate::{assert_one_primary_per_view, cluster_config, fault_tolerant_cluster, VM_ID};
@@ -147,4 +147,31 @@ pub fn assert_primary_alone_with(
     assert_eq!(kv.get(key).expect("get").as_deref(), Some(value));
     assert!(cluster.primary.running());
     assert_one_primary_per_view(cluster);
+}
+
+/// Three clients' puts, appends and gets on a plain server, `requests`
+/// each, over ten keys apiece.
+pub fn mixed_clients(service: SocketAddr, requests: u32) {
+    let handles: Vec<_> = (0..3)
+        .map(|c| {
+            std::thread::spawn(move || {
+                let mut kv = KvClient::connect(service, ClientConfig::default()).expect("client");
+                for i in 0..requests {
+                    let key = format!("c{c}-{}", i % 10);
+                    match i % 3 {
+                        0 => kv
+                            .put(key.as_bytes(), format!("v{i}").as_bytes())
+                            .expect("put"),
+                        1 => kv.append(key.as_bytes(), b"+").expect("append"),
+                        _ => {
+                            kv.get(key.as_bytes()).expect("get");
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("client");
+    }
 }

@@ -16,7 +16,8 @@ use ftvm_core::machine::guest_image::GUEST_ELF;
 use ftvm_core::machine::loader::ElfImage;
 use ftvm_core::machine::workload::Workload;
 use ftvm_harness::launcher::{Cluster, Role, ServerConfig};
-use ftvm_kvclient::{ClientConfig, FailoverClient, FailoverConfig, KvClient, ServerSource};
+use ftvm_kvclient::{FailoverClient, FailoverConfig, ServerSource};
+use ftvm_tests::load::mixed_clients;
 use ftvm_tests::{
     assert_one_primary_per_view, cluster_config, fault_tolerant_cluster, free_udp, ftvm,
     kvm_available, launcher, start_cluster, stop, vm_lock, VM_ID,
@@ -450,36 +451,6 @@ fn a_failover_in_the_middle_of_race_finishes_on_the_new_primary() {
     assert_one_primary_per_view(&cluster);
 }
 
-fn client(service: SocketAddr) -> KvClient {
-    KvClient::connect(service, ClientConfig::default()).expect("client")
-}
-
-/// Several clients' puts, appends and gets.
-fn kv_load(service: SocketAddr) {
-    let handles: Vec<_> = (0..3)
-        .map(|c| {
-            std::thread::spawn(move || {
-                let mut kv = client(service);
-                for i in 0..60 {
-                    let key = format!("c{c}-{}", i % 10);
-                    match i % 3 {
-                        0 => kv
-                            .put(key.as_bytes(), format!("v{i}").as_bytes())
-                            .expect("put"),
-                        1 => kv.append(key.as_bytes(), b"+").expect("append"),
-                        _ => {
-                            kv.get(key.as_bytes()).expect("get");
-                        }
-                    }
-                }
-            })
-        })
-        .collect();
-    for h in handles {
-        h.join().expect("client");
-    }
-}
-
 #[test]
 fn kv_race_under_load_records_and_replays() {
     if !kvm_available() {
@@ -511,7 +482,7 @@ fn kv_race_under_load_records_and_replays() {
         .unwrap_or_else(|e| panic!("{e:#}"));
     vmm.wait_console("ftvm-guest: kv service ready", Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("{e:#}"));
-    kv_load(config.address);
+    mixed_clients(config.address, 60);
     let (status, stderr) = stop(&mut vmm);
     assert!(status.success(), "record failed: {stderr}");
     let rec = Recorded {

@@ -8,6 +8,7 @@ use std::time::Duration;
 use ftvm_core::host::capture::read_frames;
 use ftvm_harness::launcher::{Role, ServerConfig};
 use ftvm_kvclient::{ClientConfig, KvClient};
+use ftvm_tests::load::mixed_clients;
 use ftvm_tests::{free_udp, ftvm, kvm_available, launcher, serve, stop, vm_lock};
 use serde_json::Value;
 
@@ -102,39 +103,13 @@ fn client(service: std::net::SocketAddr) -> KvClient {
     KvClient::connect(service, ClientConfig::default()).expect("client")
 }
 
-/// Several clients, puts, appends and gets, a few hundred requests.
-fn kv_load(service: std::net::SocketAddr) {
-    let handles: Vec<_> = (0..3)
-        .map(|c| {
-            std::thread::spawn(move || {
-                let mut kv = client(service);
-                for i in 0..100 {
-                    let key = format!("c{c}-{}", i % 10);
-                    match i % 3 {
-                        0 => kv
-                            .put(key.as_bytes(), format!("v{i}").as_bytes())
-                            .expect("put"),
-                        1 => kv.append(key.as_bytes(), b"+").expect("append"),
-                        _ => {
-                            kv.get(key.as_bytes()).expect("get");
-                        }
-                    }
-                }
-            })
-        })
-        .collect();
-    for h in handles {
-        h.join().expect("client");
-    }
-}
-
 /// The shared recording the divergence tests edit: KV load plus entropy
 /// requests, so that it has rdtsc, rdrand, packets and interrupts.
 fn loaded_recording() -> &'static Recording {
     static REC: OnceLock<Recording> = OnceLock::new();
     REC.get_or_init(|| {
         record("loaded", &[], |service| {
-            kv_load(service);
+            mixed_clients(service, 100);
             let mut kv = client(service);
             for _ in 0..3 {
                 kv.entropy(50).expect("entropy");
