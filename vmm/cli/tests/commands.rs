@@ -30,7 +30,10 @@ fn every_command_answers_help() {
             .expect("run ftvm");
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "ftvm {words:?} --help: {out:?}");
-        assert!(text.contains("Usage: ftvm"), "ftvm {words:?} --help: {text}");
+        assert!(
+            text.contains("Usage: ftvm"),
+            "ftvm {words:?} --help: {text}"
+        );
     }
 }
 
