@@ -84,6 +84,28 @@ pub fn ftvm(args: &[&str], limit: Duration) -> Output {
         .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
+/// Writes `jsonl` (`ftvm log dump --json` lines, edited) beside `log` and
+/// turns it into the log `log` with `ftvm log load`, which must succeed.
+pub fn load_log(jsonl: &str, log: &Path) {
+    let path = log.with_extension("jsonl");
+    std::fs::write(&path, jsonl).expect("write the JSON lines");
+    let out = ftvm(
+        &[
+            "log",
+            "load",
+            &path.to_string_lossy(),
+            "-o",
+            &log.to_string_lossy(),
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Starts `ftvm run` (or `record`, as `role` says) with the embedded guest,
 /// its console, its counters and its output in a temporary directory, and
 /// waits for the guest's "kv service ready" line on its console. Returns it

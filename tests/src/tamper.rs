@@ -10,7 +10,7 @@ use ftvm_harness::launcher::Role;
 use ftvm_kvclient::{ClientConfig, KvClient};
 use serde_json::{json, Value};
 
-use crate::{ftvm, serve, stop};
+use crate::{ftvm, load_log, serve, stop};
 
 /// A replay stops by itself after this long (and then exits 6, which every
 /// test here rejects); the test kills it after `REPLAY_LIMIT`.
@@ -122,24 +122,8 @@ pub fn replay_entries(dir: &Path, name: &str, header: &Value, entries: &[Value])
         text += &serde_json::to_string(&e).expect("json");
         text += "\n";
     }
-    let jsonl = dir.join(format!("{name}.jsonl"));
     let log = dir.join(format!("{name}.log"));
-    std::fs::write(&jsonl, text).expect("write jsonl");
-    let load = ftvm(
-        &[
-            "log",
-            "load",
-            &jsonl.to_string_lossy(),
-            "-o",
-            &log.to_string_lossy(),
-        ],
-        Duration::from_secs(30),
-    );
-    assert!(
-        load.status.success(),
-        "{}",
-        String::from_utf8_lossy(&load.stderr)
-    );
+    load_log(&text, &log);
     replay(&log, &[])
 }
 

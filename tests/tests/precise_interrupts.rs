@@ -20,7 +20,7 @@ use ftvm_kvclient::{FailoverClient, FailoverConfig, ServerSource};
 use ftvm_tests::load::mixed_clients;
 use ftvm_tests::{
     assert_one_primary_per_view, cluster_config, fault_tolerant_cluster, free_udp, ftvm,
-    kvm_available, launcher, start_cluster, stop, vm_lock, VM_ID,
+    kvm_available, launcher, load_log, start_cluster, stop, vm_lock, VM_ID,
 };
 use iced_x86::{Decoder, DecoderOptions};
 use serde_json::Value;
@@ -146,24 +146,8 @@ fn dump(log: &Path) -> Vec<Value> {
 }
 
 fn load(lines: &[Value], to: &Path) {
-    let jsonl = to.with_extension("jsonl");
     let text: String = lines.iter().map(|v| format!("{v}\n")).collect();
-    std::fs::write(&jsonl, text).expect("write the JSON lines");
-    let out = ftvm(
-        &[
-            "log",
-            "load",
-            &jsonl.to_string_lossy(),
-            "-o",
-            &to.to_string_lossy(),
-        ],
-        Duration::from_secs(30),
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    load_log(&text, to);
 }
 
 fn hex(v: &Value) -> u64 {

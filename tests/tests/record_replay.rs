@@ -9,7 +9,7 @@ use ftvm_core::host::capture::read_frames;
 use ftvm_harness::launcher::{Role, ServerConfig};
 use ftvm_kvclient::{ClientConfig, KvClient};
 use ftvm_tests::load::mixed_clients;
-use ftvm_tests::{free_udp, ftvm, kvm_available, launcher, serve, stop, vm_lock};
+use ftvm_tests::{free_udp, ftvm, kvm_available, launcher, load_log, serve, stop, vm_lock};
 use serde_json::Value;
 
 struct Recording {
@@ -197,24 +197,8 @@ fn replay_edited(name: &str, edit: impl FnOnce(&mut Vec<Value>) -> u64) -> (Repl
         out += &serde_json::to_string(e).expect("json");
         out += "\n";
     }
-    let jsonl = rec.dir.path().join(format!("{name}.jsonl"));
     let edited_log = rec.dir.path().join(format!("{name}.log"));
-    std::fs::write(&jsonl, out).expect("write jsonl");
-    let load = ftvm(
-        &[
-            "log",
-            "load",
-            &jsonl.to_string_lossy(),
-            "-o",
-            &edited_log.to_string_lossy(),
-        ],
-        Duration::from_secs(30),
-    );
-    assert!(
-        load.status.success(),
-        "{}",
-        String::from_utf8_lossy(&load.stderr)
-    );
+    load_log(&out, &edited_log);
     (replay(&edited_log, &[]), edited)
 }
 
