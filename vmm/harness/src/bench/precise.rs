@@ -58,8 +58,6 @@ pub struct PreciseReport {
     pub kv_race: WorkloadReport,
 }
 
-/// A replay's own time limit; the launcher allows it a minute more.
-const REPLAY_LIMIT: Duration = Duration::from_secs(600);
 /// A race run's time limit: it powers off after about 3 s.
 const RACE_LIMIT: Duration = Duration::from_secs(120);
 
@@ -87,31 +85,6 @@ fn read_json(path: &Path) -> Result<Value> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("bad JSON in {}", path.display()))
-}
-
-/// `ftvm replay LOG`, whose summary it returns.
-fn replay(launcher: &Launcher, log: &Path, dir: &Path) -> Result<Value> {
-    let summary = dir.join("replay-summary.json");
-    let limit = REPLAY_LIMIT.as_secs().to_string();
-    let args = [
-        "replay".as_ref(),
-        log.as_os_str(),
-        "--serial".as_ref(),
-        "/dev/null".as_ref(),
-        "--timeout".as_ref(),
-        limit.as_ref(),
-        "--summary-json".as_ref(),
-        summary.as_os_str(),
-    ];
-    let out = launcher.run(&args, REPLAY_LIMIT + Duration::from_secs(60))?;
-    if !out.status.success() {
-        bail!(
-            "replay of {} failed: {}",
-            log.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    read_json(&summary)
 }
 
 /// `ftvm run` or `ftvm record --log LOG` of `race` to its power-off; its
@@ -207,7 +180,7 @@ pub fn bench_precise(args: &PreciseBenchArgs) -> Result<()> {
     for _ in 0..rounds {
         let run = race_once(&launcher, None, dir.path())?;
         let recorded = race_once(&launcher, Some(&log), dir.path())?;
-        let replayed = replay(&launcher, &log, dir.path())?;
+        let replayed = launcher.replay(&log, dir.path())?;
         let over_run =
             number(&recorded, &["elapsed_secs"])? / number(&run, &["elapsed_secs"])?.max(1e-9);
         let r = round(&recorded, &replayed, over_run, &log)?;
@@ -231,7 +204,7 @@ pub fn bench_precise(args: &PreciseBenchArgs) -> Result<()> {
         let record = Role::Record { log: log.clone() };
         let recorded =
             serve_under_load(&launcher, record, &workload, args.clients, duration, "64M")?;
-        let replayed = replay(&launcher, &log, dir.path())?;
+        let replayed = launcher.replay(&log, dir.path())?;
         let over_run = run.ops_per_sec / recorded.ops_per_sec.max(f64::MIN_POSITIVE);
         let r = round(&recorded.stats, &replayed, over_run, &log)?;
         println!(

@@ -2,9 +2,8 @@
 //! fast a log replays, and how large it is.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::launcher::{Launcher, Role};
@@ -61,34 +60,9 @@ pub struct RecordReport {
     pub by_kind: Vec<(String, u64, f64)>,
 }
 
-/// The replay's own time limit; the launcher allows it a minute more.
-const REPLAY_LIMIT: Duration = Duration::from_secs(600);
-
-/// Replays `log` with `ftvm replay`; returns its wall time in seconds.
+/// Replays `log`; returns its wall time in seconds.
 fn replay_seconds(launcher: &Launcher, log: &Path, dir: &Path) -> Result<f64> {
-    let summary = dir.join("replay-summary.json");
-    let limit = REPLAY_LIMIT.as_secs().to_string();
-    let args = [
-        "replay".as_ref(),
-        log.as_os_str(),
-        "--serial".as_ref(),
-        "/dev/null".as_ref(),
-        "--timeout".as_ref(),
-        limit.as_ref(),
-        "--summary-json".as_ref(),
-        summary.as_os_str(),
-    ];
-    let out = launcher.run(&args, REPLAY_LIMIT + Duration::from_secs(60))?;
-    if !out.status.success() {
-        bail!(
-            "replay of {} failed: {}",
-            log.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let text = std::fs::read_to_string(&summary).context("no replay summary")?;
-    let v: serde_json::Value = serde_json::from_str(&text).context("bad replay summary")?;
-    v["seconds"]
+    launcher.replay(log, dir)?["seconds"]
         .as_f64()
         .context("replay summary has no seconds")
 }

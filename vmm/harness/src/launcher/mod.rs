@@ -31,6 +31,9 @@ pub struct Launcher {
     ftvm: PathBuf,
 }
 
+/// The time limit [`Launcher::replay`] gives a replay.
+pub const REPLAY_LIMIT: Duration = Duration::from_secs(600);
+
 impl Launcher {
     pub fn new(ftvm: impl Into<PathBuf>) -> Launcher {
         Launcher { ftvm: ftvm.into() }
@@ -113,6 +116,36 @@ impl Launcher {
             files,
             temp,
         ))
+    }
+
+    /// `ftvm replay LOG` (console to /dev/null) with a time limit of its
+    /// own, [`REPLAY_LIMIT`], the launcher allowing it a minute more; an
+    /// exit other than 0 is an error. Returns its `--summary-json` verdict,
+    /// written in `dir`.
+    pub fn replay(&self, log: &Path, dir: &Path) -> Result<serde_json::Value> {
+        let summary = dir.join("replay-summary.json");
+        let limit = REPLAY_LIMIT.as_secs().to_string();
+        let args = [
+            "replay".as_ref(),
+            log.as_os_str(),
+            "--serial".as_ref(),
+            "/dev/null".as_ref(),
+            "--timeout".as_ref(),
+            limit.as_ref(),
+            "--summary-json".as_ref(),
+            summary.as_os_str(),
+        ];
+        let out = self.run(&args, REPLAY_LIMIT + Duration::from_secs(60))?;
+        if !out.status.success() {
+            bail!(
+                "replay of {} failed: {}",
+                log.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let text = std::fs::read_to_string(&summary)
+            .with_context(|| format!("cannot read {}", summary.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("bad JSON in {}", summary.display()))
     }
 
     /// Runs `ftvm args` to the end, killed after `limit`; its output is read
