@@ -16,6 +16,7 @@ use logchannel::{ChannelError, Entry, LogReceiver, OutputKind, Position};
 
 use crate::ft::goodbye_reason;
 use crate::ft::membership::{ArbitrationError, Membership};
+use crate::ft::planted::{planted, PlantedBug};
 use crate::host::capture::Capture;
 use crate::host::emitter::Emitter;
 use crate::host::events::{Events, ServerEvent, ServerRole, StatusBoard, ROLE_PRIMARY};
@@ -243,6 +244,7 @@ impl Backup {
         );
         let won = match g.membership.claim(g.view, Some(g.service)) {
             Ok(won) => won,
+            Err(_) if planted(PlantedBug::LiveWithoutTas) => g.membership.view(),
             Err(e) => {
                 let event = match &e {
                     ArbitrationError::Unreachable { .. } => {

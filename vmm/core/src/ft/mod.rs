@@ -6,6 +6,7 @@
 pub mod backup;
 pub mod membership;
 pub mod output_gate;
+pub mod planted;
 pub mod primary;
 pub mod standing;
 

@@ -15,6 +15,8 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use crate::ft::planted::{planted, PlantedBug};
+
 #[derive(Debug, Default)]
 pub struct Standing {
     alone: AtomicBool,
@@ -65,7 +67,9 @@ impl Standing {
     }
 
     pub(crate) fn release(&self, write_gaps: u64) -> Release {
-        if self.deposed() {
+        if planted(PlantedBug::ReleaseBeforeAck) {
+            Release::Everything
+        } else if self.deposed() {
             Release::Nothing
         } else if self.alone() {
             Release::Everything
