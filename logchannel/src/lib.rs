@@ -46,10 +46,11 @@ mod hex;
 mod json;
 mod payload;
 mod stats;
+mod transfer;
 
 pub use channel::{
-    ChannelConfig, ChannelError, ChannelMetrics, Hello, LogReceiver, LogSender, Mismatch, Peer,
-    ReceiverMetrics, Role, CHANNEL_PROTOCOL_VERSION,
+    ChannelConfig, ChannelError, ChannelMetrics, Handshaken, Hello, LogReceiver, LogSender,
+    Mismatch, Peer, ReceiverMetrics, Role, CHANNEL_PROTOCOL_VERSION,
 };
 pub use entry::{
     Digest, DigestReason, Entry, Event, EventKind, OutputKind, PageHash, Position, Registers,
@@ -63,3 +64,7 @@ pub use frame::{
 };
 pub use json::{from_json_lines, to_json_lines, JsonEntries, JsonError};
 pub use stats::{KindStats, LogStats};
+pub use transfer::{
+    read_verdict, write_verdict, Cut, PageData, TransferError, TransferItem, TransferReader,
+    TransferWriter, Verdict, MAX_MACHINE, MAX_PAGES_PAYLOAD,
+};

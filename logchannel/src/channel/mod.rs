@@ -65,6 +65,7 @@ mod accept;
 mod config;
 mod error;
 mod handshake;
+mod handshaken;
 mod hello;
 mod link;
 mod liveness;
@@ -77,6 +78,7 @@ mod workers;
 
 pub use config::ChannelConfig;
 pub use error::{ChannelError, Peer};
+pub use handshaken::Handshaken;
 pub use hello::{Hello, Mismatch, Role};
 pub use metrics::{ChannelMetrics, ReceiverMetrics};
 pub use receiver::LogReceiver;

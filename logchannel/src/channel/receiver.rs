@@ -4,7 +4,8 @@
 use super::config::ChannelConfig;
 use super::error::{ChannelError, Peer};
 use super::handshake::{handshake, Side};
-use super::hello::Hello;
+use super::handshaken::Handshaken;
+use super::hello::{Hello, Role};
 use super::link::{HasHealth, Health, Link, IDLE_RECHECK};
 use super::liveness::StampingReader;
 use super::metrics::ReceiverMetrics;
@@ -121,13 +122,31 @@ impl LogReceiver {
     /// every few milliseconds while it waits for the primary and gives up
     /// at once (`ChannelError::Cancelled`) when it says so. The TCP connect
     /// itself is not interrupted: it takes at most `handshake_timeout`, and
-    /// no time at all to a host that answers.
+    /// no time at all to a host that answers. The log starts from the
+    /// primary's `first_seq`: [`LogReceiver::connect_handshaken`], then
+    /// [`LogReceiver::start`].
     pub fn connect_cancellable(
         addr: SocketAddr,
         hello: Hello,
         config: ChannelConfig,
         cancelled: &dyn Fn() -> bool,
     ) -> Result<LogReceiver, ChannelError> {
+        let handshaken = LogReceiver::connect_handshaken(addr, hello, config, cancelled)?;
+        let first_seq = handshaken.peer_hello.first_seq;
+        LogReceiver::start(handshaken, first_seq)
+    }
+
+    /// Connects to the primary at `addr` and shakes hands, as
+    /// [`LogReceiver::connect_cancellable`] does, without starting the
+    /// channel: a joining backup reads the primary's state transfer first
+    /// ([`crate::TransferReader`]), then calls [`LogReceiver::start`] with
+    /// the cut's `next_seq`.
+    pub fn connect_handshaken(
+        addr: SocketAddr,
+        hello: Hello,
+        config: ChannelConfig,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Handshaken, ChannelError> {
         config.validate()?;
         let stream = TcpStream::connect_timeout(&addr, config.handshake_timeout).map_err(|e| {
             ChannelError::Connect {
@@ -147,9 +166,51 @@ impl LogReceiver {
             config.handshake_timeout,
             cancelled,
         )?;
-        let first_seq = established.peer_hello.first_seq;
-        tracing::info!(%peer, view = hello.view, first_seq, "log channel up");
-        let before_first = first_seq.saturating_sub(1);
+        tracing::debug!(%peer, view = hello.view, "log channel handshake done");
+        Ok(Handshaken {
+            stream,
+            peer,
+            ours: hello,
+            peer_hello: established.peer_hello,
+            config,
+            received: established.offset,
+        })
+    }
+
+    /// Starts the channel on a connection from
+    /// [`LogReceiver::connect_handshaken`]: the first entry `recv` returns
+    /// must carry `first_seq`. Refused (`Config`) for 0, for a connection
+    /// this end did not make, and for a `first_seq` other than the one this
+    /// end's hello asked for unless it said 0. Clears the socket's timeouts.
+    pub fn start(h: Handshaken, first_seq: u64) -> Result<LogReceiver, ChannelError> {
+        if first_seq == 0 {
+            return Err(ChannelError::Config(
+                "the log's first sequence number must be at least 1".to_string(),
+            ));
+        }
+        if h.ours.role != Role::Backup {
+            return Err(ChannelError::Config(format!(
+                "a LogReceiver cannot start on a connection to {}",
+                h.peer
+            )));
+        }
+        let expected = h.ours.first_seq;
+        if expected != 0 && expected != first_seq {
+            return Err(ChannelError::Config(format!(
+                "this backup asked for the log from entry {expected}, not {first_seq}"
+            )));
+        }
+        h.clear_timeouts()?;
+        let Handshaken {
+            stream,
+            peer,
+            ours,
+            peer_hello,
+            config,
+            received,
+        } = h;
+        tracing::info!(%peer, view = ours.view, first_seq, "log channel up");
+        let before_first = first_seq - 1;
         let state = State {
             health: Health::default(),
             queue: VecDeque::new(),
@@ -167,14 +228,14 @@ impl LogReceiver {
         let mut receiver = LogReceiver {
             link: Arc::new(Link::new(state, stream, peer, config)),
             workers: Workers::new(),
-            peer_hello: established.peer_hello,
+            peer_hello,
         };
         let link = Arc::clone(&receiver.link);
         receiver
             .workers
             .spawn("ftvm-log-acker", move || write_loop(&link))?;
         let link = Arc::clone(&receiver.link);
-        let decoder = FrameDecoder::new(first_seq, established.offset);
+        let decoder = FrameDecoder::new(first_seq, received);
         receiver
             .workers
             .spawn("ftvm-log-recv", move || read_loop(&link, decoder))?;

@@ -4,7 +4,8 @@
 use super::accept::{accept_backup, Accepted};
 use super::config::ChannelConfig;
 use super::error::ChannelError;
-use super::hello::Hello;
+use super::handshaken::Handshaken;
+use super::hello::{Hello, Role};
 use super::link::{HasHealth, Health, Link, Outgoing};
 use super::liveness::StampingReader;
 use super::metrics::{ChannelMetrics, Rates};
@@ -161,20 +162,11 @@ impl LogSender {
         LogSender::accept_within(listener, hello, config, wait, &|| false)
     }
 
-    /// Waits up to `wait` for the backup on `listener`. A connection counts
-    /// only once its handshake succeeds; every other one (a stranger, a
-    /// peer that says nothing within `handshake_timeout`, a hello that does
-    /// not match, which is told why) is turned away and the wait goes on,
-    /// each on its own thread, so none holds up the real backup. A
-    /// handshake under way when the wait ends may finish within
-    /// `handshake_timeout`. `cancelled` is asked every few milliseconds and
-    /// ends the wait at once (`ChannelError::Cancelled`); otherwise the
-    /// wait ends in `AcceptTimeout`, which counts the connections turned
-    /// away and says why the last one was. The listener is left in blocking
-    /// mode.
-    ///
-    /// `hello.first_seq` is the sequence number of the first entry `send`
-    /// will assign (1 at the start of a primary's lifetime).
+    /// Waits up to `wait` for the backup on `listener`, shakes hands and
+    /// starts the channel: [`LogSender::accept_handshaken`], then
+    /// [`LogSender::start`] from `hello.first_seq`, the sequence number of
+    /// the first entry `send` will assign (1 at the start of a primary's
+    /// lifetime).
     pub fn accept_within(
         listener: &TcpListener,
         hello: Hello,
@@ -182,6 +174,35 @@ impl LogSender {
         wait: Duration,
         cancelled: &dyn Fn() -> bool,
     ) -> Result<LogSender, ChannelError> {
+        let first_seq = hello.first_seq;
+        let handshaken = LogSender::accept_handshaken(listener, hello, config, wait, cancelled)?;
+        LogSender::start(handshaken, first_seq)
+    }
+
+    /// Waits up to `wait` for the backup on `listener` and shakes hands,
+    /// without starting the channel: the caller may first transfer state
+    /// over the connection ([`crate::TransferWriter`]), then
+    /// [`LogSender::start`]. A connection counts only once its handshake
+    /// succeeds; every other one (a stranger, a peer that says nothing
+    /// within `handshake_timeout`, a hello that does not match, which is
+    /// told why) is turned away and the wait goes on, each on its own
+    /// thread, so none holds up the real backup. A handshake under way when
+    /// the wait ends may finish within `handshake_timeout`. `cancelled` is
+    /// asked every few milliseconds and ends the wait at once
+    /// (`ChannelError::Cancelled`); otherwise the wait ends in
+    /// `AcceptTimeout`, which counts the connections turned away and says
+    /// why the last one was. The listener is left in blocking mode.
+    ///
+    /// `hello.first_seq` is what the backup's hello is checked against (a
+    /// backup that says 0 takes any): the primary's next sequence number
+    /// as it stands now, at least 1.
+    pub fn accept_handshaken(
+        listener: &TcpListener,
+        hello: Hello,
+        config: ChannelConfig,
+        wait: Duration,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Handshaken, ChannelError> {
         config.validate()?;
         if hello.first_seq == 0 {
             return Err(ChannelError::Config(
@@ -193,24 +214,69 @@ impl LogSender {
             peer,
             established,
         } = accept_backup(listener, &hello, &config, wait, cancelled)?;
-        tracing::info!(%peer, view = hello.view, first_seq = hello.first_seq, "log channel up");
+        tracing::debug!(%peer, view = hello.view, "log channel handshake done");
+        Ok(Handshaken {
+            stream,
+            peer,
+            ours: hello,
+            peer_hello: established.peer_hello,
+            config,
+            received: established.offset,
+        })
+    }
+
+    /// Starts the channel on a connection from
+    /// [`LogSender::accept_handshaken`]: `send` assigns sequence numbers
+    /// from `first_seq` (a joining backup's: the `next_seq` of the cut).
+    /// Refused (`Config`) for 0, for a connection this end did not accept,
+    /// and for a `first_seq` other than the one the backup's hello expects
+    /// unless it said 0. Clears the socket's timeouts.
+    pub fn start(h: Handshaken, first_seq: u64) -> Result<LogSender, ChannelError> {
+        if first_seq == 0 {
+            return Err(ChannelError::Config(
+                "the primary's first_seq must be at least 1".to_string(),
+            ));
+        }
+        if h.ours.role != Role::Primary {
+            return Err(ChannelError::Config(format!(
+                "a LogSender cannot start on a connection to {}",
+                h.peer
+            )));
+        }
+        let expected = h.peer_hello.first_seq;
+        if expected != 0 && expected != first_seq {
+            return Err(ChannelError::Config(format!(
+                "{} expects the log from entry {expected}, not {first_seq}",
+                h.peer
+            )));
+        }
+        h.clear_timeouts()?;
+        let Handshaken {
+            stream,
+            peer,
+            ours,
+            peer_hello,
+            config,
+            received,
+        } = h;
+        tracing::info!(%peer, view = ours.view, first_seq, "log channel up");
         let now = Instant::now();
         let state = State {
             health: Health::default(),
             on_ack: None,
-            encoder: FrameEncoder::new(hello.first_seq),
+            encoder: FrameEncoder::new(first_seq),
             pending: Vec::new(),
             pending_sizes: Vec::new(),
             due_since: None,
             urgent: false,
             sent: VecDeque::new(),
-            front_seq: hello.first_seq,
-            queued_seq: hello.first_seq - 1,
-            written_seq: hello.first_seq - 1,
+            front_seq: first_seq,
+            queued_seq: first_seq - 1,
+            written_seq: first_seq - 1,
             queued_bytes: 0,
-            acked: hello.first_seq - 1,
+            acked: first_seq - 1,
             acked_bytes: 0,
-            replayed_seq: hello.first_seq - 1,
+            replayed_seq: first_seq - 1,
             replayed_exits: 0,
             progress: 0,
             progress_written: 0,
@@ -226,7 +292,7 @@ impl LogSender {
         let mut sender = LogSender {
             link: Arc::new(Link::new(state, stream, peer, config)),
             workers: Workers::new(),
-            peer_hello: established.peer_hello,
+            peer_hello,
         };
         let link = Arc::clone(&sender.link);
         sender
@@ -234,7 +300,7 @@ impl LogSender {
             .spawn("ftvm-log-send", move || write_loop(&link))?;
         let link = Arc::clone(&sender.link);
         // The backup sends no entries, so the entry sequence is unused.
-        let decoder = FrameDecoder::new(0, established.offset);
+        let decoder = FrameDecoder::new(0, received);
         sender
             .workers
             .spawn("ftvm-log-acks", move || read_loop(&link, decoder))?;

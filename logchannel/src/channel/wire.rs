@@ -10,8 +10,11 @@ use bincode::{Decode, Encode};
 /// goodbye: a peer of version 1 would take it for a protocol violation, and
 /// so for a failure, which is what the goodbye exists to avoid. Version 3
 /// appended the workload to the hello, and entries may be `async-point`s
-/// (tag 12), which a version 2 backup could not decode.
-pub const CHANNEL_PROTOCOL_VERSION: u32 = 3;
+/// (tag 12), which a version 2 backup could not decode. Version 4 may
+/// carry a state transfer between the handshake and the first control
+/// message (`crate::transfer`), which a version 3 peer would take for
+/// garbage.
+pub const CHANNEL_PROTOCOL_VERSION: u32 = 4;
 
 /// The first bytes each end sends. A peer whose first bytes differ is not a
 /// log channel peer at all, which deserves another message than a version

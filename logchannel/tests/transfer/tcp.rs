@@ -1,0 +1,292 @@
+//! The transfer on a real loopback connection, between the handshake and
+//! the start of the log channel.
+
+use crate::channel_support::{addr, bounded, entries, hello, listener, relaxed};
+use crate::support::{read_all, write_sample, Got, MEM, PAGE};
+use logchannel::{
+    ChannelError, Handshaken, Hello, LogReceiver, LogSender, Mismatch, Role, TransferError,
+    TransferWriter, Verdict, CHANNEL_PROTOCOL_VERSION,
+};
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::thread;
+use std::time::Duration;
+
+const LIMIT: Duration = Duration::from_secs(60);
+const WAIT: Duration = Duration::from_secs(10);
+
+fn joining() -> Hello {
+    let mut h = hello(Role::Backup);
+    h.first_seq = 0;
+    h
+}
+
+fn accept(l: &TcpListener) -> Result<Handshaken, ChannelError> {
+    LogSender::accept_handshaken(l, hello(Role::Primary), relaxed(), WAIT, &|| false)
+}
+
+/// The primary's half on a thread of its own; the caller is the backup.
+fn spawn_primary<T: Send + 'static>(
+    f: impl FnOnce(Handshaken) -> T + Send + 'static,
+) -> (thread::JoinHandle<T>, std::net::SocketAddr) {
+    let l = listener();
+    let target = addr(&l);
+    let handle = thread::spawn(move || f(accept(&l).expect("primary handshakes")));
+    (handle, target)
+}
+
+fn connect(target: std::net::SocketAddr, hello: Hello) -> Result<Handshaken, ChannelError> {
+    LogReceiver::connect_handshaken(target, hello, relaxed(), &|| false)
+}
+
+/// Memory as the pages of a transfer leave it: page index to bytes, zero
+/// pages absent.
+fn apply(items: &[Got]) -> HashMap<u64, Vec<u8>> {
+    let mut mem = HashMap::new();
+    for item in items {
+        if let Got::Page { index, data } = item {
+            match data {
+                Some(bytes) => mem.insert(*index, bytes.clone()),
+                None => mem.remove(index),
+            };
+        }
+    }
+    mem
+}
+
+#[test]
+fn a_backup_joins_by_state_transfer_and_the_log_follows_from_the_cut() {
+    bounded(LIMIT, || {
+        let log = entries(7, 300);
+        let sent = log.clone();
+        let (primary, target) = spawn_primary(move |mut h| {
+            let mut w = h.transfer_writer(WAIT).expect("writer");
+            let items = write_sample(&mut w);
+            let written = w.bytes_written();
+            drop(w);
+            let verdict = h.read_verdict(WAIT).expect("verdict");
+            let Some(Got::Cut(cut)) = items.last() else {
+                panic!("no cut")
+            };
+            assert_eq!(
+                verdict,
+                Verdict::Restored {
+                    mem_hash: cut.mem_hash
+                }
+            );
+            let tx = LogSender::start(h, cut.next_seq).expect("start");
+            let mut last = 0;
+            for e in &sent {
+                last = tx.send(e.pos, e.event.clone()).expect("send");
+            }
+            assert!(tx.wait_acked(last, WAIT).expect("acked"));
+            (items, written)
+        });
+
+        let mut h = connect(target, joining()).expect("backup handshakes");
+        assert_eq!(h.peer_hello().first_seq, 1);
+        let before = h.received();
+        let mut r = h.transfer_reader(WAIT).expect("reader");
+        let (got, err) = read_all(&mut r);
+        assert!(err.is_none(), "{err:?}");
+        let read = r.bytes_read();
+        assert_eq!(h.received(), before + read);
+        let Some(Got::Cut(cut)) = got.last().cloned() else {
+            panic!("no cut")
+        };
+        h.write_verdict(&Verdict::Restored {
+            mem_hash: cut.mem_hash,
+        })
+        .expect("verdict");
+        let rx = LogReceiver::start(h, cut.next_seq).expect("start");
+        for (i, want) in log.iter().enumerate() {
+            let e = rx.recv(WAIT).expect("recv").expect("an entry");
+            assert_eq!(e.seq, cut.next_seq + i as u64);
+            assert_eq!((e.pos, &e.event), (want.pos, &want.event));
+        }
+        let (items, written) = primary.join().expect("primary");
+        assert_eq!(got, items);
+        assert_eq!(read, written);
+        let mem = apply(&got);
+        assert_eq!(mem.len(), 200 + 1 - 29);
+        assert!(mem.values().all(|p| p.len() == PAGE as usize));
+    });
+}
+
+#[test]
+fn a_refusal_reaches_the_primary_with_its_reason() {
+    bounded(LIMIT, || {
+        let (primary, target) = spawn_primary(|mut h| {
+            let mut w = h.transfer_writer(WAIT).expect("writer");
+            write_sample(&mut w);
+            drop(w);
+            h.read_verdict(WAIT)
+        });
+        let mut h = connect(target, joining()).expect("backup handshakes");
+        let (got, err) = read_all(&mut h.transfer_reader(WAIT).expect("reader"));
+        assert!(err.is_none() && !got.is_empty(), "{err:?}");
+        let refusal = Verdict::Refused {
+            reason: "memory hash mismatch: the cut says 0x1, restored 0x2".to_string(),
+        };
+        h.write_verdict(&refusal).expect("verdict");
+        assert_eq!(
+            primary.join().expect("primary").expect("a verdict"),
+            refusal
+        );
+    });
+}
+
+#[test]
+fn an_abort_reaches_the_backup() {
+    bounded(LIMIT, || {
+        let (primary, target) = spawn_primary(|mut h| {
+            let mut w = h.transfer_writer(WAIT).expect("writer");
+            w.begin(MEM, PAGE).expect("begin");
+            w.abort("a new view").expect("abort");
+        });
+        let mut h = connect(target, joining()).expect("backup handshakes");
+        let (got, err) = read_all(&mut h.transfer_reader(WAIT).expect("reader"));
+        assert!(err.is_none(), "{err:?}");
+        assert_eq!(got.last(), Some(&Got::Abort("a new view".to_string())));
+        primary.join().expect("primary");
+    });
+}
+
+#[test]
+fn a_primary_that_dies_mid_transfer_leaves_no_cut() {
+    bounded(LIMIT, || {
+        let (primary, target) = spawn_primary(|mut h| {
+            let mut w = TransferWriter::new(&mut h);
+            w.begin(MEM, PAGE).expect("begin");
+            for i in 0..100 {
+                w.page(i, &crate::support::page(i, 0)).expect("page");
+            }
+            w.flush().expect("flush");
+            // Dropping the connection is the primary dying.
+        });
+        let mut h = connect(target, joining()).expect("backup handshakes");
+        let (got, err) = read_all(&mut h.transfer_reader(WAIT).expect("reader"));
+        primary.join().expect("primary");
+        assert_eq!(got.len(), 101);
+        let err = err.expect("an error");
+        assert!(
+            // Begin, and 100 pages in two messages.
+            matches!(err, TransferError::Closed { message: 3, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("without its cut"), "{err}");
+    });
+}
+
+#[test]
+fn silence_is_named_on_both_sides() {
+    bounded(LIMIT, || {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (primary, target) = spawn_primary(move |mut h| {
+            // Says nothing until the backup has timed out, then waits for
+            // a verdict that never comes.
+            let _ = rx.recv();
+            h.read_verdict(Duration::from_millis(200))
+        });
+        let mut h = connect(target, joining()).expect("backup handshakes");
+        let offset = h.received();
+        let mut r = h
+            .transfer_reader(Duration::from_millis(200))
+            .expect("reader");
+        let err = r.next().expect_err("silence");
+        assert!(
+            matches!(err, TransferError::Silent { message: 0, offset: o, .. } if o == offset),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .starts_with("the primary sent nothing for 200ms"),
+            "{err}"
+        );
+        drop(r);
+        tx.send(()).expect("wake the primary");
+        let err = primary.join().expect("primary").expect_err("no verdict");
+        assert!(
+            err.to_string()
+                .starts_with("the backup sent nothing for 200ms"),
+            "{err}"
+        );
+        drop(h);
+    });
+}
+
+#[test]
+fn start_refuses_what_cannot_work() {
+    bounded(LIMIT, || {
+        // A backup that asked for entry 5 is not sent entry 42 on.
+        let l = listener();
+        let target = addr(&l);
+        let primary = thread::spawn(move || {
+            let mut at_5 = hello(Role::Primary);
+            at_5.first_seq = 5;
+            let h = LogSender::accept_handshaken(&l, at_5, relaxed(), WAIT, &|| false)
+                .expect("primary handshakes");
+            LogSender::start(h, 42).err()
+        });
+        let mut asks_5 = hello(Role::Backup);
+        asks_5.first_seq = 5;
+        let h = connect(target, asks_5).expect("backup handshakes");
+        let err = primary.join().expect("primary").expect("refused");
+        assert!(matches!(err, ChannelError::Config(_)), "{err}");
+        let err = LogReceiver::start(h, 42).err().expect("refused");
+        assert!(matches!(err, ChannelError::Config(_)), "{err}");
+
+        // A sequence number of 0, or the other end's start.
+        let (primary, target) = spawn_primary(|h| LogReceiver::start(h, 1).err());
+        let h = connect(target, joining()).expect("backup handshakes");
+        assert!(matches!(
+            LogReceiver::start(h, 0).err(),
+            Some(ChannelError::Config(_))
+        ));
+        assert!(matches!(
+            primary.join().expect("primary"),
+            Some(ChannelError::Config(_))
+        ));
+    });
+}
+
+#[test]
+fn a_version_3_peer_is_refused() {
+    bounded(LIMIT, || {
+        assert_eq!(CHANNEL_PROTOCOL_VERSION, 4);
+        let l = listener();
+        let target = addr(&l);
+        let primary = thread::spawn(move || {
+            LogSender::accept_handshaken(
+                &l,
+                hello(Role::Primary),
+                relaxed(),
+                Duration::from_secs(2),
+                &|| false,
+            )
+            .err()
+        });
+        let mut old = joining();
+        old.protocol_version = 3;
+        let err = connect(target, old).expect_err("refused");
+        assert!(
+            matches!(
+                &err,
+                ChannelError::HelloRefused {
+                    mismatch: Mismatch::ProtocolVersion {
+                        primary: 4,
+                        backup: 3
+                    },
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // The primary turned it away and went on waiting, in vain.
+        let err = primary.join().expect("primary").expect("no backup");
+        assert!(
+            matches!(err, ChannelError::AcceptTimeout { refused: 1, .. }),
+            "{err}"
+        );
+    });
+}
