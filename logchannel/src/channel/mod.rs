@@ -5,7 +5,24 @@
 //! async runtime. The wire format is in this crate's README.md ("The TCP
 //! channel").
 //!
+//! Connecting is two steps, which `accept_within` and
+//! `connect_cancellable` take together: the handshake
+//! ([`LogSender::accept_handshaken`], [`LogReceiver::connect_handshaken`])
+//! gives a [`Handshaken`] connection, and `start` turns it into a channel
+//! from a given first sequence number ([`LogSender::start`],
+//! [`LogReceiver::start`]). Between the two, a joining backup takes the
+//! primary's state over the same connection ([`crate::TransferReader`]),
+//! and the log starts from the cut's `next_seq`, which the primary only
+//! knows once the guest has stopped at the cut.
+//!
 //! # Design decisions
+//!
+//! **The handshake and the start are separate.** The hello is checked
+//! before anything else travels, so a backup of the wrong view or image is
+//! refused before the primary spends a transfer on it; the channel's
+//! threads start only when the first sequence number is known. A
+//! [`Handshaken`] connection counts the bytes read through it, so frame
+//! offsets in the channel's errors stay offsets in the connection.
 //!
 //! **Progress marks are out of band.** The primary's heartbeat carries its
 //! progress mark, a control message without a sequence number, rather

@@ -350,8 +350,9 @@ impl LogReceiver {
         self.link.check(&mut self.link.lock()).err()
     }
 
-    /// The primary's hello; its `first_seq` is the first entry `recv`
-    /// returns.
+    /// The primary's hello. Its `first_seq` is the first entry `recv`
+    /// returns unless the channel was started from another (a joining
+    /// backup's, from the cut).
     pub fn peer_hello(&self) -> &Hello {
         &self.peer_hello
     }

@@ -163,6 +163,7 @@ fn the_transfer_is_laid_out_as_documented() {
     assert_eq!(out, want);
     assert_eq!(&out[..2], &[0x01, 0x08]);
     assert_eq!(&out[14..17], &[0x02, 0x89, 0x20]);
+    assert_eq!(&out[4134..4136], &[0x04, 0x20]);
 
     let mut verdict = Vec::new();
     write_verdict(&mut verdict, &Verdict::Restored { mem_hash: 0x99 }).expect("verdict");
