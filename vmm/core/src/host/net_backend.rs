@@ -34,7 +34,7 @@ pub enum NetError {
 }
 
 /// A datagram from a client, with the address it came from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Datagram {
     pub from: SocketAddrV4,
     pub payload: Vec<u8>,

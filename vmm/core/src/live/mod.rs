@@ -80,6 +80,10 @@ pub struct Live {
     outputs: Option<Box<dyn Outputs>>,
     sink: Option<Box<dyn EntrySink>>,
     start: Instant,
+    /// The device clock at `start`: 0 from boot, the primary's clock at the
+    /// cut for a backup that goes live after replaying from a transferred
+    /// state, so that PIT counters (`since_ns` in this clock) run on.
+    base_ns: u64,
     deadline: Option<Instant>,
     stop: StopSignal,
     pending: VecDeque<Datagram>,
@@ -106,6 +110,7 @@ impl Live {
             outputs: Some(outputs),
             sink,
             start,
+            base_ns: 0,
             deadline: timeout.map(|t| start + t),
             stop,
             pending: VecDeque::new(),
@@ -119,6 +124,36 @@ impl Live {
     pub fn with_board(mut self, board: Arc<StatusBoard>) -> Self {
         self.board = Some(board);
         self
+    }
+
+    /// A device clock that reads `base_ns` now and runs on from there.
+    pub fn with_clock(mut self, base_ns: u64) -> Self {
+        self.base_ns = base_ns;
+        self
+    }
+
+    /// Starts with `datagrams` waiting for the guest, ahead of any the
+    /// network brings.
+    pub fn with_datagrams(mut self, datagrams: Vec<Datagram>) -> Self {
+        self.pending = datagrams.into();
+        self
+    }
+
+    /// The device clock: what the devices see as now.
+    pub fn clock_ns(&self) -> u64 {
+        self.base_ns
+            .saturating_add(self.start.elapsed().as_nanos() as u64)
+    }
+
+    /// The datagrams this run holds and has not delivered yet (not those
+    /// still queued in the network backend, which it has not taken).
+    pub fn pending_datagrams(&self) -> Vec<Datagram> {
+        self.pending.iter().cloned().collect()
+    }
+
+    /// The host instant at which the device clock reads `ns`.
+    fn instant_at(&self, ns: u64) -> Instant {
+        self.start + Duration::from_nanos(ns.saturating_sub(self.base_ns))
     }
 
     pub fn sink_mut(&mut self) -> Option<&mut (dyn EntrySink + 'static)> {
@@ -200,7 +235,7 @@ fn host_result(kind: NondetKind) -> (TrapResult, Event) {
 
 impl Mode for Live {
     fn now_ns(&self) -> u64 {
-        self.start.elapsed().as_nanos() as u64
+        self.clock_ns()
     }
 
     fn should_stop(
@@ -328,7 +363,7 @@ impl Mode for Live {
             m.vm.devices
                 .pit
                 .next_irq0_ns()
-                .map(|ns| (self.start + Duration::from_nanos(ns)).max(self.last_exit + tick));
+                .map(|ns| self.instant_at(ns).max(self.last_exit + tick));
         let datagrams = self.net.as_ref().map(|_| self.last_exit + DATAGRAM_KICK);
         match (timer, datagrams) {
             (Some(t), Some(d)) => Some(t.min(d)),
@@ -380,7 +415,7 @@ impl Mode for Live {
             m.vm.devices
                 .pit
                 .next_irq0_ns()
-                .map(|ns| self.start + Duration::from_nanos(ns.max(now)));
+                .map(|ns| self.instant_at(ns.max(now)));
         if let Some(deadline) = self.deadline {
             wake_at = Some(wake_at.map_or(deadline, |w| w.min(deadline)));
         }

@@ -71,6 +71,9 @@ pub struct Replay<S: LogSource> {
     stop: StopSignal,
     /// The exit of the last final digest that matched.
     final_digest_at: Option<u64>,
+    /// The device clock, frozen: time reads come from the log. 0 from boot;
+    /// the primary's clock at the cut for a replay that starts there.
+    clock_ns: u64,
     /// The log's `end` entry, once applied: the replay reached the end.
     end: Option<Entry>,
     pub counts: ReplayCounts,
@@ -94,9 +97,19 @@ impl<S: LogSource> Replay<S> {
             capture,
             stop,
             final_digest_at: None,
+            clock_ns: 0,
             end: None,
             counts: ReplayCounts::default(),
         }
+    }
+
+    /// A replay that starts from a machine state taken at `base_ns` of the
+    /// primary's device clock: the devices' time stands there (a PIT
+    /// reprogrammed during the replay counts from it, as on the primary's
+    /// timeline) instead of at 0.
+    pub fn with_clock(mut self, base_ns: u64) -> Self {
+        self.clock_ns = base_ns;
+        self
     }
 
     /// The outcome of a run that returned `summary`; `total` is the log's
@@ -396,7 +409,7 @@ fn trap_result(kind: NondetKind, event: &Event) -> Option<TrapResult> {
 
 impl<S: LogSource> Mode for Replay<S> {
     fn now_ns(&self) -> u64 {
-        0
+        self.clock_ns
     }
 
     fn aim(&mut self, _m: &mut Machine, pos: Position) -> Result<Option<(u64, u64)>, RunError> {

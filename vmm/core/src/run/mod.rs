@@ -4,11 +4,13 @@
 
 pub mod breakpoint;
 pub mod digest;
+pub mod dirty;
 pub mod divergence;
 pub mod exit;
 pub mod kick;
 pub mod precise;
 pub mod run_loop;
 pub mod single_step;
+pub mod snapshot;
 pub mod stop;
 pub mod vm;

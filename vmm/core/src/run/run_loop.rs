@@ -212,6 +212,12 @@ impl Machine<'_> {
         !self.console_line.is_empty()
     }
 
+    /// What the guest has written of its current console line, which a
+    /// machine state taken here carries to the run that continues from it.
+    pub fn console_line(&self) -> &[u8] {
+        &self.console_line
+    }
+
     /// Hands the guest the interrupt the PIC has for it, if any.
     pub fn inject_pending(&mut self) -> Result<Option<u8>, RunError> {
         match self.vm.devices.pic.acknowledge() {
@@ -587,27 +593,52 @@ fn at_breakpoint<M: Mode>(m: &mut Machine, mode: &mut M, aim: &mut Aim) -> Resul
     Ok(Hit::Sync(pos, action))
 }
 
-/// Runs the guest until it powers off, fails, or `mode` stops it.
+/// Where a run begins: at boot, or where a machine state was taken.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Start {
+    /// The synchronous exits before this run (the position of the cut);
+    /// positions go on from there.
+    pub exits: u64,
+    /// What the guest had written of its current console line.
+    pub console_line: Vec<u8>,
+}
+
+/// Runs the guest from boot until it powers off, fails, or `mode` stops it.
 pub fn run<M: Mode>(
     vm: &mut Vm,
     mode: &mut M,
     stop: &StopSignal,
     hashing: bool,
 ) -> Result<RunSummary, RunError> {
+    run_from(vm, mode, stop, hashing, Start::default())
+}
+
+/// Runs a guest whose state was restored at the synchronous exit
+/// `start.exits` (or booted, with the default `Start`), as [`run`] does.
+/// The summary's exit counts include the `start.exits` before it.
+pub fn run_from<M: Mode>(
+    vm: &mut Vm,
+    mode: &mut M,
+    stop: &StopSignal,
+    hashing: bool,
+    start: Start,
+) -> Result<RunSummary, RunError> {
     let _guard = stop.enter_vcpu_thread().map_err(RunError::Thread)?;
-    let start = Instant::now();
+    let started = Instant::now();
     let hasher = hashing.then(|| MemoryHasher::new(&vm.mem, vm.config.mem_size));
     if hashing {
         vm.take_dirty_pages()?;
     }
+    let mut summary = RunSummary::default();
+    summary.exits.synchronous = start.exits;
     let mut m = Machine {
         vm,
         hasher,
-        summary: RunSummary::default(),
-        console_line: Vec::new(),
+        summary,
+        console_line: start.console_line,
     };
     let mut pos = Position {
-        exits: 0,
+        exits: start.exits,
         rip: m.regs().rip,
     };
     let mut at_position = true;
@@ -729,7 +760,7 @@ pub fn run<M: Mode>(
     let mut summary = m.summary;
     summary.between.kicks = kicker.as_ref().map_or(0, Kicker::kicks);
     summary.reason = Some(reason);
-    summary.elapsed_secs = start.elapsed().as_secs_f64();
+    summary.elapsed_secs = started.elapsed().as_secs_f64();
     summary.unknown_pio = m.vm.devices.unknown_pio;
     summary.unknown_mmio = m.vm.devices.unknown_mmio;
     Ok(summary)

@@ -4,6 +4,7 @@
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use kvm_bindings::{kvm_interrupt, kvm_userspace_memory_region, KVMIO};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
@@ -18,6 +19,7 @@ use crate::machine::memory::{self, GuestMemory, MemoryError};
 use crate::machine::patch::{PatchError, PatchTable};
 use crate::machine::scan;
 use crate::machine::workload::Workload;
+use crate::run::dirty::{DirtyLog, DirtyReader};
 
 ioctl_iow_nr!(KVM_INTERRUPT, KVMIO, 0x86, kvm_interrupt);
 
@@ -134,9 +136,17 @@ fn open_kvm(path: &Path) -> Result<Kvm, VmError> {
 }
 
 pub struct Vm {
-    _kvm: Kvm,
-    vm_fd: VmFd,
+    pub(crate) kvm: Kvm,
+    /// Holds the VM's fd, shared with whoever reads dirty pages off the
+    /// vCPU thread.
+    dirty: Arc<DirtyLog>,
     pub vcpu: VcpuFd,
+    /// The guest's memory. A clone shares the mapping (and the VMM's dirty
+    /// bitmap), so another thread may read pages through one while the vCPU
+    /// runs, as a state transfer does. Such a read of a page the guest is
+    /// writing at that moment may be torn; that page is then dirty and is
+    /// read again at the next look at the [`DirtyLog`], so nothing torn
+    /// survives to the cut. Only the vCPU thread writes.
     pub mem: GuestMemory,
     pub devices: Devices,
     pub image: ElfImage,
@@ -167,8 +177,9 @@ impl Vm {
                 memory_size: region.len(),
                 userspace_addr: host as u64,
             };
-            // SAFETY: the region is a live mapping owned by `mem`, which the
-            // Vm keeps for as long as the VM fd exists; slots are distinct.
+            // SAFETY: the region is a live mapping owned by `mem`; the VM fd
+            // ends up in a DirtyLog that holds a clone of `mem` (sharing the
+            // mapping) for as long as it holds the fd; slots are distinct.
             unsafe { vm.set_user_memory_region(region_desc) }
                 .map_err(kvm_err("register guest memory"))?;
         }
@@ -188,8 +199,8 @@ impl Vm {
         // positions and trap emulation free of GET/SET_REGS calls.
         vcpu.set_sync_valid_reg(kvm_ioctls::SyncReg::Register);
         Ok(Vm {
-            _kvm: kvm,
-            vm_fd: vm,
+            kvm,
+            dirty: Arc::new(DirtyLog::new(vm, mem.clone())),
             vcpu,
             mem,
             devices: Devices::new(),
@@ -224,20 +235,16 @@ impl Vm {
         run.__bindgen_anon_1.msr.data = value;
     }
 
-    /// Guest pages written since the last call, by the guest (KVM's dirty
-    /// log) or by the VMM (the memory's own bitmap: device DMA).
+    /// Guest pages written since the digest hasher last looked, by the
+    /// guest (KVM's dirty log) or by the VMM (the memory's own bitmap:
+    /// device DMA).
     pub fn take_dirty_pages(&self) -> Result<Vec<u64>, VmError> {
-        let mut bitmap = self
-            .vm_fd
-            .get_dirty_log(0, self.config.mem_size as usize)
-            .map_err(kvm_err("read the dirty page log"))?;
-        for region in self.mem.iter() {
-            let vmm = std::ops::Deref::deref(region).bitmap().get_and_reset();
-            for (w, v) in bitmap.iter_mut().zip(vmm) {
-                *w |= v;
-            }
-        }
-        Ok(crate::run::digest::pages_in_bitmap(&bitmap).collect())
+        self.dirty.take(DirtyReader::Digest)
+    }
+
+    /// The dirty page log, for a reader on another thread.
+    pub fn dirty_log(&self) -> Arc<DirtyLog> {
+        self.dirty.clone()
     }
 
     /// Queues an external interrupt; KVM delivers it at the next entry.

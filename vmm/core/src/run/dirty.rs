@@ -1,0 +1,159 @@
+//! Guest pages written since a reader last looked, for more than one reader.
+//!
+//! KVM's dirty log and vm-memory's own bitmap (the VMM's writes: device DMA,
+//! the loader) both reset when they are read, so two readers that each read
+//! them directly would steal pages from one another. [`DirtyLog`] reads both
+//! on behalf of every reader and keeps, per active reader, what that reader
+//! has not yet taken: the digest hasher on the vCPU thread, and a state
+//! transfer on a thread of its own while the vCPU runs.
+
+use std::sync::{Mutex, PoisonError};
+
+use kvm_ioctls::VmFd;
+use vm_memory::{Address, GuestMemoryBackend as _, GuestMemoryRegion};
+
+use crate::machine::memory::GuestMemory;
+use crate::run::digest::pages_in_bitmap;
+use crate::run::vm::VmError;
+
+const PAGE_SIZE: u64 = 4096;
+const PAGES_PER_WORD: u64 = 64;
+
+/// Who takes dirty pages from a [`DirtyLog`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirtyReader {
+    /// The memory hasher behind digests; always active.
+    Digest,
+    /// A live state transfer; active between [`DirtyLog::start`] and
+    /// [`DirtyLog::stop`].
+    Transfer,
+}
+
+/// One bit per guest page, for each reader: what it has not taken yet.
+struct Pending {
+    digest: Vec<u64>,
+    /// `None` while no transfer is under way.
+    transfer: Option<Vec<u64>>,
+}
+
+/// The dirty pages of one VM, shared between the vCPU thread and a transfer
+/// thread (`Arc<DirtyLog>`, from [`crate::run::vm::Vm::dirty_log`]).
+pub struct DirtyLog {
+    /// The VM's fd lives here, beside a clone of the memory it maps, so that
+    /// the mapping KVM writes into outlives the VM for as long as anyone
+    /// holds this log.
+    vm_fd: VmFd,
+    mem: GuestMemory,
+    words: usize,
+    pending: Mutex<Pending>,
+}
+
+impl DirtyLog {
+    /// `mem` must be the memory registered with `vm_fd`, one KVM slot per
+    /// region in order, as [`crate::run::vm::Vm::new`] registers it.
+    pub(crate) fn new(vm_fd: VmFd, mem: GuestMemory) -> Self {
+        let end = mem
+            .iter()
+            .map(|r| r.start_addr().raw_value() + r.len())
+            .max()
+            .unwrap_or(0);
+        let words = end.div_ceil(PAGE_SIZE * PAGES_PER_WORD) as usize;
+        DirtyLog {
+            vm_fd,
+            mem,
+            words,
+            pending: Mutex::new(Pending {
+                digest: vec![0; words],
+                transfer: None,
+            }),
+        }
+    }
+
+    /// Makes `reader` active from now on: it is told of pages written after
+    /// this call, not before. Starting an active reader clears what it had.
+    pub fn start(&self, reader: DirtyReader) {
+        let mut pending = self.lock();
+        match reader {
+            DirtyReader::Digest => pending.digest.fill(0),
+            DirtyReader::Transfer => pending.transfer = Some(vec![0; self.words]),
+        }
+    }
+
+    /// Makes `reader` inactive; what it had not taken is dropped. The digest
+    /// reader cannot be stopped (its hash must see every write).
+    pub fn stop(&self, reader: DirtyReader) {
+        if reader == DirtyReader::Transfer {
+            self.lock().transfer = None;
+        }
+    }
+
+    /// Whether a transfer is under way.
+    pub fn is_active(&self, reader: DirtyReader) -> bool {
+        match reader {
+            DirtyReader::Digest => true,
+            DirtyReader::Transfer => self.lock().transfer.is_some(),
+        }
+    }
+
+    /// The guest page numbers written since `reader` last took them (or
+    /// started), by the guest or by the VMM, in increasing order. Whatever
+    /// this call collects is also kept for every other active reader. An
+    /// inactive reader gets nothing.
+    pub fn take(&self, reader: DirtyReader) -> Result<Vec<u64>, VmError> {
+        let mut pending = self.lock();
+        let found = self.collect()?;
+        let Pending { digest, transfer } = &mut *pending;
+        for set in std::iter::once(digest).chain(transfer.as_mut()) {
+            for (w, f) in set.iter_mut().zip(&found) {
+                *w |= f;
+            }
+        }
+        let mine = match reader {
+            DirtyReader::Digest => Some(&mut pending.digest),
+            DirtyReader::Transfer => pending.transfer.as_mut(),
+        };
+        Ok(match mine {
+            Some(set) => {
+                let pages = pages_in_bitmap(set).collect();
+                set.fill(0);
+                pages
+            }
+            None => Vec::new(),
+        })
+    }
+
+    /// Reads and resets KVM's log and the memory's own bitmap. Called with
+    /// the lock held, so that what one reader collects reaches the others
+    /// before either can look again.
+    fn collect(&self) -> Result<Vec<u64>, VmError> {
+        let mut found = vec![0u64; self.words];
+        for (slot, region) in self.mem.iter().enumerate() {
+            let first_word =
+                (region.start_addr().raw_value() / PAGE_SIZE / PAGES_PER_WORD) as usize;
+            let kvm = self
+                .vm_fd
+                .get_dirty_log(slot as u32, region.len() as usize)
+                .map_err(|source| VmError::Kvm {
+                    what: "read the dirty page log",
+                    source,
+                })?;
+            let vmm = std::ops::Deref::deref(region).bitmap().get_and_reset();
+            for (i, (k, v)) in kvm
+                .iter()
+                .zip(vmm.iter().chain(std::iter::repeat(&0)))
+                .enumerate()
+            {
+                if let Some(w) = found.get_mut(first_word + i) {
+                    *w |= k | v;
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        // A reader that panicked left sets that are still bitmaps; at worst a
+        // page is reported twice, which both readers tolerate.
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
