@@ -240,22 +240,14 @@ impl<W: Write> MessageOut<W> {
         self.frame.push(tag as u8);
         leb128(payload.len(), &mut self.frame);
         let crc = crc(tag as u8, &self.frame[1..], payload, self.number);
-        let header = self.frame.len();
-        // One write for a small message, two for pages: no copy of the
-        // page data just to put a CRC behind it.
-        let result = if payload.len() <= 4096 {
-            self.frame.extend_from_slice(payload);
-            self.frame.extend_from_slice(&crc.to_le_bytes());
-            self.out.write_all(&self.frame)
-        } else {
-            self.out
-                .write_all(&self.frame)
-                .and_then(|()| self.out.write_all(payload))
-                .and_then(|()| self.out.write_all(&crc.to_le_bytes()))
-        };
+        // One write per message: a TCP segment of its own for a 4-byte CRC
+        // (the connection has Nagle off) would cost more than the copy.
+        self.frame.extend_from_slice(payload);
+        self.frame.extend_from_slice(&crc.to_le_bytes());
+        let result = self.out.write_all(&self.frame);
         result.map_err(|e| self.write_error(e))?;
         self.number += 1;
-        self.written += (header + payload.len() + 4) as u64;
+        self.written += self.frame.len() as u64;
         Ok(())
     }
 

@@ -109,7 +109,7 @@ impl<W: Write> TransferWriter<W> {
             self.send_batch()?;
         }
         put(&index, &mut self.batch);
-        if bytes.iter().all(|&b| b == 0) {
+        if is_zero(bytes) {
             self.batch.push(PAGE_ZERO);
         } else {
             self.batch.push(PAGE_BYTES);
@@ -279,4 +279,12 @@ impl<W: Write> TransferWriter<W> {
             detail,
         }
     }
+}
+
+/// Whether a page is all zeros. ORing blocks without an early exit per
+/// byte lets the compiler vectorise it: every page of a round passes here.
+fn is_zero(bytes: &[u8]) -> bool {
+    bytes
+        .chunks(64)
+        .all(|block| block.iter().fold(0, |acc, &b| acc | b) == 0)
 }

@@ -1,11 +1,11 @@
 //! The transfer on a real loopback connection, between the handshake and
 //! the start of the log channel.
 
-use crate::channel_support::{addr, bounded, entries, hello, listener, relaxed};
+use crate::channel_support::{addr, bounded, entries, hello, listener, relaxed, Proxy};
 use crate::support::{read_all, write_sample, Got, MEM, PAGE};
 use logchannel::{
-    ChannelError, Handshaken, Hello, LogReceiver, LogSender, Mismatch, Role, TransferError,
-    TransferWriter, Verdict, CHANNEL_PROTOCOL_VERSION,
+    ChannelError, FrameError, Handshaken, Hello, LogReceiver, LogSender, Mismatch, PageData, Role,
+    TransferError, TransferItem, TransferWriter, Verdict, CHANNEL_PROTOCOL_VERSION,
 };
 use std::collections::HashMap;
 use std::net::TcpListener;
@@ -287,6 +287,112 @@ fn a_version_3_peer_is_refused() {
         assert!(
             matches!(err, ChannelError::AcceptTimeout { refused: 1, .. }),
             "{err}"
+        );
+    });
+}
+
+#[test]
+fn frame_offsets_after_a_transfer_are_offsets_in_the_connection() {
+    bounded(LIMIT, || {
+        let l = listener();
+        let proxy = Proxy::new(addr(&l));
+        let primary = thread::spawn(move || {
+            let mut h = accept(&l).expect("primary handshakes");
+            let mut w = h.transfer_writer(WAIT).expect("writer");
+            write_sample(&mut w);
+            drop(w);
+            if h.read_verdict(WAIT).is_err() {
+                return;
+            }
+            let tx = LogSender::start(h, 42).expect("start");
+            for e in entries(3, 20) {
+                let _ = tx.send(e.pos, e.event);
+            }
+            let _ = tx.flush();
+            // Until the backup has seen the damage.
+            thread::sleep(Duration::from_secs(1));
+        });
+        let mut h = connect(proxy.addr(), joining()).expect("backup handshakes");
+        let (_, err) = read_all(&mut h.transfer_reader(WAIT).expect("reader"));
+        assert!(err.is_none(), "{err:?}");
+        let end = h.received();
+        // Inside the first frame of the log channel, past its length and
+        // CRC: before the primary can send it, since it waits for the
+        // verdict.
+        proxy.flip(end + 5, 0x10);
+        h.write_verdict(&Verdict::Restored { mem_hash: 0 })
+            .expect("verdict");
+        let rx = LogReceiver::start(h, 42).expect("start");
+        let err = loop {
+            match rx.recv(WAIT) {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("neither entries nor an error"),
+                Err(e) => break e,
+            }
+        };
+        let ChannelError::Frame { source, .. } = &err else {
+            panic!("{err}")
+        };
+        assert!(
+            matches!(**source, FrameError::Crc { frame: 0, offset, .. } if offset == end),
+            "{err} (the transfer ended at {end})"
+        );
+        primary.join().expect("primary");
+    });
+}
+
+#[test]
+fn a_64_mib_guest_crosses_in_one_round_and_a_cut() {
+    bounded(LIMIT, || {
+        let (primary, target) = spawn_primary(|mut h| {
+            let mut w = h.transfer_writer(WAIT).expect("writer");
+            w.begin(MEM, PAGE).expect("begin");
+            let mut bytes = vec![0u8; PAGE as usize];
+            // Every other page touched, as a guest's memory is partly.
+            for i in 0..MEM / u64::from(PAGE) {
+                bytes.fill(0);
+                if i % 2 == 1 {
+                    bytes[..8].copy_from_slice(&i.to_le_bytes());
+                }
+                w.page(i, &bytes).expect("page");
+            }
+            w.end_round().expect("round");
+            w.cut(&crate::support::cut()).expect("cut");
+            let written = w.bytes_written();
+            drop(w);
+            (h.read_verdict(WAIT).expect("verdict"), written)
+        });
+        let mut h = connect(target, joining()).expect("backup handshakes");
+        let started = std::time::Instant::now();
+        let mut r = h.transfer_reader(WAIT).expect("reader");
+        let mut checked = 0u64;
+        loop {
+            match r.next().expect("item") {
+                TransferItem::Page { index, data } => {
+                    match data {
+                        PageData::Zero => assert_eq!(index % 2, 0),
+                        PageData::Bytes(b) => assert_eq!(b[..8], index.to_le_bytes()),
+                    }
+                    checked += 1;
+                }
+                TransferItem::Cut(_) => break,
+                _ => {}
+            }
+        }
+        let took = started.elapsed();
+        let read = r.bytes_read();
+        drop(r);
+        h.write_verdict(&Verdict::Restored { mem_hash: 1 })
+            .expect("verdict");
+        let (verdict, written) = primary.join().expect("primary");
+        assert_eq!(verdict, Verdict::Restored { mem_hash: 1 });
+        assert_eq!(checked, MEM / u64::from(PAGE));
+        assert_eq!(read, written);
+        // Half the pages are zero: a little over half the memory crosses.
+        assert!(read < MEM / 2 + MEM / 64, "{read}");
+        eprintln!(
+            "64 MiB guest, half touched: {read} bytes in {took:?} ({:.0} MiB/s)",
+            read as f64 / took.as_secs_f64() / f64::from(1 << 20)
         );
     });
 }
