@@ -157,3 +157,94 @@ impl DirtyLog {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use kvm_ioctls::VcpuExit;
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::run::snapshot::tests::test_vm;
+    use crate::run::vm::VmConfig;
+
+    /// Guest code in RAM the guest image does not use: `mov rax, GUEST_PAGE;
+    /// mov byte [rax], 1; hlt`.
+    const CODE: u64 = 0x100_0000;
+    const GUEST_PAGE: u64 = 0x100_2000;
+    const VMM_PAGE: u64 = 0x100_4000;
+    const EARLY_PAGE: u64 = 0x100_6000;
+
+    fn code() -> Vec<u8> {
+        let mut code = vec![0x48, 0xb8];
+        code.extend_from_slice(&GUEST_PAGE.to_le_bytes());
+        code.extend_from_slice(&[0xc6, 0x00, 0x01, 0xf4]);
+        code
+    }
+
+    fn ours(pages: &[u64]) -> Vec<u64> {
+        let ours = [GUEST_PAGE, VMM_PAGE, EARLY_PAGE].map(|a| a / PAGE_SIZE);
+        pages.iter().copied().filter(|p| ours.contains(p)).collect()
+    }
+
+    #[test]
+    fn a_vmm_write_and_a_guest_write_reach_both_readers_once() {
+        let Some(mut vm) = test_vm(VmConfig::default()) else {
+            return;
+        };
+        vm.mem
+            .write_slice(&code(), GuestAddress(CODE))
+            .expect("code");
+        let mut regs = vm.vcpu.get_regs().expect("regs");
+        regs.rip = CODE;
+        regs.rflags = 0x2;
+        vm.vcpu.set_regs(&regs).expect("set regs");
+        let log = vm.dirty_log();
+        log.take(DirtyReader::Digest).expect("clear");
+        assert!(!log.is_active(DirtyReader::Transfer));
+
+        vm.mem
+            .write_obj(1u8, GuestAddress(EARLY_PAGE))
+            .expect("write");
+        // Collected for the digest before the transfer starts: never the
+        // transfer's concern.
+        assert_eq!(
+            ours(&log.take(DirtyReader::Digest).expect("take")),
+            [EARLY_PAGE / PAGE_SIZE]
+        );
+        log.start(DirtyReader::Transfer);
+        vm.mem
+            .write_obj(1u8, GuestAddress(VMM_PAGE))
+            .expect("write");
+        assert!(matches!(vm.vcpu.run(), Ok(VcpuExit::Hlt)));
+
+        let both = [GUEST_PAGE / PAGE_SIZE, VMM_PAGE / PAGE_SIZE];
+        // The transfer thread looks first, from another thread; the digest
+        // still sees what that look collected.
+        let transfer = std::thread::spawn({
+            let log = log.clone();
+            move || log.take(DirtyReader::Transfer).expect("take")
+        })
+        .join()
+        .expect("the transfer thread");
+        assert_eq!(ours(&transfer), both);
+        assert_eq!(ours(&vm.take_dirty_pages().expect("take")), both);
+        assert_eq!(ours(&vm.take_dirty_pages().expect("take")), [0u64; 0]);
+        assert_eq!(
+            ours(&log.take(DirtyReader::Transfer).expect("take")),
+            [0u64; 0]
+        );
+
+        log.stop(DirtyReader::Transfer);
+        vm.mem
+            .write_obj(2u8, GuestAddress(VMM_PAGE))
+            .expect("write");
+        assert_eq!(
+            ours(&log.take(DirtyReader::Transfer).expect("take")),
+            [0u64; 0]
+        );
+        assert_eq!(
+            ours(&log.take(DirtyReader::Digest).expect("take")),
+            [VMM_PAGE / PAGE_SIZE]
+        );
+    }
+}
