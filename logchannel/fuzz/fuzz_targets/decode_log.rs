@@ -1,5 +1,5 @@
 //! Arbitrary bytes as a log file, as an entry payload behind a valid CRC, as
-//! raw frames and as JSON lines. The body is shared with the proptest
+//! raw frames, as JSON lines and as a state transfer. The body is shared with the proptest
 //! `random_bytes_never_panic`, so the normal test suite runs it too.
 
 #![no_main]
