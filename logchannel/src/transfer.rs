@@ -149,7 +149,7 @@ pub enum Verdict {
 /// Writes `verdict` as the one message of the backup's direction and
 /// flushes.
 pub fn write_verdict<W: Write>(out: W, verdict: &Verdict) -> Result<(), TransferError> {
-    let mut out = MessageOut::new(out);
+    let mut out = MessageOut::new(out, Direction::Verdict);
     let mut payload = Vec::new();
     let tag = match verdict {
         Verdict::Restored { mem_hash } => {

@@ -105,6 +105,13 @@ impl Direction {
         }
     }
 
+    fn receiver(self) -> &'static str {
+        match self {
+            Direction::Transfer => "the backup",
+            Direction::Verdict => "the primary",
+        }
+    }
+
     fn stream(self) -> &'static str {
         match self {
             Direction::Transfer => "the primary's state transfer",
@@ -206,6 +213,7 @@ fn leb128(mut value: usize, out: &mut Vec<u8>) {
 #[derive(Debug)]
 pub(crate) struct MessageOut<W> {
     pub out: W,
+    direction: Direction,
     /// The write timeout, to name in `Stalled`.
     pub stall: Option<Duration>,
     pub number: u64,
@@ -214,9 +222,10 @@ pub(crate) struct MessageOut<W> {
 }
 
 impl<W: Write> MessageOut<W> {
-    pub(crate) fn new(out: W) -> MessageOut<W> {
+    pub(crate) fn new(out: W, direction: Direction) -> MessageOut<W> {
         MessageOut {
             out,
+            direction,
             stall: None,
             number: 0,
             written: 0,
@@ -224,8 +233,8 @@ impl<W: Write> MessageOut<W> {
         }
     }
 
-    /// Writes one message. The payload must be within `tag.max()`: the
-    /// callers build payloads that are.
+    /// Writes one message; one over its kind's maximum is refused before
+    /// anything is written, as a reader would refuse it.
     pub(crate) fn send(&mut self, tag: Tag, payload: &[u8]) -> Result<(), TransferError> {
         if payload.len() > tag.max() {
             return Err(TransferError::TooLong {
@@ -258,7 +267,7 @@ impl<W: Write> MessageOut<W> {
     fn write_error(&self, e: io::Error) -> TransferError {
         if timed_out(&e) {
             TransferError::Stalled {
-                to: "the backup",
+                to: self.direction.receiver(),
                 waited: self.stall,
                 written: self.written,
             }

@@ -2,8 +2,8 @@
 
 use super::error::TransferError;
 use super::wire::{
-    clip_reason, put, BeginBody, CutOut, MessageOut, ReasonBody, RoundEndBody, Tag, MAX_MACHINE,
-    MAX_PAGES_PAYLOAD,
+    clip_reason, put, BeginBody, CutOut, Direction, MessageOut, ReasonBody, RoundEndBody, Tag,
+    MAX_MACHINE, MAX_PAGES_PAYLOAD,
 };
 use super::{check_geometry, Cut, Geometry, PAGE_BYTES, PAGE_ZERO};
 use std::io::Write;
@@ -42,7 +42,7 @@ pub struct TransferWriter<W: Write> {
 impl<W: Write> TransferWriter<W> {
     pub fn new(out: W) -> TransferWriter<W> {
         TransferWriter {
-            out: MessageOut::new(out),
+            out: MessageOut::new(out, Direction::Transfer),
             phase: Phase::Start,
             geometry: Geometry::default(),
             batch: Vec::new(),
