@@ -1,6 +1,8 @@
 //! ftvm's replay log: the entry types, their framed binary encoding, the log
-//! file format, a JSON-lines form, and size statistics. It knows nothing of
-//! KVM: the VMM turns exits into [`Entry`]s and back.
+//! file format, a JSON-lines form, and size statistics; the TCP log channel;
+//! and the state transfer to a joining backup ([`TransferWriter`],
+//! [`TransferReader`]). It knows nothing of KVM: the VMM turns exits into
+//! [`Entry`]s and back, and its machine state into an opaque blob.
 //!
 //! The byte-level formats are specified in this crate's README.md.
 //!
