@@ -3,6 +3,7 @@
 mod arbiter;
 mod args;
 mod backup;
+mod chaos;
 mod exit_codes;
 mod ft;
 mod kv;
@@ -48,6 +49,10 @@ enum Command {
     /// Start an arbiter, a primary and a backup, SIGKILL the primary
     /// mid-load, and check that no acknowledged write was lost.
     Demo(ftvm_harness::demo::DemoArgs),
+    /// Run a seeded fault campaign against whole clusters and check every
+    /// trial: no acknowledged write lost, a linearizable history, one
+    /// primary per view, no divergence, service again after the faults.
+    Chaos(ftvm_harness::chaos::ChaosArgs),
     /// Talk to the guest's key-value service.
     Kv(kv::KvArgs),
     /// Measure throughput, latency and exit rates.
@@ -76,6 +81,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => ftvm_harness::demo::run(&args)
             .map(|_| ExitCode::SUCCESS)
             .map_err(|e| anyhow!(e)),
+        Command::Chaos(args) => chaos::run(&args),
         Command::Kv(args) => Ok(kv::run(&args)),
         Command::Bench(args) => ftvm_harness::bench::run(&args)
             .map(|()| ExitCode::SUCCESS)

@@ -1,8 +1,9 @@
 //! Everything around the VMM that runs whole clusters of real `ftvm`
-//! processes: the one cluster launcher, `ftvm demo`, the benchmarks, the
+//! processes: the one cluster launcher, `ftvm demo`, `ftvm chaos`, the benchmarks, the
 //! clients' history, its linearizability check and the timeline picture.
 
 pub mod bench;
+pub mod chaos;
 pub mod demo;
 pub mod history;
 pub mod launcher;

@@ -96,7 +96,7 @@ fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
 /// only if the base put could have come after it, i.e. did not complete
 /// before the write was invoked. A missing write with no such put is lost.
 /// The linearizability check decides the rest; this gives the number.
-pub(super) fn check_writes(
+pub(crate) fn check_writes(
     ops: &[&HistoryOp],
     finals: &FinalValues,
     kill_ns: Option<u64>,

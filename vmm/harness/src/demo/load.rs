@@ -122,7 +122,7 @@ impl FailoverClient {
 /// ones; every written value is a token unique in the whole run
 /// (`p<client>.<n>;` for a put, `a<client>.<n>;` for an append), so that
 /// the final value of a key shows which writes it reflects.
-struct Workload {
+pub(crate) struct Workload {
     client: u32,
     private_keys: u32,
     rng: StdRng,
@@ -130,7 +130,7 @@ struct Workload {
 }
 
 impl Workload {
-    fn new(seed: u64, client: u32, clients: u32) -> Workload {
+    pub(crate) fn new(seed: u64, client: u32, clients: u32) -> Workload {
         Workload {
             client,
             private_keys: (PRIVATE_KEYS_TOTAL / clients).max(1),
@@ -141,7 +141,7 @@ impl Workload {
         }
     }
 
-    fn next(&mut self) -> (OpKind, Vec<u8>, Vec<u8>) {
+    pub(crate) fn next(&mut self) -> (OpKind, Vec<u8>, Vec<u8>) {
         self.n += 1;
         let key = if self.rng.random_bool(SHARED_FRACTION) {
             format!("s{}", self.rng.random_range(0..SHARED_KEYS))
@@ -323,7 +323,7 @@ fn kill_etcd_leader(cluster: &Cluster, clock: &crate::history::Clock) -> Result<
 
 /// Each key's value read back at the end: `None` if the read got no reply,
 /// `Some(None)` if the key does not exist.
-pub(super) type FinalValues = BTreeMap<Vec<u8>, Option<Option<Vec<u8>>>>;
+pub(crate) type FinalValues = BTreeMap<Vec<u8>, Option<Option<Vec<u8>>>>;
 
 /// Reads every key the clients touched, after they are done, through a
 /// client of its own (its reads are part of the history, so the

@@ -8,9 +8,9 @@
 //! it ends; they report what they do in events files (JSON lines) that the
 //! demo reads for its live status and its timeline.
 
-mod analysis;
+pub(crate) mod analysis;
 mod args;
-mod load;
+pub(crate) mod load;
 mod report;
 mod run;
 mod status;

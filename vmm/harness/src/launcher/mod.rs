@@ -6,6 +6,7 @@ mod cluster;
 mod process;
 mod proxy;
 mod server;
+mod udp_proxy;
 
 use std::ffi::OsStr;
 use std::io::Read;
@@ -24,6 +25,7 @@ use process::Files;
 pub use process::{describe_exit, Process};
 pub use proxy::Proxy;
 pub use server::{Guest, Knobs, Membership, Role, ServerConfig};
+pub use udp_proxy::{DatagramCounts, DatagramFaults, UdpProxy};
 
 /// Starts `ftvm` from one binary.
 #[derive(Clone, Debug)]

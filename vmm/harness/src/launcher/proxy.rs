@@ -9,16 +9,20 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
 pub struct Proxy {
     addr: SocketAddr,
-    cut: Arc<AtomicBool>,
+    /// Toward the target and back from it.
+    cut: [Arc<AtomicBool>; 2],
     /// Delay toward the target and back from it, in microseconds.
     delay_us: [Arc<AtomicU64>; 2],
+    /// Toward the target and back from it: bytes read before this are held
+    /// until it, then passed on (a stall).
+    hold: [Arc<Mutex<Option<Instant>>>; 2],
     stop: Arc<AtomicBool>,
 }
 
@@ -37,6 +41,7 @@ fn pump(
     to: TcpStream,
     cut: Arc<AtomicBool>,
     delay_us: Arc<AtomicU64>,
+    hold: Arc<Mutex<Option<Instant>>>,
     stop: Arc<AtomicBool>,
 ) {
     let _ = from.set_read_timeout(Some(Duration::from_millis(50)));
@@ -47,7 +52,10 @@ fn pump(
         match from.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
-                let due = Instant::now() + Duration::from_micros(delay_us.load(Ordering::SeqCst));
+                let now = Instant::now();
+                let held = *hold.lock().unwrap_or_else(|p| p.into_inner());
+                let due = (now + Duration::from_micros(delay_us.load(Ordering::SeqCst)))
+                    .max(held.unwrap_or(now));
                 if !cut.load(Ordering::SeqCst) && queue.send((due, buf[..n].to_vec())).is_err() {
                     break;
                 }
@@ -70,10 +78,14 @@ impl Proxy {
         listener
             .set_nonblocking(true)
             .context("cannot make the proxy's listener nonblocking")?;
-        let cut = Arc::new(AtomicBool::new(false));
+        let cut = [
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        ];
         let delay_us = [Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0))];
+        let hold = [Arc::new(Mutex::new(None)), Arc::new(Mutex::new(None))];
         let stop = Arc::new(AtomicBool::new(false));
-        let (c, d, s) = (cut.clone(), delay_us.clone(), stop.clone());
+        let (c, d, h, s) = (cut.clone(), delay_us.clone(), hold.clone(), stop.clone());
         std::thread::spawn(move || {
             while !s.load(Ordering::SeqCst) {
                 match listener.accept() {
@@ -85,10 +97,13 @@ impl Proxy {
                         let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else {
                             continue;
                         };
-                        let (cut1, delay1, stop1) = (c.clone(), d[0].clone(), s.clone());
-                        let (cut2, delay2, stop2) = (c.clone(), d[1].clone(), s.clone());
-                        std::thread::spawn(move || pump(client, server, cut1, delay1, stop1));
-                        std::thread::spawn(move || pump(s2, c2, cut2, delay2, stop2));
+                        let (cut1, delay1, hold1) = (c[0].clone(), d[0].clone(), h[0].clone());
+                        let (cut2, delay2, hold2) = (c[1].clone(), d[1].clone(), h[1].clone());
+                        let (stop1, stop2) = (s.clone(), s.clone());
+                        std::thread::spawn(move || {
+                            pump(client, server, cut1, delay1, hold1, stop1)
+                        });
+                        std::thread::spawn(move || pump(s2, c2, cut2, delay2, hold2, stop2));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(10)),
                 }
@@ -98,6 +113,7 @@ impl Proxy {
             addr,
             cut,
             delay_us,
+            hold,
             stop,
         })
     }
@@ -108,7 +124,40 @@ impl Proxy {
 
     /// From now on, drop every byte in both directions.
     pub fn partition(&self) {
-        self.cut.store(true, Ordering::SeqCst);
+        for cut in &self.cut {
+            cut.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// From now on, drop every byte going to the target (`to_target`), or
+    /// every byte coming back from it, and pass the other direction.
+    pub fn partition_one_way(&self, to_target: bool) {
+        self.cut[0].store(to_target, Ordering::SeqCst);
+        self.cut[1].store(!to_target, Ordering::SeqCst);
+    }
+
+    /// Holds every byte read from now until `until` (toward the target,
+    /// and back from it, as `directions` says), then passes them all on:
+    /// the peers see silence, and then everything, as after a stalled
+    /// link; nothing is lost.
+    pub fn stall(&self, until: Instant, directions: [bool; 2]) {
+        for (hold, on) in self.hold.iter().zip(directions) {
+            if on {
+                *hold.lock().unwrap_or_else(|p| p.into_inner()) = Some(until);
+            }
+        }
+    }
+
+    /// From now on, pass every byte again, at once: no cut, delay or
+    /// stall.
+    pub fn heal(&self) {
+        for cut in &self.cut {
+            cut.store(false, Ordering::SeqCst);
+        }
+        for hold in &self.hold {
+            *hold.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+        self.delay(Duration::ZERO, Duration::ZERO);
     }
 
     /// From now on, hold every byte going to the target (from the backup,

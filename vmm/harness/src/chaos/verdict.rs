@@ -1,0 +1,276 @@
+//! What a trial is judged by, once it is over: no acknowledged write lost,
+//! a linearizable history, at most one primary per view, no backup
+//! diverged, no server ended in a way no fault explains, and the VM live
+//! again (and, with spares, fault tolerant again) within its bounds.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::schedule::{Fault, Schedule};
+use super::trial::{liveness_bound, Injected, Settings, TrialRun};
+use crate::demo::analysis::check_writes;
+use crate::demo::LostWrite;
+use crate::history::HistoryOp;
+use crate::launcher::DatagramCounts;
+use crate::linearizability::{self, CheckConfig, KeyVerdict, Overall};
+use ftvm_core::host::events::ServerEvent;
+
+/// A failover step a server took, for the picture and the report.
+#[derive(Clone, Debug, Serialize)]
+pub struct Step {
+    /// Milliseconds after the clients started.
+    pub t_ms: f64,
+    pub server: String,
+    /// `failure_detected`, `won`, `live`, `lost`, `deposed`, `diverged`.
+    pub what: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TrialReport {
+    pub seed: u64,
+    pub passed: bool,
+    /// Why it failed; empty when it passed.
+    pub problems: Vec<String>,
+    pub faults: Vec<Fault>,
+    pub injected: Vec<Injected>,
+    pub steps: Vec<Step>,
+    /// From the clients' start to the end of their load.
+    pub load_s: f64,
+    pub ops_completed: u64,
+    pub ops_unknown: u64,
+    pub writes_acknowledged: u64,
+    pub writes_checked: u64,
+    pub lost_writes: Vec<LostWrite>,
+    pub linearizability: String,
+    pub keys_not_linearizable: Vec<String>,
+    /// Per view, every server that claimed it as primary.
+    pub primaries_per_view: BTreeMap<u64, BTreeSet<String>>,
+    /// Servers whose replay parted ways with their primary's log.
+    pub diverged: Vec<String>,
+    /// From the last fault's heal to the first reply after it.
+    pub live_again_ms: Option<f64>,
+    pub liveness_bound_ms: f64,
+    /// With spares: fault tolerant again in time.
+    pub reprotected: Option<bool>,
+    /// The arbiter's view at the end.
+    pub final_view: Option<String>,
+    /// Clients that gave up on a request (no reply before their deadline).
+    pub clients_gave_up: u64,
+    /// How each server ended.
+    pub exits: BTreeMap<String, String>,
+    /// Which server each client reply came from, by name: how many.
+    pub replies_by_server: BTreeMap<String, u64>,
+    pub datagrams: DatagramCounts,
+    pub dir: String,
+}
+
+impl TrialReport {
+    /// A trial that could not run (its cluster did not start): failed.
+    pub fn not_run(schedule: &Schedule, settings: &Settings, why: String) -> TrialReport {
+        TrialReport {
+            seed: schedule.seed,
+            passed: false,
+            problems: vec![format!("the trial could not run: {why}")],
+            faults: schedule.faults.clone(),
+            injected: Vec::new(),
+            steps: Vec::new(),
+            load_s: 0.0,
+            ops_completed: 0,
+            ops_unknown: 0,
+            writes_acknowledged: 0,
+            writes_checked: 0,
+            lost_writes: Vec::new(),
+            linearizability: String::new(),
+            keys_not_linearizable: Vec::new(),
+            primaries_per_view: BTreeMap::new(),
+            diverged: Vec::new(),
+            live_again_ms: None,
+            liveness_bound_ms: liveness_bound(settings.params.failure_timeout_ms).as_secs_f64()
+                * 1000.0,
+            reprotected: None,
+            final_view: None,
+            clients_gave_up: 0,
+            exits: BTreeMap::new(),
+            replies_by_server: BTreeMap::new(),
+            datagrams: DatagramCounts::default(),
+            dir: settings
+                .out
+                .join(format!("trial-{}", schedule.seed))
+                .display()
+                .to_string(),
+        }
+    }
+
+    /// One line: the seed, its faults, the verdict.
+    pub fn line(&self) -> String {
+        let faults: Vec<&str> = self.faults.iter().map(|f| f.kind.name()).collect();
+        format!(
+            "trial seed {}: {} faults ({}); {}",
+            self.seed,
+            self.faults.len(),
+            faults.join(", "),
+            if self.passed {
+                "PASS".to_owned()
+            } else {
+                format!("FAIL: {}", self.problems.join("; "))
+            }
+        )
+    }
+}
+
+/// Exit codes a fault explains: 0 (stopped at the end, or its peer
+/// left), 4 (lost test-and-set or deposed, after a failover).
+const EXPLAINED_EXITS: [&str; 2] = ["exit code 0", "exit code 4"];
+
+pub fn judge(run: &TrialRun, failure_timeout_ms: u64) -> TrialReport {
+    let mut problems = Vec::new();
+    let ms_of = |t_ns: u64| (t_ns as f64 - run.start_ns as f64) / 1e6;
+    let load_ops: Vec<&HistoryOp> = run
+        .ops
+        .iter()
+        .filter(|o| Some(o.client) != run.reader)
+        .collect();
+
+    let writes = check_writes(&load_ops, &run.finals, None);
+    if !writes.lost.is_empty() {
+        problems.push(format!("{} acknowledged writes lost", writes.lost.len()));
+    }
+    if !writes.unverified_keys.is_empty() {
+        problems.push(format!(
+            "{} keys could not be read back",
+            writes.unverified_keys.len()
+        ));
+    }
+
+    let lin = linearizability::check(
+        &run.ops,
+        &CheckConfig {
+            time_budget: Duration::from_secs(60),
+            ..CheckConfig::default()
+        },
+    );
+    match lin.overall {
+        Overall::Linearizable => {}
+        Overall::NotLinearizable => problems.push(format!(
+            "the history is not linearizable ({} keys)",
+            lin.keys_not_linearizable
+        )),
+        Overall::Incomplete => problems.push(format!(
+            "linearizability undecided for {} keys",
+            lin.keys_not_checked
+        )),
+    }
+    let keys_not_linearizable = lin
+        .keys
+        .iter()
+        .filter(|k| k.verdict == KeyVerdict::NotLinearizable)
+        .map(|k| k.key.clone())
+        .collect();
+
+    let primaries = run.events.primaries_per_view();
+    for (view, names) in &primaries {
+        if names.len() > 1 {
+            problems.push(format!(
+                "view {view} had {} primaries: {}",
+                names.len(),
+                names.iter().cloned().collect::<Vec<_>>().join(", ")
+            ));
+        }
+    }
+
+    let mut steps = Vec::new();
+    let mut diverged = Vec::new();
+    for (server, list) in &run.events.0 {
+        for e in list {
+            let what = match &e.event {
+                ServerEvent::FailureDetected { .. } => "failure_detected",
+                ServerEvent::Tas { won: true, .. } => "won",
+                ServerEvent::Live { .. } => "live",
+                ServerEvent::Lost { .. } => "lost",
+                ServerEvent::Deposed { .. } => "deposed",
+                ServerEvent::Diverged { .. } => {
+                    diverged.push(server.clone());
+                    "diverged"
+                }
+                _ => continue,
+            };
+            steps.push(Step {
+                t_ms: ms_of(e.t_ns),
+                server: server.clone(),
+                what: what.into(),
+            });
+        }
+    }
+    steps.sort_by(|a, b| a.t_ms.total_cmp(&b.t_ms));
+    for (name, how) in &run.exits {
+        if how == "exit code 3" && !diverged.contains(name) {
+            diverged.push(name.clone());
+        }
+    }
+    if !diverged.is_empty() {
+        problems.push(format!("diverged: {}", diverged.join(", ")));
+    }
+    for (name, how) in &run.exits {
+        let ours = run.killed.contains(name) && how == "killed by SIGKILL";
+        if !ours && !EXPLAINED_EXITS.contains(&how.as_str()) && how != "exit code 3" {
+            problems.push(format!("{name} ended with {how}"));
+        }
+    }
+
+    let bound = liveness_bound(failure_timeout_ms).as_secs_f64() * 1000.0;
+    let live_again_ms = load_ops
+        .iter()
+        .filter_map(|o| o.completed_ns)
+        .filter(|t| *t >= run.healed_ns)
+        .min()
+        .map(|t| (t - run.healed_ns) as f64 / 1e6);
+    match live_again_ms {
+        Some(ms) if ms <= bound => {}
+        Some(ms) => problems.push(format!(
+            "live again {ms:.0} ms after the last fault healed, past the bound of {bound:.0} ms"
+        )),
+        None => problems.push("no client was answered after the last fault healed".into()),
+    }
+    if run.reprotected == Some(false) {
+        problems.push("not fault tolerant again with a spare at hand".into());
+    }
+    problems.extend(run.client_failures.iter().cloned());
+
+    let mut replies_by_server: BTreeMap<String, u64> = BTreeMap::new();
+    for op in load_ops.iter().filter(|o| o.acknowledged()) {
+        let name = op
+            .server
+            .and_then(|s| run.names.get(&s).cloned())
+            .unwrap_or_else(|| "unknown".into());
+        *replies_by_server.entry(name).or_default() += 1;
+    }
+    TrialReport {
+        seed: run.schedule.seed,
+        passed: problems.is_empty(),
+        problems,
+        faults: run.schedule.faults.clone(),
+        injected: run.injected.clone(),
+        steps,
+        load_s: (run.end_ns.saturating_sub(run.start_ns)) as f64 / 1e9,
+        ops_completed: load_ops.iter().filter(|o| o.acknowledged()).count() as u64,
+        ops_unknown: load_ops.iter().filter(|o| !o.acknowledged()).count() as u64,
+        writes_acknowledged: writes.acknowledged,
+        writes_checked: writes.checked,
+        lost_writes: writes.lost,
+        linearizability: lin.summary(),
+        keys_not_linearizable,
+        primaries_per_view: primaries,
+        diverged,
+        live_again_ms,
+        liveness_bound_ms: bound,
+        reprotected: run.reprotected,
+        final_view: run.final_view.as_ref().map(ToString::to_string),
+        clients_gave_up: run.gave_up,
+        exits: run.exits.clone(),
+        replies_by_server,
+        datagrams: run.datagrams,
+        dir: run.dir.display().to_string(),
+    }
+}
