@@ -70,12 +70,11 @@ impl DirtyLog {
     }
 
     /// Makes `reader` active from now on: it is told of pages written after
-    /// this call, not before. Starting an active reader clears what it had.
+    /// this call, not before. Starting a transfer that is under way starts
+    /// it afresh. The digest reader is always active, and this leaves it be.
     pub fn start(&self, reader: DirtyReader) {
-        let mut pending = self.lock();
-        match reader {
-            DirtyReader::Digest => pending.digest.fill(0),
-            DirtyReader::Transfer => pending.transfer = Some(vec![0; self.words]),
+        if reader == DirtyReader::Transfer {
+            self.lock().transfer = Some(vec![0; self.words]);
         }
     }
 

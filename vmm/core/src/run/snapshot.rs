@@ -38,6 +38,8 @@ pub enum SnapshotError {
         value: u64,
         current: String,
     },
+    #[error("the state has MSR {0:#x}, which is not among the MSRs KVM lists here")]
+    UnknownMsr(u32),
     #[error("the XSAVE area is {got} bytes, KVM on this host uses {want}")]
     XsaveSize { got: usize, want: usize },
     #[error(transparent)]
@@ -199,8 +201,12 @@ impl VcpuState {
     /// Puts `state` into the vCPU: special registers before MSRs (EFER and
     /// the APIC base decide which MSRs KVM accepts), XCRs before XSAVE.
     /// The registers the run loop reads (kvm_run's sync_regs) become the
-    /// restored ones too.
+    /// restored ones too. What can be checked without KVM (the MSR list,
+    /// the XSAVE area's size) is checked before the vCPU is touched; KVM
+    /// refusing a value part-way leaves it half-restored, and the error
+    /// names the call.
     pub fn restore(vm: &mut Vm, state: &VcpuState) -> Result<(), SnapshotError> {
+        check_msr_indices(vm, &state.msrs)?;
         let fpu = match &state.fpu {
             FpuState::Xsave(words) => FpuSet::Xsave(xsave_from_words(vm, words)?),
             FpuState::Legacy(fpu) => FpuSet::Legacy(Box::new(kvm_fpu::from(&**fpu))),
@@ -275,12 +281,11 @@ fn complete_pending_exit(vm: &mut Vm) -> Result<(), SnapshotError> {
     }
 }
 
-/// The XSAVE area size KVM uses for this VM, in bytes.
+/// The XSAVE area size KVM uses for this VM, in bytes: never less than
+/// the fixed `kvm_xsave` (a KVM without KVM_CAP_XSAVE2 answers 0).
 fn xsave_size(vm: &Vm) -> usize {
-    match vm.kvm.check_extension_int(Cap::Xsave2) {
-        n if n > 0 => n as usize,
-        _ => XSAVE_LEGACY_WORDS * 4,
-    }
+    let reported = usize::try_from(vm.kvm.check_extension_int(Cap::Xsave2)).unwrap_or(0);
+    reported.max(XSAVE_LEGACY_WORDS * 4)
 }
 
 fn new_xsave(vm: &Vm) -> Result<Xsave, SnapshotError> {
@@ -374,18 +379,32 @@ fn read_msrs(vm: &Vm, indices: &[u32]) -> Result<Vec<MsrValue>, SnapshotError> {
     Ok(values)
 }
 
-fn capture_msrs(vm: &Vm) -> Result<Vec<MsrValue>, SnapshotError> {
+/// The MSRs a state holds: those KVM lists, IA32_TSC excepted.
+fn msr_indices(vm: &Vm) -> Result<Vec<u32>, SnapshotError> {
     let list = vm
         .kvm
         .get_msr_index_list()
         .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
-    let indices: Vec<u32> = list
+    Ok(list
         .as_slice()
         .iter()
         .copied()
         .filter(|&i| i != MSR_IA32_TSC)
-        .collect();
-    read_msrs(vm, &indices)
+        .collect())
+}
+
+fn capture_msrs(vm: &Vm) -> Result<Vec<MsrValue>, SnapshotError> {
+    read_msrs(vm, &msr_indices(vm)?)
+}
+
+/// Refuses, before the vCPU is touched, a state with an MSR this host's KVM
+/// does not list (or IA32_TSC, which a state never holds).
+fn check_msr_indices(vm: &Vm, msrs: &[MsrValue]) -> Result<(), SnapshotError> {
+    let known = msr_indices(vm)?;
+    match msrs.iter().find(|m| !known.contains(&m.index)) {
+        Some(m) => Err(SnapshotError::UnknownMsr(m.index)),
+        None => Ok(()),
+    }
 }
 
 /// Sets the MSRs; KVM stops at the first it refuses. One it refuses but
@@ -482,14 +501,11 @@ impl MachineState {
     /// Builds the devices (checking that they are exactly the state given),
     /// then puts the vCPU state in and the devices in place. Everything
     /// that can reject the state runs before the VM is touched, so a
-    /// rejected state leaves the VM as it was; only KVM refusing a valid
-    /// state part-way can leave the vCPU half-restored (the error says
-    /// which call). Guest memory is the caller's.
+    /// rejected state leaves the VM as it was; only KVM refusing a value
+    /// part-way can leave the vCPU half-restored (the error names the
+    /// call). Guest memory is the caller's.
     pub fn restore_into(&self, vm: &mut Vm) -> Result<(), SnapshotError> {
         let devices = checked_devices(&self.devices)?;
-        if let FpuState::Xsave(words) = &self.vcpu.fpu {
-            xsave_from_words(vm, words)?;
-        }
         VcpuState::restore(vm, &self.vcpu)?;
         vm.devices = devices;
         Ok(())
@@ -896,7 +912,7 @@ pub(crate) mod tests {
         let Some((cut, _, _)) = live_with_cut(Workload::Kv, 500, 600) else {
             return;
         };
-        let mut state = cut.state;
+        let mut state = cut.state.clone();
         state.devices.net.interrupt_status = 0x80;
         let mut vm = test_vm(config(Workload::Kv)).expect("KVM");
         let before = VcpuState::capture(&mut vm).expect("capture");
@@ -906,5 +922,25 @@ pub(crate) mod tests {
         assert!(err.to_string().starts_with("virtio-net state: "), "{err}");
         assert_eq!(VcpuState::capture(&mut vm).expect("capture"), before);
         assert_eq!(vm.devices, Devices::new());
+
+        let mut state = cut.state;
+        state.devices = vm.devices.state();
+        state.vcpu.msrs.push(MsrValue {
+            index: MSR_IA32_TSC,
+            data: 1,
+        });
+        let err = state.restore_into(&mut vm).expect_err("the TSC");
+        assert!(
+            matches!(err, SnapshotError::UnknownMsr(MSR_IA32_TSC)),
+            "{err}"
+        );
+        state.vcpu.msrs.pop();
+        state.vcpu.fpu = FpuState::Xsave(vec![0; 3]);
+        let err = state.restore_into(&mut vm).expect_err("a short XSAVE area");
+        assert!(
+            matches!(err, SnapshotError::XsaveSize { got: 12, .. }),
+            "{err}"
+        );
+        assert_eq!(VcpuState::capture(&mut vm).expect("capture"), before);
     }
 }
