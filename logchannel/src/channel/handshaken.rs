@@ -7,6 +7,7 @@ use super::error::{ChannelError, Peer};
 use super::hello::Hello;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
+use std::time::Duration;
 
 /// A connected TCP stream whose handshake succeeded, not yet carrying the
 /// log. [`LogSender::start`](super::LogSender::start) or
@@ -24,6 +25,9 @@ pub struct Handshaken {
     pub(crate) peer_hello: Hello,
     pub(crate) config: ChannelConfig,
     pub(crate) received: u64,
+    /// How long the handshake took from this end: at least one round trip
+    /// of the link.
+    pub(crate) round_trip: Duration,
 }
 
 impl Handshaken {

@@ -31,6 +31,14 @@ impl Liveness {
         self.last.fetch_max(now, Ordering::Relaxed);
     }
 
+    /// Counts as having heard from the peer `ahead` from now: a peer that
+    /// cannot answer sooner is not silent meanwhile.
+    pub(crate) fn expect_after(&self, ahead: Duration) {
+        let at = self.epoch.elapsed() + ahead;
+        let at = u64::try_from(at.as_nanos()).unwrap_or(u64::MAX);
+        self.last.fetch_max(at, Ordering::Relaxed);
+    }
+
     pub(crate) fn silent_for(&self) -> Duration {
         self.epoch
             .elapsed()

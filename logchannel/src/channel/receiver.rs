@@ -148,6 +148,7 @@ impl LogReceiver {
         cancelled: &dyn Fn() -> bool,
     ) -> Result<Handshaken, ChannelError> {
         config.validate()?;
+        let began = Instant::now();
         let stream = TcpStream::connect_timeout(&addr, config.handshake_timeout).map_err(|e| {
             ChannelError::Connect {
                 addr,
@@ -174,6 +175,7 @@ impl LogReceiver {
             peer_hello: established.peer_hello,
             config,
             received: established.offset,
+            round_trip: began.elapsed(),
         })
     }
 
@@ -208,6 +210,7 @@ impl LogReceiver {
             peer_hello,
             config,
             received,
+            round_trip,
         } = h;
         tracing::info!(%peer, view = ours.view, first_seq, "log channel up");
         let before_first = first_seq - 1;
@@ -230,6 +233,12 @@ impl LogReceiver {
             workers: Workers::new(),
             peer_hello,
         };
+        // After a state transfer the primary starts sending only once this
+        // end's verdict has reached it, so its first bytes come a round trip
+        // after this start, which is no silence of the primary's.
+        if ours.first_seq == 0 {
+            receiver.link.live.expect_after(round_trip);
+        }
         let link = Arc::clone(&receiver.link);
         receiver
             .workers

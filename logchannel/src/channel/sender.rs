@@ -222,6 +222,7 @@ impl LogSender {
             peer_hello: established.peer_hello,
             config,
             received: established.offset,
+            round_trip: Duration::ZERO,
         })
     }
 
@@ -258,6 +259,7 @@ impl LogSender {
             peer_hello,
             config,
             received,
+            ..
         } = h;
         tracing::info!(%peer, view = ours.view, first_seq, "log channel up");
         let now = Instant::now();

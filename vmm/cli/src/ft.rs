@@ -2,20 +2,21 @@
 //! fault-tolerant server, the log channel they make of them, and how a
 //! server's run ends.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use arbiter::ArbiterAddr;
 use ftvm_core::ft::backup::BackupError;
 use ftvm_core::ft::membership::ArbitrationError;
+use ftvm_core::ft::transfer::send::JoinHello;
 use ftvm_core::host::events::{Events, ServerEvent};
 use ftvm_core::machine::workload::Workload;
 use ftvm_core::run::run_loop::{RunError, RunSummary};
 use ftvm_core::run::vm::{Vm, VmConfig};
-use logchannel::ChannelConfig;
+use logchannel::{image_hash, ChannelConfig};
 
 use crate::args::{parse_mem, parse_tick_hz, GuestArgs, DEFAULT_DIGEST_INTERVAL, VM_ID};
 use crate::exit_codes;
@@ -57,6 +58,17 @@ pub struct FtArgs {
     /// Where this server serves the guest's clients while it is primary.
     #[arg(long)]
     pub service: SocketAddr,
+    /// Where this server's log channel listens for backups while it is
+    /// primary (a backup or spare needs it once it takes over). Only a
+    /// connection whose handshake names this VM, the current view, the
+    /// same guest image, memory size and workload is taken; any other is
+    /// turned away. Default: a free port on --service's address.
+    #[arg(long)]
+    log_listen: Option<SocketAddr>,
+    /// The log channel address the arbiter gives backups, when they must
+    /// reach it through something (a proxy, a NAT) rather than directly.
+    #[arg(long)]
+    log_advertise: Option<SocketAddr>,
     /// What counts as the peer's failure: no byte from it on the log
     /// channel for this long, a broken connection or a bad message, or
     /// (the primary's judgement of its backup) a replay that has stood
@@ -151,6 +163,31 @@ impl FtArgs {
             window_entries: self.window_entries,
             ..ChannelConfig::default()
         })
+    }
+
+    /// The log channel's listener, and the address the arbiter announces
+    /// for it.
+    pub fn log_listener(&self) -> Result<(TcpListener, SocketAddr)> {
+        let addr = self
+            .log_listen
+            .unwrap_or_else(|| SocketAddr::new(self.service.ip(), 0));
+        let listener = TcpListener::bind(addr)
+            .with_context(|| format!("cannot listen for backups on {addr}"))?;
+        let advertised = match self.log_advertise {
+            Some(a) => a,
+            None => listener.local_addr()?,
+        };
+        Ok((listener, advertised))
+    }
+
+    /// What a primary and its backups must agree on, for the handshake.
+    pub fn join_hello(&self, image: &[u8]) -> JoinHello {
+        JoinHello {
+            vm_id: self.vm_id.clone(),
+            image_hash: image_hash(image),
+            mem_size: self.mem,
+            workload: self.workload.name().to_string(),
+        }
     }
 
     pub fn boot(&self, image: &[u8]) -> Result<Vm> {

@@ -7,24 +7,29 @@
 //! goodbye itself.
 
 use std::io::Write;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use logchannel::{ChannelError, Entry, LogReceiver, OutputKind, Position};
+use logchannel::{ChannelConfig, ChannelError, Entry, Event, LogReceiver, OutputKind, Position};
 
 use crate::ft::goodbye_reason;
 use crate::ft::membership::{ArbitrationError, Membership};
+use crate::ft::pairing::Pairing;
 use crate::ft::planted::{planted, PlantedBug};
+use crate::ft::primary::{Primary, PrimaryParts};
+use crate::ft::standing::Standing;
+use crate::ft::transfer::send::{JoinHello, JoinerParts};
 use crate::host::capture::Capture;
 use crate::host::emitter::Emitter;
 use crate::host::events::{Events, ServerEvent, ServerRole, StatusBoard, ROLE_PRIMARY};
-use crate::host::net_backend::NetBackend;
-use crate::live::Live;
+use crate::host::net_backend::{Datagram, NetBackend};
+use crate::machine::memory::GuestMemory;
 use crate::machine::patch::TrapResult;
 use crate::machine::scan::NondetSite;
 use crate::replay::{LogSource, Replay};
+use crate::run::dirty::DirtyLog;
 use crate::run::precise::Aim;
 use crate::run::run_loop::{Machine, Mode, RunError, StopReason};
 use crate::run::stop::StopSignal;
@@ -73,16 +78,26 @@ pub struct ChannelSource {
     /// The primary's failure, once noticed. The backup then still replays
     /// what it received before it claims the view.
     failure_noticed: bool,
+    /// The datagrams the primary held undelivered at the cut, less those
+    /// the log has since delivered: what this server delivers if it goes
+    /// live.
+    undelivered: Vec<Datagram>,
 }
 
 impl ChannelSource {
-    pub fn new(receiver: Arc<LogReceiver>, board: Arc<StatusBoard>, events: Arc<Events>) -> Self {
+    pub fn new(
+        receiver: Arc<LogReceiver>,
+        board: Arc<StatusBoard>,
+        events: Arc<Events>,
+        undelivered: Vec<Datagram>,
+    ) -> Self {
         ChannelSource {
             receiver,
             next: None,
             board,
             events,
             failure_noticed: false,
+            undelivered,
         }
     }
 
@@ -166,7 +181,21 @@ impl LogSource for ChannelSource {
     }
 
     fn take(&mut self) -> Option<Entry> {
-        self.next.take()
+        let entry = self.next.take();
+        if let Some(Entry {
+            event: Event::Packet { frame, .. },
+            ..
+        }) = &entry
+        {
+            if let Some(i) = self
+                .undelivered
+                .iter()
+                .position(|d| d.to_frame().is_ok_and(|f| f == *frame))
+            {
+                self.undelivered.remove(i);
+            }
+        }
+        entry
     }
 
     fn finite(&self) -> bool {
@@ -189,7 +218,8 @@ impl LogSource for ChannelSource {
     }
 }
 
-/// What the backup needs to go live.
+/// What the backup needs to go live, and then to bring up backups of its
+/// own.
 pub struct GoLive {
     pub membership: Arc<Membership>,
     pub view: u64,
@@ -201,11 +231,21 @@ pub struct GoLive {
     pub stop: StopSignal,
     pub events: Arc<Events>,
     pub board: Arc<StatusBoard>,
+    /// The log channel listener it serves as a primary.
+    pub listener: TcpListener,
+    pub hello: JoinHello,
+    pub config: ChannelConfig,
+    pub mem: GuestMemory,
+    pub dirty: Arc<DirtyLog>,
+    pub digest_interval: u64,
+    /// The device clock at the cut this backup started from: the live run
+    /// continues it.
+    pub clock_ns: u64,
 }
 
 pub struct Backup {
     replay: Replay<ChannelSource>,
-    live: Option<Live>,
+    live: Option<Primary>,
     go_live: Option<GoLive>,
 }
 
@@ -273,9 +313,32 @@ impl Backup {
             capture: g.capture,
             served: g.board.served.clone(),
         };
-        self.live = Some(
-            Live::new(Some(net), Box::new(emitter), None, g.stop, None).with_board(g.board.clone()),
-        );
+        let parts = PrimaryParts {
+            view: won.number,
+            membership: Arc::clone(&g.membership),
+            joiner: JoinerParts {
+                listener: g.listener,
+                membership: Arc::clone(&g.membership),
+                pairing: Pairing::alone(Arc::new(Standing::default())),
+                hello: g.hello,
+                config: g.config,
+                mem: g.mem,
+                dirty: g.dirty,
+                events: Arc::clone(&g.events),
+                board: Arc::clone(&g.board),
+                stop: g.stop.clone(),
+            },
+            net,
+            emitter,
+            digest_interval: g.digest_interval,
+            events: Arc::clone(&g.events),
+            stop: g.stop,
+            timeout: None,
+            backup_wait: None,
+            clock_ns: g.clock_ns,
+            datagrams: std::mem::take(&mut self.replay.source.undelivered),
+        };
+        self.live = Some(Primary::start(parts).map_err(RunError::Thread)?);
         g.board.view.store(won.number, Ordering::Relaxed);
         g.board.role.store(ROLE_PRIMARY, Ordering::Relaxed);
         g.events.emit(

@@ -6,9 +6,11 @@
 pub mod backup;
 pub mod membership;
 pub mod output_gate;
+pub mod pairing;
 pub mod planted;
 pub mod primary;
 pub mod standing;
+pub mod transfer;
 
 use crate::run::run_loop::StopReason;
 

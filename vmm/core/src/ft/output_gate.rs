@@ -11,9 +11,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use logchannel::LogSender;
 use logchannel::OutputKind;
 
+use crate::ft::pairing::Pairing;
 use crate::ft::standing::{Release, Standing};
 use crate::host::emitter::Emitter;
 use crate::host::histogram::Histogram;
@@ -101,21 +101,30 @@ impl Shared {
 /// running meanwhile.
 pub struct OutputGate {
     shared: Arc<Shared>,
-    sender: Arc<LogSender>,
+    pairing: Arc<Pairing>,
     thread: Option<JoinHandle<()>>,
 }
 
+/// The current backup's cumulative ack and write gaps; alone, nothing is
+/// acknowledged and the standing releases everything anyway.
+fn channel_state(pairing: &Pairing) -> (u64, u64) {
+    pairing
+        .current()
+        .map_or((0, 0), |p| (p.sender.acked(), p.sender.write_gaps()))
+}
+
 impl OutputGate {
-    /// `standing` says what may be released: acknowledged outputs, all of
-    /// them once the primary goes on alone, none while it is unconfirmed
-    /// after a pause or once it is deposed. `hold` gets how long each
-    /// output waited.
+    /// The pairing's standing says what may be released: acknowledged
+    /// outputs, all of them while the primary runs alone, none while it is
+    /// unconfirmed after a pause or once it is deposed. Each backup that
+    /// joins is listened to from its first acknowledgement. `hold` gets how
+    /// long each output waited.
     pub fn new(
         emitter: Emitter,
-        sender: Arc<LogSender>,
-        standing: Arc<Standing>,
+        pairing: Arc<Pairing>,
         hold: Arc<Histogram>,
     ) -> std::io::Result<Self> {
+        let standing = Arc::clone(pairing.standing());
         let shared = Arc::new(Shared {
             held: Mutex::new(HeldOutputs {
                 queue: VecDeque::new(),
@@ -127,19 +136,22 @@ impl OutputGate {
             closing: AtomicBool::new(false),
             hold,
         });
-        let on_ack = Arc::clone(&shared);
-        sender.on_ack(move |acked, write_gaps| {
-            on_ack.acked.store(acked, Ordering::SeqCst);
-            on_ack.release(&mut on_ack.lock(), acked, write_gaps, true);
+        let on_attach = Arc::clone(&shared);
+        pairing.on_attach(move |sender| {
+            let on_ack = Arc::clone(&on_attach);
+            sender.on_ack(move |acked, write_gaps| {
+                on_ack.acked.fetch_max(acked, Ordering::SeqCst);
+                on_ack.release(&mut on_ack.lock(), acked, write_gaps, true);
+            });
         });
         let gate = Arc::clone(&shared);
-        let channel = Arc::clone(&sender);
+        let channel = Arc::clone(&pairing);
         let thread = std::thread::Builder::new()
             .name("ftvm-output-gate".into())
             .spawn(move || watch(&gate, &channel))?;
         Ok(OutputGate {
             shared,
-            sender,
+            pairing,
             thread: Some(thread),
         })
     }
@@ -149,8 +161,8 @@ impl OutputGate {
         let since = Instant::now();
         // The output's entry goes to the backup now rather than after the
         // writer thread wakes; a failure is the gate thread's to notice.
-        if seq != 0 {
-            let _ = self.sender.flush();
+        if let Some(p) = self.pairing.current().filter(|_| seq != 0) {
+            let _ = p.sender.flush();
         }
         let mut held = self.shared.lock();
         held.queue.push_back(Held {
@@ -160,9 +172,8 @@ impl OutputGate {
             since,
         });
         // The ack may have come before the output was queued.
-        let write_gaps = self.sender.write_gaps();
-        self.shared
-            .release(&mut held, self.sender.acked(), write_gaps, false);
+        let (acked, write_gaps) = channel_state(&self.pairing);
+        self.shared.release(&mut held, acked, write_gaps, false);
     }
 
     /// Waits until every submitted output is released or, after
@@ -186,12 +197,13 @@ impl OutputGate {
 /// alone, and on closing waits up to `CLOSE_WAIT` for the last
 /// acknowledgements. Outputs never acknowledged, and all of a deposed
 /// primary's, are dropped, never released.
-fn watch(shared: &Shared, sender: &LogSender) {
+fn watch(shared: &Shared, pairing: &Pairing) {
     let mut give_up_at = None;
     let mut held = shared.lock();
     loop {
         let acked = shared.acked.load(Ordering::SeqCst);
-        shared.release(&mut held, acked, sender.write_gaps(), false);
+        let (_, write_gaps) = channel_state(pairing);
+        shared.release(&mut held, acked, write_gaps, false);
         if shared.closing.load(Ordering::SeqCst) {
             let at = *give_up_at.get_or_insert_with(|| Instant::now() + CLOSE_WAIT);
             if held.queue.is_empty() {

@@ -1,20 +1,28 @@
-//! The primary of a fault-tolerant pair: a live run whose log goes over the
-//! log channel to the backup, whose outputs wait for the backup's
-//! acknowledgement, and which goes on alone only after winning
+//! The primary of a fault-tolerant pair: a live run that serves alone until
+//! a backup joins by state transfer, then sends its log over the log
+//! channel to that backup and holds its outputs for the backup's
+//! acknowledgement, and goes on alone again only after winning
 //! test-and-set when the backup fails or leaves.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use logchannel::{ChannelError, Event, LogSender, Position};
+use logchannel::{ChannelError, Event, OutputKind, Position};
 
 use crate::ft::goodbye_reason;
 use crate::ft::membership::{ArbitrationError, Membership};
-use crate::ft::standing::Standing;
+use crate::ft::output_gate::OutputGate;
+use crate::ft::pairing::{Paired, Pairing};
+use crate::ft::transfer::send::{Donor, JoinerParts};
+use crate::host::emitter::Emitter;
 use crate::host::events::{Events, ServerEvent, ServerRole, StatusBoard, ROLE_PRIMARY};
-use crate::live::EntrySink;
-use crate::run::run_loop::{RunError, StopReason};
+use crate::host::net_backend::{Datagram, NetBackend};
+use crate::live::{EntrySink, Live};
+use crate::machine::patch::TrapResult;
+use crate::machine::scan::NondetSite;
+use crate::run::run_loop::{Machine, Mode, RunError, StopReason};
+use crate::run::stop::StopSignal;
 
 /// How long `end` waits for the backup to acknowledge the End entry.
 const END_ACK_WAIT: Duration = Duration::from_secs(2);
@@ -23,11 +31,14 @@ const END_ACK_WAIT: Duration = Duration::from_secs(2);
 const WINDOW_WAIT: Duration = Duration::from_millis(50);
 
 pub struct FtSink {
-    sender: Arc<LogSender>,
+    /// Shared with the output gate and the transfer that brings up
+    /// backups: whether a backup holds the state, and its standing.
+    pairing: Arc<Pairing>,
+    /// The pairing as of `seen`, read again only when it changes.
+    paired: Option<Paired>,
+    seen: u64,
     membership: Arc<Membership>,
-    /// Shared with the output gate: alone (nothing more is sent, held
-    /// outputs are released), confirmed after a pause, or deposed.
-    standing: Arc<Standing>,
+    /// The view this server is primary of.
     view: u64,
     digest_interval: u64,
     board: Arc<StatusBoard>,
@@ -36,9 +47,8 @@ pub struct FtSink {
 
 impl FtSink {
     pub fn new(
-        sender: Arc<LogSender>,
+        pairing: Arc<Pairing>,
         membership: Arc<Membership>,
-        standing: Arc<Standing>,
         view: u64,
         digest_interval: u64,
         board: Arc<StatusBoard>,
@@ -47,9 +57,10 @@ impl FtSink {
         board.role.store(ROLE_PRIMARY, Ordering::Relaxed);
         board.view.store(view, Ordering::Relaxed);
         FtSink {
-            sender,
+            paired: pairing.current(),
+            seen: pairing.generation(),
+            pairing,
             membership,
-            standing,
             view,
             digest_interval,
             board,
@@ -58,7 +69,22 @@ impl FtSink {
     }
 
     fn alone(&self) -> bool {
-        self.standing.alone()
+        self.paired.is_none()
+    }
+
+    /// Takes in a backup that joined (or the end of one) since the last
+    /// look.
+    fn refresh(&mut self) {
+        let generation = self.pairing.generation();
+        if generation == self.seen {
+            return;
+        }
+        self.seen = generation;
+        self.paired = self.pairing.current();
+        if let Some(p) = &self.paired {
+            self.view = p.view;
+            self.board.view.store(p.view, Ordering::Relaxed);
+        }
     }
 
     /// The channel to the backup is down: it failed, or the backup said
@@ -115,10 +141,12 @@ impl FtSink {
                 );
                 self.view = won.number;
                 self.board.view.store(won.number, Ordering::Relaxed);
-                self.standing.go_alone();
                 // A backup still connected (one whose replay stalled) must
-                // learn that this primary goes on without it.
-                self.sender.close();
+                // learn that this primary goes on without it: detaching
+                // closes its channel.
+                self.pairing.detach();
+                self.paired = None;
+                self.seen = self.pairing.generation();
                 Ok(())
             }
             Err(e) => {
@@ -139,10 +167,11 @@ impl FtSink {
     /// over: it asks the arbiter before the gate releases anything more.
     /// One the arbiter's answers show replaced stops here too.
     fn check_standing(&mut self) -> Result<(), RunError> {
-        if self.alone() {
+        let Some(p) = &self.paired else {
             return Ok(());
-        }
-        let write_gaps = self.sender.write_gaps();
+        };
+        let write_gaps = p.sender.write_gaps();
+        let standing = self.pairing.standing();
         let result = if self.membership.deposed() {
             Err(ArbitrationError::Deposed {
                 view: self.view,
@@ -151,14 +180,14 @@ impl FtSink {
                     self.membership.view_number()
                 ),
             })
-        } else if self.standing.unconfirmed(write_gaps) {
+        } else if standing.unconfirmed(write_gaps) {
             self.membership.confirm_primary(self.view)
         } else {
             return Ok(());
         };
         match result {
             Ok(view) => {
-                self.standing.confirm(write_gaps);
+                standing.confirm(write_gaps);
                 self.events.emit(
                     ServerEvent::Confirmed { view: view.number },
                     Some(format!(
@@ -172,7 +201,7 @@ impl FtSink {
             Err(e) => {
                 let event = match &e {
                     ArbitrationError::Deposed { detail, .. } => {
-                        self.standing.depose();
+                        standing.depose();
                         ServerEvent::Deposed {
                             view: self.view,
                             detail: detail.clone(),
@@ -188,10 +217,7 @@ impl FtSink {
 
     fn check_backup(&mut self) -> Result<(), RunError> {
         self.check_standing()?;
-        if self.alone() {
-            return Ok(());
-        }
-        match self.sender.failure() {
+        match self.paired.as_ref().and_then(|p| p.sender.failure()) {
             Some(e) => self.channel_down(e),
             None => Ok(()),
         }
@@ -200,11 +226,14 @@ impl FtSink {
 
 impl EntrySink for FtSink {
     fn log(&mut self, pos: Position, event: Event) -> Result<u64, RunError> {
-        if self.alone() {
+        let Some(p) = &self.paired else {
             return Ok(0);
-        }
-        match self.sender.send(pos, event) {
-            Ok(seq) => Ok(seq),
+        };
+        match p.sender.send(pos, event) {
+            Ok(seq) => {
+                self.pairing.sent(seq);
+                Ok(seq)
+            }
             Err(e) => {
                 // As at every exit: a primary that was paused may have been
                 // replaced meanwhile, which it must learn before it takes
@@ -222,17 +251,19 @@ impl EntrySink for FtSink {
 
     fn resume(&mut self, pos: Position) -> Result<(), RunError> {
         self.board.exits.store(pos.exits, Ordering::Relaxed);
+        self.refresh();
         self.check_backup()?;
-        if self.alone() {
+        let Some(p) = self.paired.clone() else {
             return Ok(());
-        }
+        };
+        let sender = p.sender;
         // Everything at exits before this one is logged; at this one the
         // guest may still be given an interrupt between this exit and the
         // next (an `async-point` entry at this exit count), so the backup
         // must not run past it on the strength of this mark.
-        self.sender.set_progress(pos.exits.saturating_sub(1));
+        sender.set_progress(pos.exits.saturating_sub(1));
         // The lag as this exit finds it, before any wait below shortens it.
-        let m = self.sender.metrics();
+        let m = sender.metrics();
         let lag_us = (m.lag_ms * 1000.0) as u64;
         self.board.lag_exits.store(m.lag_exits, Ordering::Relaxed);
         self.board.lag_us.store(lag_us, Ordering::Relaxed);
@@ -247,15 +278,15 @@ impl EntrySink for FtSink {
         // how long one exit waited: one whose replay has stood still for
         // the failure timeout while it had entries to replay has failed as
         // surely as a silent one, even if its connection still answers.
-        let limit = self.sender.config().failure_timeout;
-        while self.sender.window_full() {
-            if let Some(stall) = self.sender.replay_stall().filter(|s| *s > limit) {
+        let limit = sender.config().failure_timeout;
+        while sender.window_full() {
+            if let Some(stall) = sender.replay_stall().filter(|s| *s > limit) {
                 return self.backup_failed(format!(
                     "its replay has stood still for {} ms with entries to replay, while its connection answers",
                     stall.as_millis()
                 ));
             }
-            if let Err(e) = self.sender.wait_window(WINDOW_WAIT) {
+            if let Err(e) = sender.wait_window(WINDOW_WAIT) {
                 return self.channel_down(e);
             }
         }
@@ -270,27 +301,186 @@ impl EntrySink for FtSink {
     /// powering off): the End entry, then a goodbye, so that the backup
     /// stops too instead of taking over.
     fn end(&mut self, pos: Position, reason: StopReason) -> Result<(), RunError> {
-        if self.alone() || self.standing.deposed() {
+        self.refresh();
+        let Some(Paired { sender, .. }) = self.paired.clone() else {
+            return Ok(());
+        };
+        if self.pairing.standing().deposed() {
             return Ok(());
         }
         let end = Event::End {
             exits: pos.exits,
             reason: reason.end_reason(),
         };
-        if let Ok(seq) = self.sender.send(pos, end) {
-            let _ = self.sender.wait_acked(seq, END_ACK_WAIT);
+        if let Ok(seq) = sender.send(pos, end) {
+            let _ = sender.wait_acked(seq, END_ACK_WAIT);
         }
-        if let Err(e) = self.sender.goodbye(&goodbye_reason(reason)) {
+        if let Err(e) = sender.goodbye(&goodbye_reason(reason)) {
             tracing::debug!("no goodbye to the backup: {e}");
         }
         Ok(())
     }
 
     fn report(&self) -> Option<String> {
-        let m = self.sender.metrics();
+        let m = self.pairing.current()?.sender.metrics();
         Some(format!(
             "log channel: {} entries, {} bytes sent, {} acknowledged",
             m.entries_sent, m.bytes_sent, m.acked
         ))
+    }
+}
+
+/// What a primary is made of: at boot (`ftvm primary`) or when a backup
+/// goes live.
+pub struct PrimaryParts {
+    pub view: u64,
+    pub membership: Arc<Membership>,
+    pub joiner: JoinerParts,
+    pub net: Arc<NetBackend>,
+    pub emitter: Emitter,
+    pub digest_interval: u64,
+    pub events: Arc<Events>,
+    pub stop: StopSignal,
+    pub timeout: Option<Duration>,
+    /// With it, the guest waits this long for its first backup before it
+    /// runs.
+    pub backup_wait: Option<Duration>,
+    /// The device clock and the undelivered datagrams to start from (a
+    /// backup going live continues its primary's).
+    pub clock_ns: u64,
+    pub datagrams: Vec<Datagram>,
+}
+
+/// A live run that serves alone until a backup joins, brings up each
+/// backup the arbiter names by state transfer, and then holds its outputs
+/// for that backup under the output rule.
+pub struct Primary {
+    live: Live,
+    donor: Donor,
+}
+
+impl Primary {
+    pub fn start(parts: PrimaryParts) -> std::io::Result<Primary> {
+        let PrimaryParts {
+            view,
+            membership,
+            joiner,
+            net,
+            emitter,
+            digest_interval,
+            events,
+            stop,
+            timeout,
+            backup_wait,
+            clock_ns,
+            datagrams,
+        } = parts;
+        let board = Arc::clone(&joiner.board);
+        let pairing = Arc::clone(&joiner.pairing);
+        let gate = OutputGate::new(emitter, Arc::clone(&pairing), board.output_hold.clone())?;
+        let sink = FtSink::new(
+            pairing,
+            membership,
+            view,
+            digest_interval,
+            Arc::clone(&board),
+            events,
+        );
+        let donor = Donor::start(joiner, backup_wait, timeout)?;
+        let live = Live::new(
+            Some(net),
+            Box::new(gate),
+            Some(Box::new(sink)),
+            stop,
+            timeout,
+        )
+        .with_board(board)
+        .with_clock(clock_ns)
+        .with_datagrams(datagrams);
+        Ok(Primary { live, donor })
+    }
+
+    /// A line for the user about what was logged.
+    pub fn report(&mut self) -> Option<String> {
+        self.live.sink_mut().and_then(|s| s.report())
+    }
+}
+
+impl Mode for Primary {
+    fn now_ns(&self) -> u64 {
+        self.live.now_ns()
+    }
+
+    fn should_stop(
+        &mut self,
+        m: &mut Machine,
+        pos: Position,
+    ) -> Result<Option<StopReason>, RunError> {
+        self.live.should_stop(m, pos)
+    }
+
+    fn trap(&mut self, pos: Position, site: &NondetSite) -> Result<TrapResult, RunError> {
+        self.live.trap(pos, site)
+    }
+
+    fn time_msr(&mut self, pos: Position, msr: u32) -> Result<u64, RunError> {
+        self.live.time_msr(pos, msr)
+    }
+
+    fn time_read(&mut self, pos: Position, port: u16, value: u8) -> Result<u8, RunError> {
+        self.live.time_read(pos, port, value)
+    }
+
+    fn output(
+        &mut self,
+        m: &mut Machine,
+        pos: Position,
+        kind: OutputKind,
+        bytes: &[u8],
+    ) -> Result<(), RunError> {
+        self.live.output(m, pos, kind, bytes)
+    }
+
+    fn after_exit(&mut self, m: &mut Machine, pos: Position) -> Result<(), RunError> {
+        self.live.after_exit(m, pos)
+    }
+
+    fn deliver(&mut self, m: &mut Machine, pos: Position, ready: bool) -> Result<bool, RunError> {
+        self.live.deliver(m, pos, ready)
+    }
+
+    /// The cut happens here, where everything for exit `pos` is done and
+    /// nothing more is logged at it: a backup that starts from this
+    /// position replays exactly what follows.
+    fn resume(&mut self, m: &mut Machine, pos: Position) -> Result<(), RunError> {
+        self.donor.at_exit(m, pos, &self.live)?;
+        self.live.resume(m, pos)
+    }
+
+    fn wait_idle(&mut self, m: &mut Machine, pos: Position) -> Result<(), RunError> {
+        self.live.wait_idle(m, pos)
+    }
+
+    fn kick_at(&mut self, m: &mut Machine) -> Option<Instant> {
+        self.live.kick_at(m)
+    }
+
+    fn due_between(&mut self, m: &mut Machine) -> bool {
+        self.live.due_between(m)
+    }
+
+    fn deliver_between(&mut self, m: &mut Machine, at: Position) -> Result<bool, RunError> {
+        self.live.deliver_between(m, at)
+    }
+
+    fn finish(
+        &mut self,
+        m: &mut Machine,
+        pos: Position,
+        reason: StopReason,
+        at_position: bool,
+    ) -> Result<(), RunError> {
+        self.donor.stop();
+        self.live.finish(m, pos, reason, at_position)
     }
 }

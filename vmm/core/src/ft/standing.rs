@@ -9,9 +9,9 @@
 //! dead, won test-and-set and gone live meanwhile. An ack read after such a
 //! pause can be one the backup sent before it took over, so nothing is
 //! released until the arbiter confirms that the current view still names
-//! this server primary. Once alone (it won test-and-set), no backup exists
-//! that could take over, and everything is released; once deposed,
-//! nothing ever is.
+//! this server primary. Alone (before a backup joined, or after it won
+//! test-and-set), no backup exists that could take over, and everything is
+//! released; once deposed, nothing ever is.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -48,6 +48,13 @@ impl Standing {
 
     pub(crate) fn go_alone(&self) {
         self.alone.store(true, Ordering::SeqCst);
+    }
+
+    /// A backup joined: the output rule holds again, and the new
+    /// channel's write gaps are counted from zero.
+    pub(crate) fn pair(&self) {
+        self.confirmed_gaps.store(0, Ordering::SeqCst);
+        self.alone.store(false, Ordering::SeqCst);
     }
 
     pub(crate) fn depose(&self) {

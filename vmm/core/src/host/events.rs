@@ -68,6 +68,39 @@ pub enum ServerEvent {
     Stopped { reason: String },
     /// The backup's replay parted ways with the primary's log.
     Diverged { detail: String },
+    /// A primary began sending its state to the backup `view` names.
+    TransferStarted { view: u64, backup: String },
+    /// One pre-copy round went out: `pages` pages, `bytes` on the wire so
+    /// far in this transfer.
+    TransferRound {
+        view: u64,
+        round: u32,
+        pages: u64,
+        bytes: u64,
+    },
+    /// The backup restored the state sent at the cut and verified its
+    /// digest: the VM is fault tolerant again. `pause_ms` is how long the
+    /// guest stood still at the cut, `transfer_ms` the whole transfer.
+    Protected {
+        view: u64,
+        backup: String,
+        rounds: u32,
+        pages: u64,
+        bytes: u64,
+        pause_ms: f64,
+        transfer_ms: f64,
+    },
+    /// A state transfer did not complete; the primary goes on alone, a
+    /// joining backup never goes live.
+    TransferFailed { view: u64, detail: String },
+    /// A joining backup restored its primary's state at exit `exits` and
+    /// replays the log from there.
+    Restored {
+        view: u64,
+        exits: u64,
+        rounds: u32,
+        bytes: u64,
+    },
     /// What the server is doing, every [`STATUS_INTERVAL`].
     Status(Status),
 }
@@ -99,6 +132,12 @@ pub struct Status {
     pub outputs_held: u64,
     pub log_entries: u64,
     pub log_bytes: u64,
+    /// A state transfer under way (0: none): its pre-copy round and the
+    /// bytes it has sent or received.
+    #[serde(default)]
+    pub transfer_round: u32,
+    #[serde(default)]
+    pub transfer_bytes: u64,
 }
 
 impl Status {
@@ -120,6 +159,8 @@ impl Status {
             outputs_held: 0,
             log_entries: 0,
             log_bytes: 0,
+            transfer_round: 0,
+            transfer_bytes: 0,
         }
     }
 }
@@ -197,6 +238,8 @@ pub struct StatusBoard {
     pub output_hold: Arc<Histogram>,
     pub log_entries: AtomicU64,
     pub log_bytes: AtomicU64,
+    pub transfer_round: std::sync::atomic::AtomicU32,
+    pub transfer_bytes: AtomicU64,
 }
 
 pub const ROLE_BACKUP: u8 = 0;
@@ -226,6 +269,8 @@ impl StatusBoard {
             outputs_held: self.output_hold.count(),
             log_entries: self.log_entries.load(Ordering::Relaxed),
             log_bytes: self.log_bytes.load(Ordering::Relaxed),
+            transfer_round: self.transfer_round.load(Ordering::Relaxed),
+            transfer_bytes: self.transfer_bytes.load(Ordering::Relaxed),
         }
     }
 
