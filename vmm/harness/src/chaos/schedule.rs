@@ -436,8 +436,11 @@ fn costly_fault(rng: &mut StdRng, ft: u64, p: &ScheduleParams) -> FaultKind {
             } else {
                 long(rng)
             };
+            // Before the primary could take its paused backup for failed
+            // and go on alone: killing a primary that is alone would leave
+            // no server, which is a second cost, not a worse moment.
             FaultKind::KillPrimaryWhileBackupPaused {
-                kill_after_ms: rng.random_range(0..=for_ms / 2),
+                kill_after_ms: rng.random_range(0..=(for_ms / 2).min(ft / 2)),
                 for_ms,
             }
         }
