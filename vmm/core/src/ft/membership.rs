@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use arbiter::{Arbiter, ArbiterAddr, ArbiterError, Member, TasOutcome, View};
+use arbiter::{Arbiter, ArbiterAddr, ArbiterError, LossReason, Member, TasOutcome, View};
 
 use crate::run::run_loop::RunError;
 use crate::run::stop::StopSignal;
@@ -469,10 +469,14 @@ impl Membership {
                     view: current,
                 }) => {
                     self.stop();
-                    return Err(ArbitrationError::Lost {
-                        view,
-                        detail: format!("{reason:?}; the current view is {}", current.number),
-                    });
+                    let detail = match reason {
+                        LossReason::Unacknowledged => format!(
+                            "its primary never acknowledged view {}: this server's state was never confirmed complete, so it must not take over",
+                            current.number
+                        ),
+                        reason => format!("{reason:?}; the current view is {}", current.number),
+                    };
+                    return Err(ArbitrationError::Lost { view, detail });
                 }
                 Err(e @ ArbiterError::Unreachable { .. })
                 | Err(e @ ArbiterError::BadResponse { .. }) => {
