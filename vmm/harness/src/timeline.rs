@@ -1,6 +1,7 @@
 //! A picture of a run as one self-contained SVG: completed requests per
-//! 100 ms as bars, coloured by the server that answered, and labelled
-//! vertical markers for what happened (the kill, the failover's steps).
+//! 100 ms as bars, coloured by the server that answered, labelled vertical
+//! markers for what happened (the kill, the failover's steps) and shaded
+//! spans for what took a while (a state transfer).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -18,6 +19,7 @@ pub struct Timeline {
     pub end_ns: u64,
     pub replies: Vec<Reply>,
     pub markers: Vec<Marker>,
+    pub spans: Vec<Span>,
 }
 
 /// A request that got its reply at `t_ns`, from `server` when known.
@@ -33,8 +35,18 @@ pub struct Marker {
     pub label: String,
 }
 
+/// A stretch of time, shaded behind the bars and labelled at their foot.
+#[derive(Clone, Debug, Serialize)]
+pub struct Span {
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub label: String,
+}
+
 const WIDTH: f64 = 1000.0;
+/// The height with one row of legend; each further row adds a line.
 const HEIGHT: f64 = 440.0;
+const LEGEND_ROW: f64 = 16.0;
 const LEFT: f64 = 70.0;
 const RIGHT: f64 = 970.0;
 const TOP: f64 = 50.0;
@@ -47,13 +59,17 @@ const MARKER_COLORS: [&str; 5] = ["#d62728", "#8c564b", "#9467bd", "#2ca02c", "#
 /// Vertical distance between marker labels, which are stacked so that
 /// markers a few milliseconds apart stay readable.
 const LABEL_STEP: f64 = 15.0;
+const SPAN_COLOR: &str = "#2ca02c";
+/// A span this short (a transfer of a few ms) is still drawn this wide.
+const SPAN_MIN_WIDTH: f64 = 3.0;
 
 pub fn render_svg(t: &Timeline) -> String {
     let end_ns = t
         .end_ns
         .max(t.start_ns + 1)
         .max(t.replies.iter().map(|r| r.t_ns).max().unwrap_or(0))
-        .max(t.markers.iter().map(|m| m.t_ns).max().unwrap_or(0));
+        .max(t.markers.iter().map(|m| m.t_ns).max().unwrap_or(0))
+        .max(t.spans.iter().map(|s| s.end_ns).max().unwrap_or(0));
     let span_ns = end_ns - t.start_ns;
     let buckets = usize::try_from(span_ns.div_ceil(BUCKET_NS))
         .unwrap_or(usize::MAX)
@@ -94,6 +110,22 @@ pub fn render_svg(t: &Timeline) -> String {
     }
     let y_max = nice_ceiling(totals.iter().copied().max().unwrap_or(0).max(1));
 
+    // The legend's entries, wrapped into rows that fit the plot's width;
+    // the picture grows by a line for each row after the first.
+    let legend_width = |name: &str| 30.0 + 7.0 * name.chars().count() as f64;
+    let mut legend: Vec<(f64, usize, Option<&str>)> = Vec::new();
+    let (mut lx, mut row) = (LEFT, 0usize);
+    for series in &order {
+        let w = legend_width(series.unwrap_or("unknown server"));
+        if lx > LEFT && lx + w > WIDTH {
+            lx = LEFT;
+            row += 1;
+        }
+        legend.push((lx, row, *series));
+        lx += w;
+    }
+    let height = HEIGHT + LEGEND_ROW * row as f64;
+
     let x_of =
         |ns: u64| LEFT + (RIGHT - LEFT) * (ns.saturating_sub(t.start_ns) as f64 / span_ns as f64);
     let y_of = |n: u64| BOTTOM - (BOTTOM - TOP) * (n as f64 / y_max as f64);
@@ -102,17 +134,34 @@ pub fn render_svg(t: &Timeline) -> String {
     let mut svg = String::new();
     let _ = writeln!(
         svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif" font-size="12">"#
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" font-family="sans-serif" font-size="12">"#
     );
     let _ = writeln!(
         svg,
-        r#"<rect x="0" y="0" width="{WIDTH}" height="{HEIGHT}" fill="white"/>"#
+        r#"<rect x="0" y="0" width="{WIDTH}" height="{height}" fill="white"/>"#
     );
     let _ = writeln!(
         svg,
         r#"<text x="{LEFT}" y="24" font-size="15" font-weight="bold">{}</text>"#,
         escape(&t.title)
     );
+
+    // Spans behind the bars (their labels come last, above everything).
+    let span_x = |span: &Span| {
+        let (x0, x1) = (x_of(span.start_ns), x_of(span.end_ns.max(span.start_ns)));
+        (x0, (x1 - x0).max(SPAN_MIN_WIDTH))
+    };
+    let _ = writeln!(svg, "<g>");
+    for span in &t.spans {
+        let (x0, w) = span_x(span);
+        let _ = writeln!(
+            svg,
+            r#"<rect x="{x0:.2}" y="{TOP}" width="{w:.2}" height="{:.2}" fill="{SPAN_COLOR}" fill-opacity="0.18"><title>{}</title></rect>"#,
+            BOTTOM - TOP,
+            escape(&span.label)
+        );
+    }
+    let _ = writeln!(svg, "</g>");
 
     // Bars: one stack per bucket, in series order.
     let _ = writeln!(svg, "<g>");
@@ -214,20 +263,34 @@ pub fn render_svg(t: &Timeline) -> String {
         );
     }
 
+    // Span labels at the foot of the plot, every other one a line higher
+    // so that neighbours do not overlap.
+    for (i, span) in t.spans.iter().enumerate() {
+        let (x0, w) = span_x(span);
+        let y = BOTTOM - 6.0 - LABEL_STEP * (i % 2) as f64;
+        let (anchor, x) = if x0 > LEFT + (RIGHT - LEFT) * 0.7 {
+            ("end", x0 + w - 2.0)
+        } else {
+            ("start", x0 + 2.0)
+        };
+        let _ = writeln!(
+            svg,
+            r#"<text x="{x:.2}" y="{y:.2}" text-anchor="{anchor}" fill="{SPAN_COLOR}" stroke="white" stroke-width="3" paint-order="stroke">{}</text>"#,
+            escape(&span.label)
+        );
+    }
+
     // Legend.
-    let mut x = LEFT;
-    let y = HEIGHT - 22.0;
-    for series in &order {
-        let name = series.unwrap_or("unknown server");
+    for (x, row, series) in legend {
+        let y = HEIGHT - 22.0 + LEGEND_ROW * row as f64;
         let _ = writeln!(
             svg,
             r#"<rect x="{x:.2}" y="{:.2}" width="12" height="12" fill="{}"/><text x="{:.2}" y="{y:.2}">{}</text>"#,
             y - 10.0,
-            color(*series),
+            color(series),
             x + 16.0,
-            escape(name)
+            escape(series.unwrap_or("unknown server"))
         );
-        x += 30.0 + 7.0 * name.chars().count() as f64;
     }
     svg.push_str("</svg>\n");
     svg
@@ -352,6 +415,11 @@ mod tests {
                     label: "first reply from the new primary +400 ms".into(),
                 },
             ],
+            spans: vec![Span {
+                start_ns: ms(6000),
+                end_ns: ms(6004),
+                label: "state transfer to spare3 <2.0 MiB>".into(),
+            }],
         }
     }
 
@@ -370,6 +438,7 @@ mod tests {
             "backup 127.0.0.1:4001",
             "unknown server",
             "ftvm demo &lt;seed 42&gt; &amp; friends",
+            "state transfer to spare3 &lt;2.0 MiB&gt;",
         ] {
             assert!(svg.contains(label), "missing {label}");
         }
@@ -393,6 +462,23 @@ mod tests {
         let svg = render_svg(&t);
         balanced(&svg);
         assert!(svg.contains("alone") && !svg.contains("NaN"));
+    }
+
+    #[test]
+    fn a_long_legend_wraps_and_the_picture_grows() {
+        let mut t = sample();
+        let one_row = render_svg(&t);
+        assert!(one_row.contains(r#"height="440""#), "{one_row}");
+        for i in 0..6 {
+            t.replies.push(Reply {
+                t_ns: t.start_ns + i,
+                server: Some(format!("vmm{i} (primary after kill {i}) 127.0.0.1:4000{i}")),
+            });
+        }
+        let svg = render_svg(&t);
+        balanced(&svg);
+        assert!(!svg.contains(r#"height="440""#), "the legend did not wrap");
+        assert!(svg.contains("vmm5 (primary after kill 5)"));
     }
 
     #[test]

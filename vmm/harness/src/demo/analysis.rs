@@ -1,24 +1,26 @@
-//! What the demo makes of its run, once it is over: the failover timeline
-//! from the events, the acknowledged writes checked against the values read
-//! back, the counts, the throughput, and the verdict.
+//! What the demo makes of its run, once it is over: each failure's
+//! timeline and the state transfer that protected the VM again, from the
+//! servers' events; the acknowledged writes checked against the values read
+//! back; the counts, the throughput, and the verdict.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
 use arbiter::View;
 
-use super::args::{FIRST, SECOND};
+use super::args::FIRST;
+use super::kills::{mib, Kill, Planned, Target};
 use super::load::{FinalValues, Load};
 use super::report::{
-    Addresses, EtcdLeaderKill, Failover, FtPhase, LostWrite, OpCounts, Throughput, WriteCheck,
+    EtcdLeaderKill, Failure, FtPhase, LostWrite, OpCounts, Protection, Throughput, WriteCheck,
 };
 use crate::history::{self, HistoryOp, OpKind};
 use crate::launcher::ClusterEvents;
 use crate::linearizability::{self, KeyVerdict, Overall};
-use crate::timeline::Marker;
+use crate::timeline::{Marker, Span};
 use ftvm_core::host::events::{ServerEvent, ServerRole, Status as ServerStatus};
 
-/// The first primary's last status line before the kill.
+/// The first primary's last status line before the first kill.
 pub(super) fn ft_phase(events: &ClusterEvents, kill_ns: Option<u64>) -> FtPhase {
     let last = events
         .of(FIRST)
@@ -43,46 +45,118 @@ fn ms_after(t: u64, kill: u64) -> f64 {
     (t as f64 - kill as f64) / 1e6
 }
 
-pub(super) fn failover_timeline(
-    kill_ns: Option<u64>,
-    events: &ClusterEvents,
-    ops: &[&HistoryOp],
-    new_primary_service: SocketAddr,
-    view_before: u64,
-    final_view: Option<&View>,
-) -> Failover {
-    let mut f = Failover {
-        kill_unix_ns: kill_ns,
-        view_before: Some(view_before),
-        view_after: final_view.map(|v| v.number),
-        primary_after: final_view
-            .and_then(|v| v.primary.as_ref())
-            .map(|p| p.id.clone()),
-        ..Failover::default()
-    };
-    let Some(kill) = kill_ns else { return f };
-    let backup = events.of(SECOND);
-    let first = |pred: &dyn Fn(&ServerEvent) -> bool| {
-        backup
-            .iter()
-            .filter(|e| pred(&e.event))
-            .map(|e| e.t_ns)
-            .find(|t| *t >= kill)
-            .map(|t| ms_after(t, kill))
-    };
-    f.detected_ms = first(&|e| matches!(e, ServerEvent::FailureDetected { .. }));
-    f.test_and_set_won_ms = first(&|e| matches!(e, ServerEvent::Tas { won: true, .. }));
-    f.live_ms = first(&|e| matches!(e, ServerEvent::Live { .. }));
-    f.first_reply_ms = ops
+/// Replies per second completed in `[from, to)`.
+fn rate(ops: &[&HistoryOp], from: u64, to: u64) -> f64 {
+    if to <= from {
+        return 0.0;
+    }
+    let n = ops
         .iter()
-        .filter(|o| o.server == Some(new_primary_service))
         .filter_map(|o| o.completed_ns)
-        .filter(|t| *t >= kill)
-        .min()
-        .map(|t| ms_after(t, kill));
-    f
+        .filter(|t| (from..to).contains(t))
+        .count();
+    n as f64 / ((to - from) as f64 / 1e9)
 }
 
+/// Every state transfer that completed, in the order the primaries
+/// reported them: from a `transfer_started` to the `protected` naming the
+/// same backup. `after_ms` is the transfer's own length here; a failure's
+/// counts from its kill instead. The clients' throughput is given for
+/// transfers within `load` (start and end, Unix ns) only.
+pub(super) fn protections(
+    events: &ClusterEvents,
+    ops: &[&HistoryOp],
+    load: (u64, u64),
+) -> Vec<Protection> {
+    let mut out = Vec::new();
+    for (name, list) in &events.0 {
+        let mut started: BTreeMap<&str, u64> = BTreeMap::new();
+        for e in list {
+            match &e.event {
+                ServerEvent::TransferStarted { backup, .. } => {
+                    started.insert(backup, e.t_ns);
+                }
+                ServerEvent::Protected {
+                    backup,
+                    rounds,
+                    pages,
+                    bytes,
+                    pause_ms,
+                    transfer_ms,
+                    ..
+                } => {
+                    let started_unix_ns = started.remove(backup.as_str());
+                    out.push(Protection {
+                        primary: name.clone(),
+                        backup: backup.clone(),
+                        after_ms: *transfer_ms,
+                        started_unix_ns,
+                        protected_unix_ns: e.t_ns,
+                        rounds: *rounds,
+                        pages: *pages,
+                        bytes: *bytes,
+                        pause_ms: *pause_ms,
+                        transfer_ms: *transfer_ms,
+                        ops_per_sec_during_transfer: started_unix_ns
+                            .filter(|s| *s < e.t_ns && *s >= load.0 && e.t_ns <= load.1)
+                            .map(|s| rate(ops, s, e.t_ns)),
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+    out.sort_by_key(|p| p.protected_unix_ns);
+    out
+}
+
+/// How the first primary got its first backup, before the load.
+pub(super) fn initial_protection(protections: &[Protection]) -> Option<Protection> {
+    protections.iter().find(|p| p.primary == FIRST).cloned()
+}
+
+/// What followed `kill`, from its survivor's events and the clients'
+/// replies; `services` names each server's service address.
+pub(super) fn failure(
+    kill: &Kill,
+    events: &ClusterEvents,
+    ops: &[&HistoryOp],
+    services: &BTreeMap<String, SocketAddr>,
+    protections: &[Protection],
+) -> Failure {
+    let at = kill.unix_ns;
+    let survivor = events.of(&kill.survivor);
+    let first = |pred: &dyn Fn(&ServerEvent) -> bool| {
+        survivor
+            .iter()
+            .filter(|e| e.t_ns >= at && pred(&e.event))
+            .map(|e| ms_after(e.t_ns, at))
+            .next()
+    };
+    let took_over = kill.target == Target::Primary;
+    let service = services.get(&kill.survivor);
+    Failure {
+        kill: kill.clone(),
+        detected_ms: first(&|e| matches!(e, ServerEvent::FailureDetected { .. })),
+        test_and_set_won_ms: first(&|e| matches!(e, ServerEvent::Tas { won: true, .. }))
+            .filter(|_| took_over),
+        live_ms: first(&|e| matches!(e, ServerEvent::Live { .. })).filter(|_| took_over),
+        first_reply_ms: ops
+            .iter()
+            .filter(|o| o.server.is_some() && o.server.as_ref() == service)
+            .filter_map(|o| o.completed_ns)
+            .filter(|t| *t >= at)
+            .min()
+            .map(|t| ms_after(t, at)),
+        protected_again: protections
+            .iter()
+            .find(|p| p.primary == kill.survivor && p.protected_unix_ns >= at)
+            .map(|p| Protection {
+                after_ms: ms_after(p.protected_unix_ns, at),
+                ..p.clone()
+            }),
+    }
+}
 /// The written values' tokens; see [`Workload`].
 fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value.split(|b| *b == b';').filter(|t| !t.is_empty())
@@ -171,99 +245,158 @@ pub(super) fn throughput(
     ops: &[&HistoryOp],
     start: u64,
     end: u64,
-    kill: Option<u64>,
-    failover: &Failover,
+    failures: &[Failure],
 ) -> Throughput {
-    let rate = |from: u64, to: u64| {
-        if to <= from {
-            return 0.0;
-        }
-        let n = ops
-            .iter()
-            .filter_map(|o| o.completed_ns)
-            .filter(|t| (from..to).contains(t))
-            .count();
-        n as f64 / ((to - from) as f64 / 1e9)
-    };
-    let resumed = kill
-        .zip(failover.first_reply_ms)
-        .map(|(k, ms)| k + (ms * 1e6) as u64);
+    let first_kill = failures.first().map(|f| f.kill.unix_ns);
+    let resumed = failures.last().and_then(|f| {
+        f.first_reply_ms
+            .map(|ms| f.kill.unix_ns.saturating_add((ms * 1e6) as u64))
+    });
     Throughput {
-        ops_per_sec_before_kill: kill.map_or(0.0, |k| rate(start, k)),
-        ops_per_sec_after_failover: resumed.map_or(0.0, |r| rate(r, end)),
-        ops_per_sec_overall: rate(start, end),
+        ops_per_sec_before_kill: first_kill.map_or(0.0, |k| rate(ops, start, k)),
+        ops_per_sec_after_failover: resumed.map_or(0.0, |r| rate(ops, r, end)),
+        ops_per_sec_overall: rate(ops, start, end),
     }
 }
 
-pub(super) fn markers(f: &Failover, etcd: Option<&EtcdLeaderKill>) -> Vec<Marker> {
-    let Some(kill) = f.kill_unix_ns else {
-        return Vec::new();
-    };
-    let mut markers = vec![Marker {
-        t_ns: kill,
-        label: "primary killed (SIGKILL)".into(),
-    }];
-    if let Some(etcd) = etcd {
+/// The picture's markers: each kill and its steps.
+pub(super) fn markers(failures: &[Failure], etcd: Option<&EtcdLeaderKill>) -> Vec<Marker> {
+    let mut markers = Vec::new();
+    for (i, f) in failures.iter().enumerate() {
+        let k = &f.kill;
         markers.push(Marker {
-            t_ns: etcd.killed_unix_ns,
-            label: format!("etcd leader {} killed (SIGKILL)", etcd.killed),
+            t_ns: k.unix_ns,
+            label: format!("kill {}: {} {} (SIGKILL)", i + 1, k.target.name(), k.victim),
         });
-        if let (Some(leader), Some(ms)) = (&etcd.elected, etcd.elected_after_ms) {
+        if let (0, Some(etcd)) = (i, etcd) {
             markers.push(Marker {
-                t_ns: etcd.killed_unix_ns.saturating_add((ms * 1e6) as u64),
-                label: format!("etcd leader {leader} elected +{ms:.0} ms"),
+                t_ns: etcd.killed_unix_ns,
+                label: format!("etcd leader {} killed (SIGKILL)", etcd.killed),
             });
+            if let (Some(leader), Some(ms)) = (&etcd.elected, etcd.elected_after_ms) {
+                markers.push(Marker {
+                    t_ns: etcd.killed_unix_ns.saturating_add((ms * 1e6) as u64),
+                    label: format!("etcd leader {leader} elected +{ms:.0} ms"),
+                });
+            }
         }
-    }
-    let steps = [
-        (f.detected_ms, "failure detected"),
-        (f.test_and_set_won_ms, "test-and-set won"),
-        (f.live_ms, "backup live"),
-        (f.first_reply_ms, "first reply from the new primary"),
-    ];
-    for (ms, what) in steps {
-        if let Some(ms) = ms {
-            markers.push(Marker {
-                t_ns: kill.saturating_add_signed((ms * 1e6) as i64),
-                label: format!("{what} +{ms:.0} ms"),
-            });
+        let steps = [
+            (f.detected_ms, "failure detected".to_owned()),
+            (f.test_and_set_won_ms, "test-and-set won".to_owned()),
+            (f.live_ms, format!("{} live", k.survivor)),
+            (f.first_reply_ms, format!("first reply from {}", k.survivor)),
+            (
+                f.protected_again.as_ref().map(|p| p.after_ms),
+                "protected again".to_owned(),
+            ),
+        ];
+        for (ms, what) in steps {
+            if let Some(ms) = ms {
+                markers.push(Marker {
+                    t_ns: k.unix_ns.saturating_add_signed((ms * 1e6) as i64),
+                    label: format!("{what} +{ms:.0} ms"),
+                });
+            }
         }
     }
     markers
 }
 
-pub(super) fn server_label(addr: SocketAddr, a: &Addresses) -> String {
-    if addr == a.first_primary_service {
-        format!("{FIRST} (first primary) {addr}")
-    } else if addr == a.backup_service {
-        format!("{SECOND} (backup, then primary) {addr}")
-    } else {
-        addr.to_string()
+/// The picture's shaded spans: each state transfer that ended during the
+/// load.
+pub(super) fn spans(protections: &[Protection], start: u64, end: u64) -> Vec<Span> {
+    protections
+        .iter()
+        .filter(|p| (start..=end).contains(&p.protected_unix_ns))
+        .map(|p| Span {
+            start_ns: p.started_unix_ns.unwrap_or(p.protected_unix_ns),
+            end_ns: p.protected_unix_ns,
+            label: format!(
+                "state transfer {} -> {}: pause {:.1} ms, {:.1} MiB",
+                p.primary,
+                p.backup,
+                p.pause_ms,
+                mib(p.bytes)
+            ),
+        })
+        .collect()
+}
+
+/// A server's name in the picture's legend, with what it became.
+pub(super) fn server_label(
+    addr: SocketAddr,
+    services: &BTreeMap<String, SocketAddr>,
+    failures: &[Failure],
+) -> String {
+    let Some(name) = services.iter().find(|(_, a)| **a == addr).map(|(n, _)| n) else {
+        return addr.to_string();
+    };
+    let became = failures
+        .iter()
+        .position(|f| f.kill.target == Target::Primary && f.kill.survivor == *name);
+    match became {
+        _ if name == FIRST => format!("{name} (first primary) {addr}"),
+        Some(i) => format!("{name} (primary after kill {}) {addr}", i + 1),
+        None => format!("{name} {addr}"),
     }
 }
 
-pub(super) fn judge(
-    f: &Failover,
-    writes: &WriteCheck,
-    lin: &linearizability::Report,
-    primaries: &BTreeMap<u64, BTreeSet<String>>,
-    problems: &mut Vec<String>,
-) {
-    if f.kill_unix_ns.is_none() {
+pub(super) struct Verdict<'a> {
+    pub failures: &'a [Failure],
+    /// Planned kills that never came (the VM was not protected again in
+    /// time for them).
+    pub missed: &'a [Planned],
+    pub final_view: Option<&'a View>,
+    pub writes: &'a WriteCheck,
+    pub lin: &'a linearizability::Report,
+    pub primaries: &'a BTreeMap<u64, BTreeSet<String>>,
+}
+
+pub(super) fn judge(v: &Verdict, problems: &mut Vec<String>) {
+    if v.failures.is_empty() {
         problems.push("the primary was never killed".into());
     }
-    if f.live_ms.is_none() {
-        problems.push(format!("{SECOND} never went live after the kill"));
-    }
-    if f.primary_after.as_deref() != Some(SECOND) {
+    for p in v.missed {
         problems.push(format!(
-            "the arbiter's final view names {} as primary, not {SECOND}",
-            f.primary_after.as_deref().unwrap_or("nobody")
+            "the kill of the {} planned {:.1} s into the load never came: the VM was not protected again before the load ended",
+            p.target.name(),
+            p.at_s
         ));
     }
-    if f.first_reply_ms.is_none() {
-        problems.push("no client got a reply from the new primary".into());
+    for (i, f) in v.failures.iter().enumerate() {
+        let (n, k) = (i + 1, &f.kill);
+        if k.target == Target::Primary && f.live_ms.is_none() {
+            problems.push(format!("{} never went live after kill {n}", k.survivor));
+        }
+        if f.first_reply_ms.is_none() {
+            problems.push(format!(
+                "no client got a reply from {} after kill {n}",
+                k.survivor
+            ));
+        }
+        if f.protected_again.is_none() {
+            problems.push(format!(
+                "after kill {n} ({} {}) no backup joined {}: the VM was never protected again",
+                k.target.name(),
+                k.victim,
+                k.survivor
+            ));
+        }
     }
+    if let Some(last) = v.failures.last() {
+        let now = v
+            .final_view
+            .and_then(|view| view.primary.as_ref())
+            .map(|p| p.id.as_str());
+        if now != Some(last.kill.survivor.as_str()) {
+            problems.push(format!(
+                "the arbiter's final view names {} as primary, not {}",
+                now.unwrap_or("nobody"),
+                last.kill.survivor
+            ));
+        }
+    }
+    let writes = v.writes;
     if !writes.lost.is_empty() {
         problems.push(format!("{} acknowledged writes lost", writes.lost.len()));
     }
@@ -274,18 +407,18 @@ pub(super) fn judge(
             writes.unverified_keys.join(", ")
         ));
     }
-    match lin.overall {
+    match v.lin.overall {
         Overall::Linearizable => {}
         Overall::NotLinearizable => problems.push(format!(
             "the history is not linearizable ({} keys)",
-            lin.keys_not_linearizable
+            v.lin.keys_not_linearizable
         )),
         Overall::Incomplete => problems.push(format!(
             "linearizability could not be decided for {} keys",
-            lin.keys_not_checked
+            v.lin.keys_not_checked
         )),
     }
-    for (view, names) in primaries {
+    for (view, names) in v.primaries {
         if names.len() > 1 {
             problems.push(format!(
                 "view {view} had more than one primary: {}",
@@ -303,6 +436,7 @@ pub(super) fn without_passing_keys(mut lin: linearizability::Report) -> lineariz
 
 #[cfg(test)]
 mod tests {
+    use super::super::args::SECOND;
     use super::*;
     use ftvm_core::host::events::EventRecord;
     use serde_json::{json, Value};
@@ -408,49 +542,98 @@ mod tests {
         ClusterEvents(vec![(FIRST.into(), a), (SECOND.into(), b)])
     }
 
+    fn kill(target: Target, victim: &str, survivor: &str, unix_ns: u64) -> Kill {
+        Kill {
+            target,
+            victim: victim.into(),
+            pid: 1,
+            at_s: 5.0,
+            unix_ns,
+            delayed_ms: 0.0,
+            view: 2,
+            survivor: survivor.into(),
+            restarted_as: Some("vmm4".into()),
+        }
+    }
+
     #[test]
-    fn failover_steps_are_read_from_the_backup_events() {
-        let kill = 1_000_000_000u64;
+    fn failover_steps_and_protection_are_read_from_the_survivor_events() {
+        let kill_ns = 1_000_000_000u64;
+        let ms = |m: u64| kill_ns + m * 1_000_000;
         let ev = events(vec![
             json!({"t_ns": 100, "event": "role", "role": "primary", "view": 2, "server": FIRST}),
+            json!({"t_ns": 150, "event": "transfer_started", "view": 2, "backup": SECOND, "server": FIRST}),
+            json!({"t_ns": 190, "event": "protected", "view": 2, "backup": SECOND, "rounds": 2, "pages": 300, "bytes": 1_300_000, "pause_ms": 2.5, "transfer_ms": 40.0, "server": FIRST}),
             json!({"t_ns": 200, "event": "role", "role": "backup", "view": 2, "server": SECOND}),
-            json!({"t_ns": kill + 301_000_000, "event": "failure_detected", "peer": "primary", "detail": "silent", "server": SECOND}),
-            json!({"t_ns": kill + 303_000_000, "event": "tas", "view": 2, "won": true, "server": SECOND}),
-            json!({"t_ns": kill + 305_000_000, "event": "live", "view": 3, "server": SECOND}),
+            json!({"t_ns": ms(301), "event": "failure_detected", "peer": "primary", "detail": "silent", "server": SECOND}),
+            json!({"t_ns": ms(303), "event": "tas", "view": 2, "won": true, "server": SECOND}),
+            json!({"t_ns": ms(305), "event": "live", "view": 3, "server": SECOND}),
+            json!({"t_ns": ms(600), "event": "transfer_started", "view": 4, "backup": "vmm3", "server": SECOND}),
+            json!({"t_ns": ms(650), "event": "transfer_round", "view": 4, "round": 1, "pages": 500, "bytes": 2_100_000, "server": SECOND}),
+            json!({"t_ns": ms(700), "event": "protected", "view": 4, "backup": "vmm3", "rounds": 3, "pages": 520, "bytes": 2_200_000, "pause_ms": 3.0, "transfer_ms": 100.0, "server": SECOND}),
         ]);
         let service: SocketAddr = "127.0.0.1:9".parse().unwrap();
-        let mut reply = write(
-            1,
-            OpKind::Put,
-            "p",
-            kill + 400_000_000,
-            Some(kill + 410_000_000),
-        );
+        let services = BTreeMap::from([(SECOND.to_owned(), service)]);
+        let mut reply = write(1, OpKind::Put, "p", ms(400), Some(ms(410)));
         reply.server = Some(service);
-        let ops = [&reply];
-        let f = failover_timeline(Some(kill), &ev, &ops, service, 2, None);
+        let during = write(1, OpKind::Get, "", ms(640), Some(ms(650)));
+        let ops = [&reply, &during];
+        let all = protections(&ev, &ops, (0, ms(1000)));
+        assert_eq!(all.len(), 2);
+        let initial = initial_protection(&all).expect("the first pair's transfer");
+        assert_eq!(
+            (initial.backup.as_str(), initial.started_unix_ns),
+            (SECOND, Some(150))
+        );
+        let k = kill(Target::Primary, FIRST, SECOND, kill_ns);
+        let f = failure(&k, &ev, &ops, &services, &all);
         assert_eq!(f.detected_ms, Some(301.0));
         assert_eq!(f.test_and_set_won_ms, Some(303.0));
         assert_eq!(f.live_ms, Some(305.0));
         assert_eq!(f.first_reply_ms, Some(410.0));
-        let labels: Vec<String> = markers(&f, None).into_iter().map(|m| m.label).collect();
+        let p = f.protected_again.as_ref().expect("protected again");
+        assert_eq!((p.primary.as_str(), p.backup.as_str()), (SECOND, "vmm3"));
+        assert_eq!((p.after_ms, p.pause_ms, p.bytes), (700.0, 3.0, 2_200_000));
+        // One reply in the 100 ms the transfer took.
+        assert_eq!(p.ops_per_sec_during_transfer, Some(10.0));
+        assert_eq!(
+            super::super::report::protection_line(p),
+            "protected again after 700 ms (pause 3.0 ms, 2.1 MiB sent)"
+        );
+        let failures = [f];
+        let labels: Vec<String> = markers(&failures, None)
+            .into_iter()
+            .map(|m| m.label)
+            .collect();
         assert_eq!(
             labels,
             [
-                "primary killed (SIGKILL)",
+                "kill 1: primary vmm1 (SIGKILL)",
                 "failure detected +301 ms",
                 "test-and-set won +303 ms",
-                "backup live +305 ms",
-                "first reply from the new primary +410 ms"
+                "vmm2 live +305 ms",
+                "first reply from vmm2 +410 ms",
+                "protected again +700 ms"
             ]
+        );
+        let spans = spans(&all, ms(0), ms(1000));
+        assert_eq!(
+            spans.len(),
+            1,
+            "the first pair's transfer was before the load"
+        );
+        assert_eq!((spans[0].start_ns, spans[0].end_ns), (ms(600), ms(700)));
+        assert_eq!(
+            server_label(service, &services, &failures),
+            "vmm2 (primary after kill 1) 127.0.0.1:9"
         );
         let etcd = EtcdLeaderKill {
             killed: "etcd1".into(),
-            killed_unix_ns: kill + 2_000_000,
+            killed_unix_ns: kill_ns + 2_000_000,
             elected: Some("etcd2".into()),
             elected_after_ms: Some(1250.0),
         };
-        let labels: Vec<String> = markers(&f, Some(&etcd))
+        let labels: Vec<String> = markers(&failures, Some(&etcd))
             .into_iter()
             .map(|m| m.label)
             .take(3)
@@ -458,7 +641,7 @@ mod tests {
         assert_eq!(
             labels,
             [
-                "primary killed (SIGKILL)",
+                "kill 1: primary vmm1 (SIGKILL)",
                 "etcd leader etcd1 killed (SIGKILL)",
                 "etcd leader etcd2 elected +1250 ms"
             ]
@@ -467,6 +650,58 @@ mod tests {
         assert_eq!(primaries.len(), 2);
         assert!(primaries.values().all(|n| n.len() == 1));
         assert_eq!(primaries[&3], BTreeSet::from([SECOND.to_owned()]));
+    }
+
+    #[test]
+    fn a_failure_without_takeover_or_protection_is_judged() {
+        let kill_ns = 1_000_000_000u64;
+        let ev = events(vec![
+            json!({"t_ns": kill_ns + 5, "event": "failure_detected", "peer": "backup", "detail": "closed", "server": FIRST}),
+        ]);
+        let services = BTreeMap::new();
+        let backup_kill = failure(
+            &kill(Target::Backup, SECOND, FIRST, kill_ns),
+            &ev,
+            &[],
+            &services,
+            &[],
+        );
+        assert!(backup_kill.detected_ms.is_some());
+        assert_eq!(backup_kill.test_and_set_won_ms, None);
+        let primary_kill = failure(
+            &kill(Target::Primary, FIRST, SECOND, kill_ns),
+            &ev,
+            &[],
+            &services,
+            &[],
+        );
+        let lin = linearizability::check(&[], &linearizability::CheckConfig::default());
+        let mut problems = Vec::new();
+        let missed = [Planned {
+            at_s: 9.0,
+            target: Target::Primary,
+        }];
+        judge(
+            &Verdict {
+                failures: &[primary_kill, backup_kill],
+                missed: &missed,
+                final_view: None,
+                writes: &WriteCheck::default(),
+                lin: &lin,
+                primaries: &BTreeMap::new(),
+            },
+            &mut problems,
+        );
+        let all = problems.join("\n");
+        for needle in [
+            "planned 9.0 s into the load never came",
+            "vmm2 never went live after kill 1",
+            "no client got a reply from vmm2 after kill 1",
+            "the VM was never protected again",
+            "final view names nobody as primary, not vmm1",
+        ] {
+            assert!(all.contains(needle), "{needle} missing from {all}");
+        }
     }
 
     #[test]

@@ -14,12 +14,29 @@ pub struct DemoArgs {
     /// Closed-loop KV clients.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub clients: u32,
-    /// Seconds of client load, the failover included.
-    #[arg(long, default_value_t = 12.0)]
+    /// Seconds of client load, the failovers included.
+    #[arg(long, default_value_t = 16.0)]
     pub duration: f64,
-    /// Seconds into the load at which the primary gets SIGKILL.
+    /// Seconds into the load at which the primary gets its first SIGKILL.
     #[arg(long, default_value_t = 5.0)]
     pub kill_at: f64,
+    /// How many times the current primary gets SIGKILL. After each kill,
+    /// once the new primary is live, the killed server comes back as a
+    /// spare with a new id, so that there is a spare for the next round.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=8))]
+    pub kills: u32,
+    /// Extra `ftvm backup` processes that wait as spares, started once the
+    /// first pair is fault tolerant.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=8))]
+    pub spares: u32,
+    /// Also kill the backup once, after the primary's kills.
+    #[arg(long)]
+    pub kill_backup: bool,
+    /// Seconds between kills (default: the rest of the load after
+    /// --kill-at, shared evenly). A kill waits, past its time, until the
+    /// VM is protected again by a backup.
+    #[arg(long)]
+    pub kill_every: Option<f64>,
     /// Seeds the clients' choice of keys and operations (random if not
     /// given; printed either way).
     #[arg(long)]
@@ -53,9 +70,15 @@ impl DemoArgs {
     }
 }
 
-/// The first primary's and the backup's ids at the arbiter.
+/// The first primary's and the backup's ids at the arbiter; spares and
+/// restarted servers go on with vmm3, vmm4, ...
 pub(super) const FIRST: &str = "vmm1";
 pub(super) const SECOND: &str = "vmm2";
+
+/// The id of the `n`th server the demo starts (1: the first primary).
+pub(super) fn server_name(n: usize) -> String {
+    format!("vmm{n}")
+}
 /// For the arbiter, the guests' boot and the backup's catching up.
 pub(super) const STARTUP: Duration = Duration::from_secs(60);
 pub(super) const STATUS_EVERY: Duration = Duration::from_millis(500);

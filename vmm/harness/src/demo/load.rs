@@ -1,7 +1,8 @@
 //! The demo's clients: each runs its own seeded choice of operations
-//! against whoever the arbiter names primary, through the failover, and one
-//! more reads every key back at the end. Every operation goes into the
-//! history.
+//! against whoever the arbiter names primary, through the failovers, and
+//! one more reads every key back at the end. Every operation goes into the
+//! history. Meanwhile the main thread prints the status line and carries
+//! out the kills.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -10,12 +11,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use arbiter::ArbiterAddr;
-use nix::sys::signal::Signal;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::args::{drain, DemoArgs, ARBITER_TIMEOUT, ATTEMPT_TIMEOUT, FIRST, STATUS_EVERY};
+use super::args::{drain, DemoArgs, ARBITER_TIMEOUT, ATTEMPT_TIMEOUT, STATUS_EVERY};
+use super::kills::{Kill, Killer, Planned};
 use super::report::EtcdLeaderKill;
+use super::servers::Servers;
 use super::status::Status;
 use crate::history::{self, OpKind, Recorder};
 use crate::launcher::Cluster;
@@ -33,8 +35,10 @@ const SHARED_FRACTION: f64 = 0.3;
 pub(super) struct Load {
     pub start_ns: u64,
     pub end_ns: u64,
-    /// When the primary got SIGKILL.
-    pub kill_ns: Option<u64>,
+    /// The kills, in order.
+    pub kills: Vec<Kill>,
+    /// The kills planned that did not happen.
+    pub missed: Vec<Planned>,
     pub resends: u64,
     pub refused: u64,
     pub problems: Vec<String>,
@@ -161,21 +165,23 @@ impl Workload {
     }
 }
 
-/// Runs the clients for `--duration`, kills the primary at `--kill-at`, and
-/// prints the status line meanwhile.
+/// Runs the clients for `--duration`, carries out the kills of `plan`
+/// (restarting each victim as a spare), and prints the status line
+/// meanwhile.
 pub(super) fn run_load(
     args: &DemoArgs,
     seed: u64,
-    cluster: &mut Cluster,
+    plan: Vec<Planned>,
+    servers: &mut Servers,
     recorder: &Recorder,
 ) -> Load {
-    let arbiter = cluster.arbiter_at();
+    let arbiter = servers.cluster.arbiter_at();
     let clock = recorder.clock();
     let start = Instant::now();
     let start_ns = clock.now_ns();
     let load_end = start + Duration::from_secs_f64(args.duration);
     let give_up = load_end + drain(args);
-    let kill_at = start + Duration::from_secs_f64(args.kill_at);
+    let mut killer = Killer::new(plan, args, &arbiter, start);
     let mut etcd_kill_at = args
         .etcd_kill_at()
         .map(|at| start + Duration::from_secs_f64(at));
@@ -183,7 +189,6 @@ pub(super) fn run_load(
     let resends = AtomicU64::new(0);
     let refused = AtomicU64::new(0);
     let failures: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-    let mut kill_ns = None;
     let mut problems = Vec::new();
 
     std::thread::scope(|scope| {
@@ -222,7 +227,7 @@ pub(super) fn run_load(
         loop {
             let now = Instant::now();
             if etcd.is_none() && etcd_kill_at.is_some_and(|at| now >= at) {
-                match kill_etcd_leader(cluster, &clock) {
+                match kill_etcd_leader(&servers.cluster, &clock) {
                     Ok(kill) => {
                         println!(
                             "{:>6.1} s  SIGKILL -> etcd leader {}",
@@ -238,7 +243,8 @@ pub(super) fn run_load(
                 }
             }
             if let Some(kill) = etcd.as_mut().filter(|k| k.elected.is_none()) {
-                if let Some(leader) = cluster
+                if let Some(leader) = servers
+                    .cluster
                     .arbiter
                     .etcd()
                     .and_then(|e| e.leader().map(|m| e.name(m).to_owned()))
@@ -252,29 +258,15 @@ pub(super) fn run_load(
                     kill.elected_after_ms = Some(after);
                 }
             }
-            if kill_ns.is_none() && now >= kill_at {
-                kill_ns = Some(clock.now_ns());
-                match cluster.primary.signal(Signal::SIGKILL) {
-                    Ok(()) => println!(
-                        "{:>6.1} s  SIGKILL -> {FIRST} (pid {})",
-                        args.kill_at,
-                        cluster.primary.pid()
-                    ),
-                    Err(e) => problems.push(format!("{e:#}")),
-                }
-            }
+            let killer_wakes = killer.step(servers, &clock, &mut problems);
             if now >= next_status {
-                status.print(cluster, recorder.completed());
+                status.print(servers, recorder.completed());
                 next_status += STATUS_EVERY;
             }
             if now >= load_end {
                 break;
             }
-            let mut wake = if kill_ns.is_none() {
-                next_status.min(kill_at)
-            } else {
-                next_status
-            };
+            let mut wake = next_status.min(killer_wakes);
             match (&etcd, etcd_kill_at) {
                 (None, Some(at)) => wake = wake.min(at),
                 (Some(kill), _) if kill.elected.is_none() => wake = wake.min(now + LEADER_POLL),
@@ -293,7 +285,8 @@ pub(super) fn run_load(
     Load {
         start_ns,
         end_ns,
-        kill_ns,
+        missed: killer.missed().to_vec(),
+        kills: killer.kills,
         resends: resends.into_inner(),
         refused: refused.into_inner(),
         problems,

@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::args::{FIRST, SECOND};
+use super::args::FIRST;
+use super::kills::{mib, Kill, Target};
 use crate::history::OpKind;
 use crate::linearizability;
-use crate::timeline::Marker;
+use crate::timeline::{Marker, Span};
 
 /// What a demo run found; `metrics.json` is this, serialised.
 #[derive(Debug, Serialize)]
@@ -21,21 +22,28 @@ pub struct DemoReport {
     pub clients: u32,
     pub duration_s: f64,
     pub kill_at_s: f64,
+    pub spares: u32,
     pub failure_timeout_ms: u64,
     pub addresses: Addresses,
     pub ops: OpCounts,
     pub throughput: Throughput,
-    pub failover: Failover,
+    /// How the first pair became fault tolerant, before the load.
+    pub initial_protection: Option<Protection>,
+    /// One per kill, in order.
+    pub failures: Vec<Failure>,
     pub fault_tolerant_phase: FtPhase,
     pub writes: WriteCheck,
     pub linearizability: linearizability::Report,
     /// Per view, every server that said it was the view's primary.
     pub primaries_per_view: BTreeMap<u64, BTreeSet<String>>,
+    /// The arbiter's view at the end of the load.
+    pub final_view: Option<String>,
     /// How each server process ended.
     pub exits: BTreeMap<String, String>,
     /// Why the demo failed; empty when it passed.
     pub problems: Vec<String>,
     pub timeline_markers: Vec<Marker>,
+    pub timeline_spans: Vec<Span>,
     /// With --etcd: the leader killed, and the one elected after it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub etcd: Option<EtcdLeaderKill>,
@@ -61,6 +69,8 @@ pub struct Addresses {
     pub first_primary_service: SocketAddr,
     pub first_primary_log: SocketAddr,
     pub backup_service: SocketAddr,
+    /// Every server's service address, spares and restarted ones too.
+    pub services: BTreeMap<String, SocketAddr>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -84,14 +94,14 @@ pub struct OpCounts {
 #[derive(Debug, Default, Serialize)]
 pub struct Throughput {
     pub ops_per_sec_before_kill: f64,
-    /// From the new primary's first reply to the end of the load.
+    /// From the last failure's first reply to the end of the load.
     pub ops_per_sec_after_failover: f64,
     pub ops_per_sec_overall: f64,
 }
 
-/// What the first primary measured of its backup up to the kill, from its
-/// last status line before it: the lag at every exit, and how long each
-/// output waited for the backup's acknowledgement.
+/// What the first primary measured of its backup up to the first kill,
+/// from its last status line before it: the lag at every exit, and how long
+/// each output waited for the backup's acknowledgement.
 #[derive(Debug, Default, Serialize)]
 pub struct FtPhase {
     pub lag_p50_ms: f64,
@@ -101,23 +111,45 @@ pub struct FtPhase {
     pub output_hold_p99_ms: f64,
 }
 
-/// Milliseconds after the SIGKILL.
-#[derive(Debug, Default, Serialize)]
-pub struct Failover {
-    pub kill_unix_ns: Option<u64>,
+/// One kill and what followed it; times in ms after the SIGKILL.
+#[derive(Debug, Serialize)]
+pub struct Failure {
+    pub kill: Kill,
+    /// When the survivor declared the victim failed.
     pub detected_ms: Option<f64>,
+    /// A primary's kill: when its backup won test-and-set and went live.
     pub test_and_set_won_ms: Option<f64>,
     pub live_ms: Option<f64>,
+    /// The first reply a client got from the survivor after the kill.
     pub first_reply_ms: Option<f64>,
-    pub view_before: Option<u64>,
-    pub view_after: Option<u64>,
-    pub primary_after: Option<String>,
+    /// When a backup had joined the survivor by state transfer.
+    pub protected_again: Option<Protection>,
+}
+
+/// A backup's join by state transfer, as its primary reported it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Protection {
+    pub primary: String,
+    pub backup: String,
+    /// After the kill (the first pair: after the transfer started).
+    pub after_ms: f64,
+    pub started_unix_ns: Option<u64>,
+    pub protected_unix_ns: u64,
+    pub rounds: u32,
+    pub pages: u64,
+    pub bytes: u64,
+    /// How long the guest stood still at the cut, and the whole transfer.
+    pub pause_ms: f64,
+    pub transfer_ms: f64,
+    /// The clients' replies per second while the state was sent.
+    pub ops_per_sec_during_transfer: Option<f64>,
 }
 
 #[derive(Debug, Default, Serialize)]
 pub struct WriteCheck {
     /// Puts and appends that got a reply.
     pub acknowledged: u64,
+    /// Before the first kill.
     pub acknowledged_before_kill: u64,
     /// Acknowledged writes whose key was read back at the end.
     pub checked: u64,
@@ -136,24 +168,58 @@ pub struct LostWrite {
     pub final_value: Option<String>,
 }
 
-pub(super) fn print_summary(r: &DemoReport, svg: &Path, metrics: &Path, history: &Path) {
-    let f = &r.failover;
-    let ms = |v: Option<f64>| v.map_or("never".to_owned(), |v| format!("+{v:.0} ms"));
+fn ms(v: Option<f64>) -> String {
+    v.map_or("never".to_owned(), |v| format!("+{v:.0} ms"))
+}
+
+/// The line the README and the acceptance check look for.
+pub(super) fn protection_line(p: &Protection) -> String {
+    format!(
+        "protected again after {:.0} ms (pause {:.1} ms, {:.1} MiB sent)",
+        p.after_ms,
+        p.pause_ms,
+        mib(p.bytes)
+    )
+}
+
+fn print_protection(p: &Protection) {
+    println!(
+        "    {} to {}: {} pre-copy rounds, {} pages, transfer {:.0} ms{}",
+        p.primary,
+        p.backup,
+        p.rounds,
+        p.pages,
+        p.transfer_ms,
+        p.ops_per_sec_during_transfer
+            .map_or(String::new(), |r| format!(
+                ", clients served {r:.0} ops/s meanwhile"
+            ))
+    );
+}
+
+fn print_failure(n: usize, f: &Failure, etcd: Option<&EtcdLeaderKill>) {
+    let k = &f.kill;
     println!();
-    println!("failover (times after the SIGKILL):");
-    println!("  primary {FIRST} killed     at {:.3} s", r.kill_at_s);
-    println!("  failure detected      {}", ms(f.detected_ms));
-    println!("  test-and-set won      {}", ms(f.test_and_set_won_ms));
-    println!("  {SECOND} live            {}", ms(f.live_ms));
-    println!("  first reply from it   {}", ms(f.first_reply_ms));
-    if let Some(etcd) = &r.etcd {
-        let after_kill = f
-            .kill_unix_ns
-            .map(|k| (etcd.killed_unix_ns as f64 - k as f64) / 1e6);
+    println!(
+        "failure {n} (times after the SIGKILL): {} {} killed at {:.3} s, view {}; {} goes on",
+        k.target.name(),
+        k.victim,
+        k.at_s,
+        k.view,
+        k.survivor
+    );
+    let step = |what: String, v: Option<f64>| println!("  {what:<22}{}", ms(v));
+    step("failure detected".into(), f.detected_ms);
+    if k.target == Target::Primary {
+        step("test-and-set won".into(), f.test_and_set_won_ms);
+        step(format!("{} live", k.survivor), f.live_ms);
+    }
+    step(format!("first reply from {}", k.survivor), f.first_reply_ms);
+    if let (1, Some(etcd)) = (n, etcd) {
+        let after_kill = (etcd.killed_unix_ns as f64 - k.unix_ns as f64) / 1e6;
         println!(
-            "  etcd leader {} killed {}; {} elected {}",
+            "  etcd leader {} killed {after_kill:+.0} ms; {} elected {}",
             etcd.killed,
-            after_kill.map_or(String::new(), |ms| format!("{ms:+.0} ms")),
             etcd.elected.as_deref().unwrap_or("no leader"),
             etcd.elected_after_ms
                 .map_or("before the load ended".to_owned(), |ms| format!(
@@ -161,14 +227,42 @@ pub(super) fn print_summary(r: &DemoReport, svg: &Path, metrics: &Path, history:
                 ))
         );
     }
+    match &f.protected_again {
+        Some(p) => {
+            println!("  {} by {}", protection_line(p), p.backup);
+            print_protection(p);
+        }
+        None => println!("  never protected again"),
+    }
+    if let Some(spare) = &k.restarted_as {
+        println!("  {} came back as the spare {spare}", k.victim);
+    }
+}
+
+pub(super) fn print_summary(r: &DemoReport, svg: &Path, metrics: &Path, history: &Path) {
+    if let Some(p) = &r.initial_protection {
+        println!();
+        println!(
+            "the first pair: {} joined {} by state transfer: pause {:.1} ms, {:.1} MiB sent",
+            p.backup,
+            p.primary,
+            p.pause_ms,
+            mib(p.bytes)
+        );
+        print_protection(p);
+    }
+    for (i, f) in r.failures.iter().enumerate() {
+        print_failure(i + 1, f, r.etcd.as_ref());
+    }
+    println!();
     println!(
-        "  view {} -> {}, primary now {}",
-        f.view_before.map_or("?".into(), |v| v.to_string()),
-        f.view_after.map_or("?".into(), |v| v.to_string()),
-        f.primary_after.as_deref().unwrap_or("nobody")
+        "views: {}",
+        r.final_view
+            .as_deref()
+            .unwrap_or("the arbiter's last view is unknown")
     );
     println!(
-        "requests: {} completed, {} without reply, {} resent; {:.0} ops/s before the kill, {:.0} after the failover",
+        "requests: {} completed, {} without reply, {} resent; {:.0} ops/s before the first kill, {:.0} after the last",
         r.ops.completed,
         r.ops.unknown,
         r.ops.resends,
@@ -177,11 +271,11 @@ pub(super) fn print_summary(r: &DemoReport, svg: &Path, metrics: &Path, history:
     );
     let ft = &r.fault_tolerant_phase;
     println!(
-        "before the kill, at every exit of {FIRST}: backup lag p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; outputs held for the backup's ack p50 {:.3} ms, p99 {:.3} ms",
+        "before the first kill, at every exit of {FIRST}: backup lag p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; outputs held for the backup's ack p50 {:.3} ms, p99 {:.3} ms",
         ft.lag_p50_ms, ft.lag_p99_ms, ft.lag_max_ms, ft.output_hold_p50_ms, ft.output_hold_p99_ms
     );
     println!(
-        "acknowledged writes: {} ({} before the kill), {} checked by reading back {} keys, {} lost",
+        "acknowledged writes: {} ({} before the first kill), {} checked by reading back {} keys, {} lost",
         r.writes.acknowledged,
         r.writes.acknowledged_before_kill,
         r.writes.checked,

@@ -1,6 +1,7 @@
-//! `ftvm demo` from start to end: the cluster, the load and the kill, the
-//! checks, the files.
+//! `ftvm demo` from start to end: the first pair and its spares, the load
+//! and the kills, the checks, the files.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::time::{Duration, Instant};
 
@@ -10,16 +11,19 @@ use arbiter::{ArbiterError, View};
 use rand::Rng;
 
 use super::analysis::{
-    check_writes, failover_timeline, ft_phase, judge, markers, op_counts, server_label, throughput,
-    without_passing_keys,
+    check_writes, failure, ft_phase, initial_protection, judge, markers, op_counts, protections,
+    server_label, spans, throughput, without_passing_keys, Verdict,
 };
 use super::args::{drain, DemoArgs, ARBITER_TIMEOUT, FIRST, SECOND, STARTUP};
+use super::kills::{self, Planned, Target};
 use super::load::{read_back, run_load};
 use super::report::{print_summary, Addresses, DemoReport};
+use super::servers::Servers;
 use crate::history::{self, HistoryOp, Recorder};
-use crate::launcher::{ArbiterKind, Cluster, ClusterConfig, Launcher};
+use crate::launcher::{ArbiterKind, Cluster, ClusterConfig, Launcher, Membership};
 use crate::linearizability::{self, CheckConfig};
 use crate::timeline::{self, Reply, Timeline};
+use ftvm_core::host::events::ServerEvent;
 
 pub fn run(args: &DemoArgs) -> Result<DemoReport> {
     if !(args.duration > 0.0 && args.kill_at > 0.0 && args.kill_at < args.duration) {
@@ -35,6 +39,7 @@ pub fn run(args: &DemoArgs) -> Result<DemoReport> {
             args.workload
         );
     }
+    let plan = kills::plan(args)?;
     let seed = args.seed.unwrap_or_else(|| rand::rng().random());
     fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
@@ -51,39 +56,40 @@ pub fn run(args: &DemoArgs) -> Result<DemoReport> {
         }
     }
     let launcher = Launcher::this_executable()?;
-    let (mut cluster, addresses) = start(&launcher, args)?;
     let started = Instant::now();
-    let view_before = wait_ready(args, &mut cluster)?;
-    let kills = match args.etcd_kill_at() {
-        Some(at) if at == args.kill_at => {
-            format!(
-                "SIGKILL to the primary and the etcd leader at {} s",
-                args.kill_at
-            )
-        }
-        Some(at) => format!(
-            "SIGKILL to the primary at {} s, to the etcd leader at {at} s",
-            args.kill_at
-        ),
-        None => format!("SIGKILL to the primary at {} s", args.kill_at),
-    };
+    let (mut servers, mut addresses) = start(&launcher, args)?;
+    let view_before = wait_ready(args, &mut servers.cluster)?;
+    for _ in 0..args.spares {
+        let spare = servers.start_spare()?;
+        println!(
+            "{}: spare, service {} (pid {})",
+            spare.name(),
+            spare.address()?,
+            spare.pid()
+        );
+    }
+    let kills = describe_plan(&plan, args);
     println!(
-        "ready in {:.1} s: {view_before}; {} clients for {} s, {kills}",
+        "ready in {:.1} s: {view_before}, {} spare(s); {} clients for {} s; {kills}",
         started.elapsed().as_secs_f64(),
+        args.spares,
         args.clients,
         args.duration,
     );
 
     let recorder = Recorder::default();
-    let load = run_load(args, seed, &mut cluster, &recorder);
-    let arbiter = cluster.arbiter_at();
+    let load = run_load(args, seed, plan, &mut servers, &recorder);
+    let arbiter = servers.cluster.arbiter_at();
     let final_view = arbiter::connect(&arbiter, ARBITER_TIMEOUT)
         .and_then(|a| a.query(&args.vm_id))
         .ok();
     let (final_values, reader_id) = read_back(args, &arbiter, &recorder);
 
     // The servers are done; stopping them leaves the CPUs to the checker.
-    let exits = cluster.stop(Duration::from_secs(5));
+    // Their events are read first: a server stopped here may still write.
+    let events = servers.events();
+    addresses.services = servers.services();
+    let exits = servers.stop(Duration::from_secs(5));
     println!(
         "servers: {}",
         exits
@@ -99,33 +105,29 @@ pub fn run(args: &DemoArgs) -> Result<DemoReport> {
         .with_context(|| format!("cannot write {}", history_path.display()))?;
     let load_ops: Vec<&HistoryOp> = ops.iter().filter(|o| Some(o.client) != reader_id).collect();
 
-    let events = cluster.events();
-    let failover = failover_timeline(
-        load.kill_ns,
-        &events,
-        &load_ops,
-        addresses.backup_service,
-        view_before.number,
-        final_view.as_ref(),
-    );
+    let protections = protections(&events, &load_ops, (load.start_ns, load.end_ns));
+    let failures: Vec<_> = load
+        .kills
+        .iter()
+        .map(|k| failure(k, &events, &load_ops, &addresses.services, &protections))
+        .collect();
+    let first_kill = load.kills.first().map(|k| k.unix_ns);
     let primaries = events.primaries_per_view();
-    let fault_tolerant_phase = ft_phase(&events, load.kill_ns);
-    let writes = check_writes(&load_ops, &final_values, load.kill_ns);
+    let fault_tolerant_phase = ft_phase(&events, first_kill);
+    let writes = check_writes(&load_ops, &final_values, first_kill);
     let counts = op_counts(&load_ops, &load, final_values.len());
-    let throughput = throughput(
-        &load_ops,
-        load.start_ns,
-        load.end_ns,
-        load.kill_ns,
-        &failover,
-    );
+    let throughput = throughput(&load_ops, load.start_ns, load.end_ns, &failures);
 
     println!("checking linearizability of {} operations ...", ops.len());
     let lin = linearizability::check(&ops, &CheckConfig::default());
 
-    let markers = markers(&failover, load.etcd.as_ref());
+    let markers = markers(&failures, load.etcd.as_ref());
+    let spans = spans(&protections, load.start_ns, load.end_ns);
     let timeline = Timeline {
-        title: format!("ftvm demo: {} clients, {kills} (seed {seed})", args.clients),
+        title: format!(
+            "ftvm demo: {} clients, {} spare(s), {kills} (seed {seed})",
+            args.clients, args.spares
+        ),
         start_ns: load.start_ns,
         end_ns: load.end_ns,
         replies: load_ops
@@ -133,18 +135,31 @@ pub fn run(args: &DemoArgs) -> Result<DemoReport> {
             .filter_map(|o| {
                 Some(Reply {
                     t_ns: o.completed_ns?,
-                    server: o.server.map(|s| server_label(s, &addresses)),
+                    server: o
+                        .server
+                        .map(|s| server_label(s, &addresses.services, &failures)),
                 })
             })
             .collect(),
         markers: markers.clone(),
+        spans: spans.clone(),
     };
     let svg_path = args.out.join("timeline.svg");
     fs::write(&svg_path, timeline::render_svg(&timeline))
         .with_context(|| format!("cannot write {}", svg_path.display()))?;
 
     let mut problems = load.problems;
-    judge(&failover, &writes, &lin, &primaries, &mut problems);
+    judge(
+        &Verdict {
+            failures: &failures,
+            missed: &load.missed,
+            final_view: final_view.as_ref(),
+            writes: &writes,
+            lin: &lin,
+            primaries: &primaries,
+        },
+        &mut problems,
+    );
     let report = DemoReport {
         seed,
         out: args.out.clone(),
@@ -152,18 +167,22 @@ pub fn run(args: &DemoArgs) -> Result<DemoReport> {
         clients: args.clients,
         duration_s: args.duration,
         kill_at_s: args.kill_at,
+        spares: args.spares,
         failure_timeout_ms: args.failure_timeout_ms,
         addresses,
         ops: counts,
         throughput,
-        failover,
+        initial_protection: initial_protection(&protections),
+        failures,
         fault_tolerant_phase,
         writes,
         linearizability: without_passing_keys(lin),
         primaries_per_view: primaries,
+        final_view: final_view.as_ref().map(ToString::to_string),
         exits,
         problems,
         timeline_markers: markers,
+        timeline_spans: spans,
         etcd: load.etcd,
     };
     let metrics_path = args.out.join("metrics.json");
@@ -178,6 +197,26 @@ pub fn run(args: &DemoArgs) -> Result<DemoReport> {
     }
 }
 
+/// The kills as the user reads them: `SIGKILL to the primary at 5 s and
+/// 10.5 s, to the backup at 16 s`.
+fn describe_plan(plan: &[Planned], args: &DemoArgs) -> String {
+    let at = |target: Target| {
+        plan.iter()
+            .filter(|p| p.target == target)
+            .map(|p| format!("{:.1} s", p.at_s))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut out = format!("SIGKILL to the primary at {}", at(Target::Primary));
+    if args.kill_backup {
+        out += &format!(", to the backup at {}", at(Target::Backup));
+    }
+    if let Some(etcd) = args.etcd_kill_at() {
+        out += &format!(", to the etcd leader at {etcd:.1} s");
+    }
+    out + " (each once the VM is protected again)"
+}
+
 /// Long enough for the startup, the load, the clients' last retries and
 /// the final reads; the demo stops the servers itself well before.
 fn server_time_limit(args: &DemoArgs) -> Duration {
@@ -186,9 +225,9 @@ fn server_time_limit(args: &DemoArgs) -> Duration {
     )
 }
 
-/// Starts the arbiter (with --etcd: a 3-member etcd cluster) and the pair,
-/// the servers' files in `--out`.
-fn start(launcher: &Launcher, args: &DemoArgs) -> Result<(Cluster, Addresses)> {
+/// Starts the arbiter (with --etcd: a 3-member etcd cluster) and the first
+/// pair, the servers' files in `--out`.
+fn start(launcher: &Launcher, args: &DemoArgs) -> Result<(Servers, Addresses)> {
     let time_limit = server_time_limit(args);
     let mut config = ClusterConfig::new(&args.vm_id, time_limit);
     config.dir = Some(args.out.clone());
@@ -205,6 +244,7 @@ fn start(launcher: &Launcher, args: &DemoArgs) -> Result<(Cluster, Addresses)> {
         first_primary_service: cluster.primary.address()?,
         first_primary_log: cluster.log_listen(),
         backup_service: cluster.backup.address()?,
+        services: BTreeMap::new(),
     };
     println!("{}", cluster.arbiter.describe());
     println!(
@@ -218,13 +258,32 @@ fn start(launcher: &Launcher, args: &DemoArgs) -> Result<(Cluster, Addresses)> {
         addresses.backup_service,
         cluster.backup.pid()
     );
-    Ok((cluster, addresses))
+    let membership = Membership {
+        arbiter: cluster.arbiter_at(),
+        vm_id: args.vm_id.clone(),
+        knobs: config.knobs.clone(),
+    };
+    let servers = Servers::new(
+        cluster,
+        launcher.clone(),
+        membership,
+        config.guest.clone(),
+        args.out.clone(),
+        config.consoles,
+        time_limit,
+    );
+    Ok((servers, addresses))
 }
 
-/// Waits until the pair is fault tolerant, the primary answers a request,
-/// and the arbiter names both servers; returns the arbiter's view.
+/// Waits until the first pair is fault tolerant (the backup joined by
+/// state transfer), the primary answers a request, and the arbiter names
+/// both servers; returns the arbiter's view.
 fn wait_ready(args: &DemoArgs, cluster: &mut Cluster) -> Result<View> {
     cluster.wait_fault_tolerant(STARTUP)?;
+    cluster.wait_for("the backup to join by state transfer", STARTUP, |c| {
+        Ok(c.primary
+            .has_event(|e| matches!(e, ServerEvent::Protected { backup, .. } if backup == SECOND)))
+    })?;
     cluster.wait_answering(STARTUP)?;
     let arbiter = arbiter::connect(&cluster.arbiter_at(), ARBITER_TIMEOUT)?;
     let mut last = Err(String::from("no answer yet"));
