@@ -5,6 +5,7 @@
 pub mod channel;
 pub mod etcd;
 pub mod ft;
+pub mod join;
 pub mod kv;
 pub mod precise;
 pub mod record;
@@ -32,6 +33,10 @@ pub enum BenchWhat {
     /// with the etcd leader killed at the failure) and test-and-set
     /// latency.
     Etcd(etcd::EtcdBenchArgs),
+    /// A backup joining a serving primary by state transfer, ten times:
+    /// the pause at the cut, transfer time, rounds, bytes against touched
+    /// memory, client throughput during the transfer, both sides' RSS.
+    Join(join::JoinBenchArgs),
     /// Interrupts between exits (race, kv-race): record against run,
     /// replay against the recorded time, breakpoint hits and single steps
     /// per interrupt, log bytes per second.
@@ -46,5 +51,6 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         BenchWhat::Channel(c) => channel::bench_channel(c),
         BenchWhat::Etcd(e) => etcd::bench_etcd(e),
         BenchWhat::Precise(p) => precise::bench_precise(p),
+        BenchWhat::Join(j) => join::bench_join(j),
     }
 }
