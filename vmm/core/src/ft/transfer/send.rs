@@ -455,17 +455,18 @@ fn cut(
         ..
     } = job;
     let failed = |e: TransferError| format!("sending the cut: {e}");
+    // Capturing completes the exit's instruction (an `in` takes its value,
+    // a `rep ins` writes memory), so it comes first, while the transfer
+    // still collects dirty pages; the digest is of the state after it,
+    // which is what the backup restores and what both run on from.
+    let state = MachineState::capture(m, live.clock_ns(), live.pending_datagrams())
+        .map_err(|e| format!("capturing the machine state: {e}"))?;
     let last = dirty
         .take(DirtyReader::Transfer)
         .map_err(|e| format!("reading the dirty log: {e}"))?;
     dirty.stop(DirtyReader::Transfer);
     let mut buf = vec![0u8; PAGE_SIZE];
     send_pages(&mut writer, &mem, &last, &mut buf).map_err(failed)?;
-    // Capturing completes the exit's instruction (an `in` takes its value),
-    // so the digest is of the state after it, which is what the backup
-    // restores and what both run from.
-    let state = MachineState::capture(m, live.clock_ns(), live.pending_datagrams())
-        .map_err(|e| format!("capturing the machine state: {e}"))?;
     let regs = digest::registers(&state.vcpu.regs);
     let (_, mem_hash) = m.state().map_err(|e| format!("digest at the cut: {e}"))?;
     let machine = state
