@@ -93,6 +93,12 @@ pub struct Kill {
 
 /// How often the killer looks again while it waits for something.
 const POLL: Duration = Duration::from_millis(20);
+/// How long before a kill the killer starts asking the arbiter for the
+/// view, and how often meanwhile: the view changes only by a kill or by a
+/// spare named backup, and a kill also needs the primary's `protected`
+/// event naming that backup, so the last answer before the kill will do.
+const LOOKAHEAD: Duration = Duration::from_secs(1);
+const VIEW_FRESH: Duration = Duration::from_millis(250);
 /// How long a backup's restart waits for its primary to notice the kill.
 const NOTICE_LIMIT: Duration = Duration::from_secs(3);
 
@@ -109,6 +115,8 @@ pub(super) struct Killer {
     restart_pending: bool,
     /// The last kill's survivor has not yet been announced protected again.
     protection_pending: bool,
+    /// The arbiter's view, and when it said so.
+    view: Option<(Instant, View)>,
 }
 
 impl Killer {
@@ -128,6 +136,7 @@ impl Killer {
             kills: Vec::new(),
             restart_pending: false,
             protection_pending: false,
+            view: None,
         }
     }
 
@@ -170,21 +179,32 @@ impl Killer {
         };
         let due = self.start + Duration::from_secs_f64(next.at_s);
         if now < due {
-            return if self.protection_pending {
-                (now + POLL).min(due)
-            } else {
-                due
-            };
+            // The view is asked for ahead, so that the kill need not wait
+            // for the arbiter: with --etcd its leader dies at the same
+            // moment, and the primary must die with it, not after an
+            // election.
+            let mut wake = due;
+            if due - now <= LOOKAHEAD {
+                self.refresh_view(now);
+                wake = wake.min(now + VIEW_FRESH / 2);
+            }
+            if self.protection_pending {
+                wake = wake.min(now + POLL);
+            }
+            return wake;
         }
-        let Some(view) = self
-            .arbiter
-            .as_ref()
-            .and_then(|a| a.query(&self.vm_id).ok())
-        else {
+        // The view asked for ahead is used as it is: asking now could wait
+        // for an etcd election. One that does not show the VM protected is
+        // asked for again.
+        if self.view.is_none() {
+            self.refresh_view(now);
+        }
+        let Some(view) = self.view.as_ref().map(|(_, v)| v.clone()) else {
             return now + POLL;
         };
         let since = self.kills.last().map_or(0, |k| k.unix_ns);
         if !protected(servers, &view, since) {
+            self.view = None;
             return now + POLL;
         }
         if let Err(e) = self.kill(next, due, &view, servers, clock) {
@@ -194,6 +214,25 @@ impl Killer {
             self.plan.truncate(self.kills.len());
         }
         now + POLL
+    }
+
+    /// Asks the arbiter for the view unless its last answer is fresh; an
+    /// arbiter that does not answer leaves the last answer in place.
+    fn refresh_view(&mut self, now: Instant) {
+        if self
+            .view
+            .as_ref()
+            .is_some_and(|(at, _)| now.duration_since(*at) < VIEW_FRESH)
+        {
+            return;
+        }
+        if let Some(view) = self
+            .arbiter
+            .as_ref()
+            .and_then(|a| a.query(&self.vm_id).ok())
+        {
+            self.view = Some((Instant::now(), view));
+        }
     }
 
     fn kill(
@@ -244,6 +283,8 @@ impl Killer {
             kill.pid
         );
         self.kills.push(kill);
+        // The view changes with the kill.
+        self.view = None;
         self.restart_pending = true;
         self.protection_pending = true;
         Ok(())

@@ -31,6 +31,8 @@ pub struct DemoReport {
     pub initial_protection: Option<Protection>,
     /// One per kill, in order.
     pub failures: Vec<Failure>,
+    /// Servers that went live without a kill (see the summary).
+    pub unplanned_takeovers: Vec<Takeover>,
     pub fault_tolerant_phase: FtPhase,
     pub writes: WriteCheck,
     pub linearizability: linearizability::Report,
@@ -124,6 +126,16 @@ pub struct Failure {
     pub first_reply_ms: Option<f64>,
     /// When a backup had joined the survivor by state transfer.
     pub protected_again: Option<Protection>,
+}
+
+/// A server that went live as primary with no kill to take over from.
+#[derive(Debug, Clone, Serialize)]
+pub struct Takeover {
+    pub server: String,
+    pub view: u64,
+    pub unix_ns: u64,
+    /// Seconds into the load.
+    pub at_s: f64,
 }
 
 /// A backup's join by state transfer, as its primary reported it.
@@ -253,6 +265,13 @@ pub(super) fn print_summary(r: &DemoReport, svg: &Path, metrics: &Path, history:
     }
     for (i, f) in r.failures.iter().enumerate() {
         print_failure(i + 1, f, r.etcd.as_ref());
+    }
+    for t in &r.unplanned_takeovers {
+        println!();
+        println!(
+            "unplanned: {} went live as the primary of view {} at {:.3} s with no kill before it (a failure detected without one; see {}.events.jsonl)",
+            t.server, t.view, t.at_s, t.server
+        );
     }
     println!();
     println!(

@@ -12,7 +12,7 @@ use rand::Rng;
 
 use super::analysis::{
     check_writes, failure, ft_phase, initial_protection, judge, markers, op_counts, protections,
-    server_label, spans, throughput, without_passing_keys, Verdict,
+    server_label, spans, throughput, unplanned_takeovers, without_passing_keys, Verdict,
 };
 use super::args::{drain, DemoArgs, ARBITER_TIMEOUT, FIRST, SECOND, STARTUP};
 use super::kills::{self, Planned, Target};
@@ -22,7 +22,7 @@ use super::servers::Servers;
 use crate::history::{self, HistoryOp, Recorder};
 use crate::launcher::{ArbiterKind, Cluster, ClusterConfig, Launcher, Membership};
 use crate::linearizability::{self, CheckConfig};
-use crate::timeline::{self, Reply, Timeline};
+use crate::timeline::{self, Marker, Reply, Timeline};
 use ftvm_core::host::events::ServerEvent;
 
 pub fn run(args: &DemoArgs) -> Result<DemoReport> {
@@ -111,6 +111,7 @@ pub fn run(args: &DemoArgs) -> Result<DemoReport> {
         .iter()
         .map(|k| failure(k, &events, &load_ops, &addresses.services, &protections))
         .collect();
+    let unplanned = unplanned_takeovers(&events, &failures, load.start_ns);
     let first_kill = load.kills.first().map(|k| k.unix_ns);
     let primaries = events.primaries_per_view();
     let fault_tolerant_phase = ft_phase(&events, first_kill);
@@ -121,7 +122,11 @@ pub fn run(args: &DemoArgs) -> Result<DemoReport> {
     println!("checking linearizability of {} operations ...", ops.len());
     let lin = linearizability::check(&ops, &CheckConfig::default());
 
-    let markers = markers(&failures, load.etcd.as_ref());
+    let mut markers = markers(&failures, load.etcd.as_ref());
+    markers.extend(unplanned.iter().map(|t| Marker {
+        t_ns: t.unix_ns,
+        label: format!("{} live without a kill (view {})", t.server, t.view),
+    }));
     let spans = spans(&protections, load.start_ns, load.end_ns);
     let timeline = Timeline {
         title: format!(
@@ -152,6 +157,7 @@ pub fn run(args: &DemoArgs) -> Result<DemoReport> {
     judge(
         &Verdict {
             failures: &failures,
+            unplanned: &unplanned,
             missed: &load.missed,
             final_view: final_view.as_ref(),
             writes: &writes,
@@ -174,6 +180,7 @@ pub fn run(args: &DemoArgs) -> Result<DemoReport> {
         throughput,
         initial_protection: initial_protection(&protections),
         failures,
+        unplanned_takeovers: unplanned,
         fault_tolerant_phase,
         writes,
         linearizability: without_passing_keys(lin),
