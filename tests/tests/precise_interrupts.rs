@@ -350,6 +350,8 @@ fn a_pair_runs_spin_and_race_and_the_backup_ends_in_the_primary_state() {
         let mut config = cluster_config();
         config.guest.workload = Some(workload);
         config.consoles = true;
+        // The backup is to check every output, the first included.
+        config.backup_wait = Some(Duration::from_secs(30));
         let mut cluster = start_cluster(&config);
         let (primary_log, backup_log) = wait_pair_end(&mut cluster);
         assert!(primary_log.contains("(PowerOff)"), "{primary_log}");

@@ -355,7 +355,9 @@ impl Joiner {
             .begin(p.hello.mem_size, PAGE_SIZE as u32)
             .map_err(failed)?;
         // Pages written from here on are the next round's.
-        p.dirty.start(DirtyReader::Transfer);
+        p.dirty
+            .start(DirtyReader::Transfer)
+            .map_err(|e| format!("reading the dirty log: {e}"))?;
         let mut buf = vec![0u8; PAGE_SIZE];
         let pages = p.hello.mem_size / PAGE_SIZE as u64;
         let mut sent = 0;
