@@ -34,6 +34,10 @@ struct Pending {
     digest: Vec<u64>,
     /// `None` while no transfer is under way.
     transfer: Option<Vec<u64>>,
+    /// Every page written since the VM was made (the loader's writes
+    /// included): the pages a transfer's first round sends, so that it
+    /// need not read all of memory to find the ones that are not zero.
+    touched: Vec<u64>,
 }
 
 /// The dirty pages of one VM, shared between the vCPU thread and a transfer
@@ -65,6 +69,7 @@ impl DirtyLog {
             pending: Mutex::new(Pending {
                 digest: vec![0; words],
                 transfer: None,
+                touched: vec![0; words],
             }),
         }
     }
@@ -78,13 +83,17 @@ impl DirtyLog {
     pub fn start(&self, reader: DirtyReader) -> Result<(), VmError> {
         if reader == DirtyReader::Transfer {
             let mut pending = self.lock();
-            let found = self.collect()?;
-            for (w, f) in pending.digest.iter_mut().zip(&found) {
-                *w |= f;
-            }
+            self.gather(&mut pending)?;
             pending.transfer = Some(vec![0; self.words]);
         }
         Ok(())
+    }
+
+    /// Every page written since the VM was made, in increasing order.
+    pub fn touched(&self) -> Result<Vec<u64>, VmError> {
+        let mut pending = self.lock();
+        self.gather(&mut pending)?;
+        Ok(pages_in_bitmap(&pending.touched).collect())
     }
 
     /// Makes `reader` inactive; what it had not taken is dropped. The digest
@@ -109,13 +118,7 @@ impl DirtyLog {
     /// inactive reader gets nothing.
     pub fn take(&self, reader: DirtyReader) -> Result<Vec<u64>, VmError> {
         let mut pending = self.lock();
-        let found = self.collect()?;
-        let Pending { digest, transfer } = &mut *pending;
-        for set in std::iter::once(digest).chain(transfer.as_mut()) {
-            for (w, f) in set.iter_mut().zip(&found) {
-                *w |= f;
-            }
-        }
+        self.gather(&mut pending)?;
         let mine = match reader {
             DirtyReader::Digest => Some(&mut pending.digest),
             DirtyReader::Transfer => pending.transfer.as_mut(),
@@ -130,9 +133,26 @@ impl DirtyLog {
         })
     }
 
-    /// Reads and resets KVM's log and the memory's own bitmap. Called with
-    /// the lock held, so that what one reader collects reaches the others
-    /// before either can look again.
+    /// Collects what was written since the last look into every active
+    /// reader's set and the touched set. Called with the lock held, so that
+    /// what one reader collects reaches the others before either can look
+    /// again.
+    fn gather(&self, pending: &mut Pending) -> Result<(), VmError> {
+        let found = self.collect()?;
+        let Pending {
+            digest,
+            transfer,
+            touched,
+        } = pending;
+        for set in [digest, touched].into_iter().chain(transfer.as_mut()) {
+            for (w, f) in set.iter_mut().zip(&found) {
+                *w |= f;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads and resets KVM's log and the memory's own bitmap.
     fn collect(&self) -> Result<Vec<u64>, VmError> {
         let mut found = vec![0u64; self.words];
         for (slot, region) in self.mem.iter().enumerate() {
@@ -235,6 +255,8 @@ mod tests {
         digest.extend(both);
         digest.sort_unstable();
         assert_eq!(ours(&vm.take_dirty_pages().expect("take")), digest);
+        // Whoever took them, every page written stays touched.
+        assert_eq!(ours(&log.touched().expect("touched")), digest);
         assert_eq!(ours(&vm.take_dirty_pages().expect("take")), [0u64; 0]);
         assert_eq!(
             ours(&log.take(DirtyReader::Transfer).expect("take")),

@@ -1,8 +1,8 @@
 //! Live state transfer to a joining backup (pre-copy, as live migration
 //! does it), over the log channel's connection right after its handshake:
 //!
-//! 1. pre-copy rounds while the guest runs and serves: every page that is
-//!    not all zero, then the pages dirtied since the last round (KVM's dirty
+//! 1. pre-copy rounds while the guest runs and serves: every page ever
+//!    written (the dirty log keeps that set) that is not all zero, then the pages dirtied since the last round (KVM's dirty
 //!    log and the VMM's own writes), until a round finds few enough or the
 //!    round limit is reached;
 //! 2. the cut, at a synchronous exit: the last dirty pages, the complete

@@ -359,17 +359,21 @@ impl Joiner {
             .start(DirtyReader::Transfer)
             .map_err(|e| format!("reading the dirty log: {e}"))?;
         let mut buf = vec![0u8; PAGE_SIZE];
-        let pages = p.hello.mem_size / PAGE_SIZE as u64;
+        let touched = p
+            .dirty
+            .touched()
+            .map_err(|e| format!("reading the dirty log: {e}"))?;
         let mut sent = 0;
-        for page in 0..pages {
+        for (i, &page) in touched.iter().enumerate() {
             read_page(&p.mem, page, &mut buf);
-            // The joining backup starts from zeroed memory.
+            // The joining backup starts from zeroed memory, so a page
+            // written and zeroed again need not go.
             if buf.iter().all(|b| *b == 0) {
                 continue;
             }
             writer.page(page, &buf).map_err(failed)?;
             sent += 1;
-            if page % 1024 == 0 && cancelled() {
+            if i % 1024 == 0 && cancelled() {
                 return Err(format!("view {view} was replaced during pre-copy"));
             }
         }
