@@ -4,6 +4,7 @@
 
 pub mod load;
 pub mod tamper;
+pub mod transfer;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
