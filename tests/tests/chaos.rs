@@ -18,7 +18,7 @@ fn params() -> ScheduleParams {
         duration_ms: 5000,
         warmup_ms: 1000,
         failure_timeout_ms: 300,
-        spares: 0,
+        spares: 1,
         etcd: false,
     }
 }

@@ -19,8 +19,10 @@ use anyhow::{Context, Result};
 use rand::Rng;
 
 pub use report::{render_svg, CampaignReport};
-pub use schedule::{Direction, Fault, FaultKind, Schedule, ScheduleParams, Target, MIN_FAULTS};
-pub use trial::{liveness_bound, REPROTECT_BOUND};
+pub use schedule::{
+    Direction, Fault, FaultKind, Schedule, ScheduleParams, Target, TransferFault, MIN_FAULTS,
+};
+pub use trial::{liveness_bound, reprotect_bound};
 pub use verdict::TrialReport;
 
 use crate::launcher::Launcher;
@@ -38,10 +40,14 @@ pub struct ChaosArgs {
     /// has healed by then.
     #[arg(long, default_value_t = 10.0)]
     pub duration: f64,
-    /// Extra `ftvm backup` processes with fresh ids, restarted after they
-    /// are killed, to take a lost server's place (each also allows the
-    /// schedule one more fault that costs a server).
-    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=4))]
+    /// Extra `ftvm backup` processes that wait as spares and join by
+    /// state transfer when the arbiter names them. Every server that ends
+    /// (killed, or exited after a failover or a failed transfer) is
+    /// started again as a spare with a fresh id, so the pool stays this
+    /// size; each spare also allows the schedule one more fault that
+    /// costs a server, and with spares the schedule draws faults during
+    /// state transfers. 0: no spares, no restarts.
+    #[arg(long, default_value_t = DEFAULT_SPARES, value_parser = clap::value_parser!(u32).range(0..=4))]
     pub spares: u32,
     /// The arbiter on a local 3-member etcd cluster (`etcd` must be
     /// installed); arbiter faults hit its leader.
@@ -66,6 +72,7 @@ const WARMUP_MS: u64 = 1000;
 const DEFAULT_DURATION: f64 = 10.0;
 const DEFAULT_CLIENTS: u32 = 4;
 const DEFAULT_FAILURE_TIMEOUT_MS: u64 = 300;
+const DEFAULT_SPARES: u32 = 1;
 
 impl ChaosArgs {
     pub fn params(&self) -> Result<ScheduleParams> {
@@ -87,7 +94,7 @@ impl ChaosArgs {
         if self.duration != DEFAULT_DURATION {
             line += &format!(" --duration {}", self.duration);
         }
-        if self.spares > 0 {
+        if self.spares != DEFAULT_SPARES {
             line += &format!(" --spares {}", self.spares);
         }
         if self.etcd {

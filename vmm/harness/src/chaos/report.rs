@@ -26,6 +26,17 @@ pub struct CampaignReport {
     pub divergences: u32,
     /// The slowest return to service after the last fault, in ms.
     pub max_live_again_ms: Option<f64>,
+    /// With spares: the slowest `protected` after the last fault, in ms.
+    pub max_reprotect_ms: Option<f64>,
+    /// Faults not injected because they would have cost the last server
+    /// holding the VM's state (or their moment never came).
+    pub skipped: u32,
+    /// Faults aimed at a state transfer, and how many struck before the
+    /// primary reported the joiner protected.
+    pub transfer_strikes: u32,
+    pub transfer_hits: u32,
+    /// Trials whose primary was killed mid-transfer (the VM down by design).
+    pub down_by_design: u32,
     pub elapsed_s: f64,
     pub results: Vec<TrialReport>,
 }
@@ -70,6 +81,18 @@ impl CampaignReport {
                 .iter()
                 .filter_map(|r| r.live_again_ms)
                 .max_by(f64::total_cmp),
+            max_reprotect_ms: results
+                .iter()
+                .filter_map(|r| r.reprotected_ms.flatten())
+                .max_by(f64::total_cmp),
+            skipped: results.iter().map(|r| r.skipped.len() as u32).sum(),
+            transfer_strikes: results.iter().map(|r| r.strikes.len() as u32).sum(),
+            transfer_hits: results
+                .iter()
+                .flat_map(|r| &r.strikes)
+                .filter(|s| s.hit())
+                .count() as u32,
+            down_by_design: results.iter().filter(|r| r.down_by_design).count() as u32,
             elapsed_s,
             results,
         }
@@ -124,6 +147,17 @@ impl CampaignReport {
             self.results.first().map_or(0.0, |r| r.liveness_bound_ms),
             self.elapsed_s
         );
+        let _ = writeln!(
+            out,
+            "faults during a state transfer: {} ({} struck before the joiner was protected); trials with the VM down by design (primary killed mid-transfer): {}; faults skipped (they would have cost the last server with the VM's state): {}; slowest re-protection after the last fault: {} (bound {:.1} s)",
+            self.transfer_strikes,
+            self.transfer_hits,
+            self.down_by_design,
+            self.skipped,
+            self.max_reprotect_ms
+                .map_or("none".into(), |ms| format!("{:.1} s", ms / 1000.0)),
+            self.results.first().map_or(0.0, |r| r.reprotect_bound_ms) / 1000.0,
+        );
         out
     }
 }
@@ -142,6 +176,7 @@ fn kind_color(name: &str) -> &'static str {
         "cut" | "one-way cut" => "#f2b701",
         "delay" | "stall" => "#e68310",
         "datagrams" => "#80ba5a",
+        n if n.ends_with("in transfer") => "#008695",
         _ => "#a5aa99",
     }
 }

@@ -78,6 +78,69 @@ pub enum Direction {
     ToBackup,
 }
 
+/// What strikes while a backup joins by state transfer (between the
+/// primary's `transfer_started` and `protected`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "what", rename_all = "snake_case")]
+pub enum TransferFault {
+    /// SIGKILL to the primary: the only server with the VM's state. The
+    /// VM is down by design (docs/fault-tolerance.md, "When either side
+    /// dies mid-transfer"); the joining backup must never go live. Always
+    /// the last fault of the server lane that costs a server.
+    KillPrimary,
+    PausePrimary {
+        for_ms: u64,
+    },
+    /// SIGKILL to the joining backup: the primary goes on alone and brings
+    /// up the next spare.
+    KillBackup,
+    PauseBackup {
+        for_ms: u64,
+    },
+    Stall {
+        direction: Option<Direction>,
+        for_ms: u64,
+    },
+    /// A cut leaves a hole in the stream: the backup must refuse what it
+    /// got, or fail, never restore it.
+    Cut {
+        for_ms: u64,
+    },
+}
+
+impl TransferFault {
+    fn for_ms(&self) -> u64 {
+        match self {
+            TransferFault::KillPrimary | TransferFault::KillBackup => 0,
+            TransferFault::PausePrimary { for_ms }
+            | TransferFault::PauseBackup { for_ms }
+            | TransferFault::Stall { for_ms, .. }
+            | TransferFault::Cut { for_ms } => *for_ms,
+        }
+    }
+}
+
+impl fmt::Display for TransferFault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TransferFault::KillPrimary => write!(f, "SIGKILL primary"),
+            TransferFault::PausePrimary { for_ms } => write!(f, "SIGSTOP primary for {for_ms} ms"),
+            TransferFault::KillBackup => write!(f, "SIGKILL the joining backup"),
+            TransferFault::PauseBackup { for_ms } => {
+                write!(f, "SIGSTOP the joining backup for {for_ms} ms")
+            }
+            TransferFault::Stall {
+                direction: Some(direction),
+                for_ms,
+            } => write!(f, "stall the log channel {direction} for {for_ms} ms"),
+            TransferFault::Stall { for_ms, .. } => {
+                write!(f, "stall the log channel for {for_ms} ms")
+            }
+            TransferFault::Cut { for_ms } => write!(f, "cut the log channel for {for_ms} ms"),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum FaultKind {
@@ -139,6 +202,15 @@ pub enum FaultKind {
     ArbiterDownDuringClaim {
         down_ms: u64,
     },
+    /// During a state transfer: if the VM is protected, the backup is
+    /// killed first so that the primary brings up a spare; `fault`
+    /// strikes `after_ms` after the spare connects to the primary's log
+    /// channel (its handshake, then the transfer at once).
+    DuringTransfer {
+        #[serde(flatten)]
+        fault: TransferFault,
+        after_ms: u64,
+    },
 }
 
 impl FaultKind {
@@ -159,6 +231,9 @@ impl FaultKind {
             FaultKind::KillPrimaryAfterOutput => 0,
             FaultKind::KillPrimaryDuringCut { .. } => failure_timeout_ms * 2,
             FaultKind::ArbiterDownDuringClaim { down_ms } => failure_timeout_ms + down_ms,
+            FaultKind::DuringTransfer { fault, after_ms } => {
+                TRANSFER_SETUP_MS + after_ms + fault.for_ms()
+            }
         }
     }
 
@@ -176,6 +251,14 @@ impl FaultKind {
             FaultKind::KillPrimaryDuringCut { .. } => "kill during cut",
             FaultKind::KillPrimaryWhileBackupPaused { .. } => "kill while backup paused",
             FaultKind::ArbiterDownDuringClaim { .. } => "arbiter down in claim",
+            FaultKind::DuringTransfer { fault, .. } => match fault {
+                TransferFault::KillPrimary => "kill primary in transfer",
+                TransferFault::PausePrimary { .. } => "pause primary in transfer",
+                TransferFault::KillBackup => "kill joiner in transfer",
+                TransferFault::PauseBackup { .. } => "pause joiner in transfer",
+                TransferFault::Stall { .. } => "stall in transfer",
+                TransferFault::Cut { .. } => "cut in transfer",
+            },
         }
     }
 }
@@ -231,6 +314,10 @@ impl fmt::Display for FaultKind {
             FaultKind::ArbiterDownDuringClaim { down_ms } => write!(
                 f,
                 "SIGKILL primary, SIGKILL arbiter when the backup claims, arbiter back {down_ms} ms later"
+            ),
+            FaultKind::DuringTransfer { fault, after_ms } => write!(
+                f,
+                "during a state transfer (SIGKILL backup first if the VM is protected): {fault}, {after_ms} ms after the joining backup connects"
             ),
         }
     }
@@ -296,7 +383,7 @@ impl Schedule {
             let kind = if i < harmless {
                 harmless_fault(&mut rng, ft)
             } else {
-                costly_fault(&mut rng, ft, p)
+                costly_fault(&mut rng, ft, p, i + 1 == harmless + costly)
             };
             let mut gap = ft + rng.random_range(0..=4 * ft);
             if i >= harmless && i + 1 < harmless + costly {
@@ -357,6 +444,17 @@ impl Schedule {
 /// How long after a fault that cost a server the schedule leaves for a
 /// spare to join before the next one that may.
 const REPROTECT_MS: u64 = 4000;
+/// What a fault during a transfer allows for the transfer to begin: the
+/// backup killed, the arbiter taking it for gone (its spare timeout, 1 s
+/// by default) and naming the spare, the spare connecting.
+const TRANSFER_SETUP_MS: u64 = 2500;
+
+/// How long either end of a state transfer waits on a silent peer before
+/// it gives up (docs/fault-tolerance.md, "When either side dies
+/// mid-transfer"): 10 failure timeouts, at least 2 s.
+pub fn transfer_silence_ms(failure_timeout_ms: u64) -> u64 {
+    (failure_timeout_ms * 10).max(2000)
+}
 /// The arbiter is never gone longer than this: a server that needs a
 /// decision gives up after 5 s without one (exit 5), by design.
 const MAX_ARBITER_DOWN_MS: u64 = 2000;
@@ -398,9 +496,43 @@ fn direction(rng: &mut StdRng) -> Direction {
     }
 }
 
+/// A fault during a state transfer; `last`: the last costly fault of the
+/// trial, the only one that may leave the VM down by design.
+fn transfer_fault(rng: &mut StdRng, ft: u64, last: bool) -> FaultKind {
+    // Short, past a failure timeout, or past the transfer's own patience.
+    let pause = |rng: &mut StdRng| match rng.random_range(0..3) {
+        0 => rng.random_range(1..=(ft / 3).max(1)),
+        1 => rng.random_range(ft * 2..=ft * 5),
+        _ => {
+            let silence = transfer_silence_ms(ft);
+            rng.random_range(silence + 100..=silence + 1000)
+        }
+    };
+    let fault = match rng.random_range(0..6) {
+        0 if last => TransferFault::KillPrimary,
+        0 | 1 => TransferFault::KillBackup,
+        2 => TransferFault::PausePrimary { for_ms: pause(rng) },
+        3 => TransferFault::PauseBackup { for_ms: pause(rng) },
+        4 => TransferFault::Stall {
+            direction: match rng.random_range(0..3) {
+                0 => None,
+                _ => Some(direction(rng)),
+            },
+            for_ms: pause(rng),
+        },
+        _ => TransferFault::Cut {
+            for_ms: rng.random_range(ft..=ft * 5),
+        },
+    };
+    FaultKind::DuringTransfer {
+        fault,
+        after_ms: rng.random_range(0..=20),
+    }
+}
+
 /// A fault after which one server of the pair is gone, or at the worst
 /// moment for it.
-fn costly_fault(rng: &mut StdRng, ft: u64, p: &ScheduleParams) -> FaultKind {
+fn costly_fault(rng: &mut StdRng, ft: u64, p: &ScheduleParams, last: bool) -> FaultKind {
     let long = |rng: &mut StdRng| rng.random_range(ft * 2..=ft * 5);
     let restart = (p.spares > 0).then_some(0);
     let target = if rng.random_bool(0.5) {
@@ -408,7 +540,9 @@ fn costly_fault(rng: &mut StdRng, ft: u64, p: &ScheduleParams) -> FaultKind {
     } else {
         Target::Backup
     };
-    match rng.random_range(0..9) {
+    let kinds = if p.spares > 0 { 12 } else { 9 };
+    match rng.random_range(0..kinds) {
+        9..=11 => transfer_fault(rng, ft, last),
         0 => FaultKind::Kill {
             target,
             restart_after_ms: restart,
@@ -547,5 +681,49 @@ mod tests {
             .map(|f| f.kind.name())
             .collect();
         assert_eq!(names.len(), 11, "{names:?}");
+        // With a spare: kills of spares and every fault during a transfer
+        // too, within the 100 trials of the long campaign.
+        let p = params(1);
+        let names: std::collections::BTreeSet<&str> = (100..200)
+            .flat_map(|seed| Schedule::draw(seed, &p).faults)
+            .map(|f| f.kind.name())
+            .collect();
+        assert_eq!(names.len(), 17, "{names:?}");
+    }
+
+    #[test]
+    fn only_the_last_costly_fault_kills_a_primary_in_transfer() {
+        let p = params(1);
+        for seed in 0..500 {
+            let s = Schedule::draw(seed, &p);
+            let server_lane: Vec<&Fault> = s
+                .faults
+                .iter()
+                .filter(|f| !matches!(f.kind, FaultKind::Datagrams { .. }))
+                .filter(|f| {
+                    !matches!(
+                        f.kind,
+                        FaultKind::Kill {
+                            target: Target::Arbiter | Target::Spare,
+                            ..
+                        } | FaultKind::Pause {
+                            target: Target::Arbiter,
+                            ..
+                        }
+                    )
+                })
+                .collect();
+            if let Some(i) = server_lane.iter().position(|f| {
+                matches!(
+                    f.kind,
+                    FaultKind::DuringTransfer {
+                        fault: TransferFault::KillPrimary,
+                        ..
+                    }
+                )
+            }) {
+                assert_eq!(i + 1, server_lane.len(), "{s}");
+            }
+        }
     }
 }

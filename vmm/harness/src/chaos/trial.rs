@@ -3,7 +3,8 @@
 //! collected at the end.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,13 +16,16 @@ use arbiter::View;
 use nix::sys::signal::Signal;
 
 use super::client::{read_back, run_client, LoadCounts, Routes};
-use super::schedule::{Direction, FaultKind, Schedule, ScheduleParams, Target};
+use super::schedule::{
+    transfer_silence_ms, Direction, FaultKind, Schedule, ScheduleParams, Target, TransferFault,
+};
 use crate::history::{Clock, HistoryOp, Recorder};
 use crate::launcher::{
-    describe_exit, free_udp_addr, ArbiterKind, Cluster, ClusterArbiter, ClusterConfig,
-    ClusterEvents, DatagramFaults, Launcher, Membership, Process, Role, ServerConfig, UdpProxy,
+    describe_exit, free_tcp_addr, free_udp_addr, ArbiterKind, Cluster, ClusterArbiter,
+    ClusterConfig, ClusterEvents, DatagramFaults, Launcher, Membership, Process, Proxy, Role,
+    ServerConfig, UdpProxy,
 };
-use ftvm_core::host::events::ServerEvent;
+use ftvm_core::host::events::{unix_ns, EventRecord, ServerEvent};
 
 /// What every trial of a campaign shares.
 #[derive(Clone, Debug)]
@@ -53,9 +57,22 @@ pub fn liveness_bound(failure_timeout_ms: u64) -> Duration {
     Duration::from_millis(failure_timeout_ms + 2000)
 }
 
-/// With spares, the VM must be fault tolerant again this long after the
-/// last fault has healed.
-pub const REPROTECT_BOUND: Duration = Duration::from_secs(30);
+/// With spares, the primary must report `protected` (a backup restored its
+/// state and the log channel runs) this long after the last fault healed,
+/// at the latest: the liveness bound (a failover the last fault set off),
+/// then twice (a named spare that fails to join, then the next) the
+/// arbiter's spare timeout (0.5 s), a killed server's replacement booting
+/// and pinging (at most 2.5 s on a loaded machine) and a transfer that
+/// gives up on a silent peer (10 failure timeouts, at least 2 s). With the
+/// default 300 ms failure timeout: 2.3 + 2 × (0.5 + 2.5 + 3) = 14.3 s.
+pub fn reprotect_bound(failure_timeout_ms: u64) -> Duration {
+    liveness_bound(failure_timeout_ms)
+        + 2 * Duration::from_millis(500 + 2500 + transfer_silence_ms(failure_timeout_ms))
+}
+
+/// How long a fault during a transfer waits for a backup to start joining
+/// before it is skipped.
+const TRANSFER_WAIT: Duration = Duration::from_secs(10);
 
 /// One thing the injector did, as it happened.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -66,6 +83,44 @@ pub struct Injected {
     pub fault: usize,
     pub what: String,
 }
+
+/// A fault the injector did not inject: it would have cost the last
+/// server holding the VM's state while no backup held it (the VM was
+/// already unprotected, after a failover or a loss nobody drew), or its
+/// moment never came.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Skipped {
+    pub t_ms: f64,
+    pub fault: usize,
+    pub why: String,
+}
+
+/// A fault struck during a state transfer (or meant to).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Strike {
+    pub fault: usize,
+    /// Unix ns.
+    pub t_ns: u64,
+    pub primary: String,
+    /// The backup the view named as it joined.
+    pub joiner: Option<String>,
+    pub what: String,
+    /// When the joining backup connected (unix ns).
+    pub connected_ns: u64,
+    /// Where the primary's events put the strike (filled in at the end):
+    /// `in the handshake` (before its `transfer_started`), `mid-transfer`
+    /// (before `protected` or `transfer_failed`), `after the transfer`.
+    pub moment: String,
+}
+
+impl Strike {
+    /// Before the primary reported the joiner protected.
+    pub fn hit(&self) -> bool {
+        self.moment != AFTER_TRANSFER
+    }
+}
+
+const AFTER_TRANSFER: &str = "after the transfer";
 
 /// Everything a trial produced, for the checks.
 pub struct TrialRun {
@@ -86,8 +141,15 @@ pub struct TrialRun {
     pub client_failures: Vec<String>,
     pub gave_up: u64,
     pub final_view: Option<View>,
-    /// With spares: whether the VM was fault tolerant again in time.
-    pub reprotected: Option<bool>,
+    /// With spares: how long after the last heal the primary of the final
+    /// view reported `protected` (0: it was before), or `None` if it did
+    /// not within the bound. `None` without spares.
+    pub reprotected_ms: Option<Option<f64>>,
+    pub reprotect_bound: Duration,
+    pub skipped: Vec<Skipped>,
+    pub strikes: Vec<Strike>,
+    /// The primary killed mid-transfer: the VM is down by design.
+    pub down_by_design: Option<Strike>,
     pub datagrams: crate::launcher::DatagramCounts,
     pub names: BTreeMap<SocketAddr, String>,
 }
@@ -100,7 +162,6 @@ enum Action {
     Cont(String),
     RestartArbiter,
     ContArbiter,
-    StartSpare,
     Heal,
     DatagramsOff,
 }
@@ -108,6 +169,18 @@ enum Action {
 struct Injector<'a> {
     cluster: &'a mut Cluster,
     spares: Vec<Process>,
+    /// The log channel proxies of the servers started after the first
+    /// primary (whose own is the cluster's), by server: whoever is primary,
+    /// its log channel goes through one.
+    log_proxies: Vec<(String, Proxy)>,
+    /// Restart every server that ends as a spare with a fresh id.
+    pool: bool,
+    /// Servers that ended and were replaced.
+    replaced: BTreeSet<String>,
+    last_replenish: Instant,
+    skipped: Vec<Skipped>,
+    strikes: Vec<Strike>,
+    down_by_design: Option<Strike>,
     proxies: Vec<UdpProxy>,
     routes: Routes,
     launcher: Launcher,
@@ -168,6 +241,70 @@ impl Injector<'_> {
             }
             Target::Arbiter => Some("arbiter".into()),
         }
+    }
+
+    /// The backup that holds the VM's state, if the VM is protected: the
+    /// view's primary runs and reported `protected` for this view and its
+    /// backup, with no failure or departure of its backup since, and that
+    /// backup runs.
+    fn protected(&mut self) -> Option<String> {
+        let view = self.view()?;
+        let primary = view.primary.as_ref()?.id.clone();
+        let backup = view.backup.as_ref()?.id.clone();
+        let p = self.process(&primary)?;
+        if !p.running() || !protected_in(&p.events(), view.number, &backup) {
+            return None;
+        }
+        self.process(&backup)?.running().then_some(backup)
+    }
+
+    /// The log channel proxy in front of `name`'s log listener.
+    fn log_proxy_of(&self, name: &str) -> Option<&Proxy> {
+        if self.cluster.primary.name() == name {
+            return self.cluster.proxy.as_ref();
+        }
+        self.log_proxies
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, p)| p)
+    }
+
+    /// The current primary's log channel proxy.
+    fn primary_log_proxy(&mut self) -> Option<&Proxy> {
+        let name = self.resolve(Target::Primary)?;
+        self.log_proxy_of(&name)
+    }
+
+    /// Starts a spare in the place of every server that has ended.
+    fn replenish(&mut self) {
+        if !self.pool || self.last_replenish.elapsed() < Duration::from_millis(50) {
+            return;
+        }
+        self.last_replenish = Instant::now();
+        let mut ended = Vec::new();
+        let replaced = &self.replaced;
+        for p in [&mut self.cluster.primary, &mut self.cluster.backup]
+            .into_iter()
+            .chain(self.spares.iter_mut())
+        {
+            if !replaced.contains(p.name()) && !p.running() {
+                let how = p.exited().map_or("ended".into(), describe_exit);
+                ended.push((p.name().to_owned(), how));
+            }
+        }
+        for (name, how) in ended {
+            self.replaced.insert(name.clone());
+            self.note(usize::MAX, format!("{name} ended ({how})"));
+            if let Err(e) = self.start_spare(usize::MAX) {
+                self.note(usize::MAX, format!("cannot start a spare: {e:#}"));
+            }
+        }
+    }
+
+    fn skip(&mut self, fault: usize, why: String) {
+        let t_ms = self.start.elapsed().as_secs_f64() * 1000.0;
+        self.note(fault, format!("skipped: {why}"));
+        self.skipped.push(Skipped { t_ms, fault, why });
     }
 
     fn process(&mut self, name: &str) -> Option<&mut Process> {
@@ -256,10 +393,6 @@ impl Injector<'_> {
         }
     }
 
-    fn log_proxy(&self) -> Option<&crate::launcher::Proxy> {
-        self.cluster.proxy.as_ref()
-    }
-
     fn start_spare(&mut self, fault: usize) -> Result<()> {
         self.spares_started += 1;
         let name = format!("spare{}", self.spares_started);
@@ -268,7 +401,10 @@ impl Injector<'_> {
         };
         let mut config = ServerConfig::new(&name, role, free_udp_addr()?, self.time_limit);
         config.dir = Some(self.dir.clone());
+        let (log_proxy, extra) = log_listener()?;
+        config.extra = extra;
         let process = self.launcher.start(&config)?;
+        self.log_proxies.push((name.clone(), log_proxy));
         let proxy = UdpProxy::start(
             config.address,
             self.seed ^ u64::from(self.spares_started) << 32,
@@ -309,13 +445,13 @@ impl Injector<'_> {
                 self.signal_arbiter(fault, Signal::SIGCONT);
                 self.last_heal = Instant::now();
             }
-            Action::StartSpare => {
-                if let Err(e) = self.start_spare(fault) {
-                    self.note(fault, format!("cannot start a spare: {e:#}"));
-                }
-            }
             Action::Heal => {
-                if let Some(p) = self.log_proxy() {
+                for p in self
+                    .cluster
+                    .proxy
+                    .iter()
+                    .chain(self.log_proxies.iter().map(|(_, p)| p))
+                {
                     p.heal();
                 }
                 self.note(fault, "log channel healed".into());
@@ -337,21 +473,30 @@ impl Injector<'_> {
         now: Instant,
         ms: fn(u64) -> Duration,
     ) {
+        if costs_the_primary(&kind) && self.protected().is_none() {
+            let view = self
+                .view
+                .as_ref()
+                .map_or("no view".into(), ToString::to_string);
+            return self.skip(
+                fault,
+                format!(
+                    "{} would cost the last server holding the VM's state: no backup holds it ({view})",
+                    kind.name()
+                ),
+            );
+        }
         match kind {
             FaultKind::Kill {
                 target,
                 restart_after_ms,
             } => {
-                let killed = self.signal_target(fault, target, Signal::SIGKILL);
+                // A killed server comes back as a spare with a fresh id
+                // ([`Injector::replenish`]).
+                self.signal_target(fault, target, Signal::SIGKILL);
                 self.last_heal = Instant::now();
-                match (target, restart_after_ms) {
-                    (Target::Arbiter, Some(after)) => {
-                        self.push(now + ms(after), fault, Action::RestartArbiter)
-                    }
-                    (_, Some(after)) if killed.is_some() => {
-                        self.push(now + ms(after), fault, Action::StartSpare)
-                    }
-                    _ => {}
+                if let (Target::Arbiter, Some(after)) = (target, restart_after_ms) {
+                    self.push(now + ms(after), fault, Action::RestartArbiter)
                 }
             }
             FaultKind::Pause { target, for_ms } => {
@@ -365,21 +510,21 @@ impl Injector<'_> {
                 }
             }
             FaultKind::Cut { for_ms } => {
-                if let Some(p) = self.log_proxy() {
+                if let Some(p) = self.primary_log_proxy() {
                     p.partition();
                 }
                 self.note(fault, "log channel cut".into());
                 self.push(now + ms(for_ms), fault, Action::Heal);
             }
             FaultKind::CutOneWay { direction, for_ms } => {
-                if let Some(p) = self.log_proxy() {
+                if let Some(p) = self.primary_log_proxy() {
                     p.partition_one_way(direction == Direction::ToPrimary);
                 }
                 self.note(fault, format!("log channel cut {direction}"));
                 self.push(now + ms(for_ms), fault, Action::Heal);
             }
             FaultKind::Delay { ms: d, for_ms } => {
-                if let Some(p) = self.log_proxy() {
+                if let Some(p) = self.primary_log_proxy() {
                     p.delay(ms(d), ms(d));
                 }
                 self.note(fault, format!("log channel delayed {d} ms each way"));
@@ -391,7 +536,7 @@ impl Injector<'_> {
                     Some(Direction::ToPrimary) => [true, false],
                     Some(Direction::ToBackup) => [false, true],
                 };
-                if let Some(p) = self.log_proxy() {
+                if let Some(p) = self.primary_log_proxy() {
                     p.stall(now + ms(for_ms), ways);
                 }
                 self.note(fault, "log channel stalled".into());
@@ -422,7 +567,7 @@ impl Injector<'_> {
                 let Some(name) = self.resolve(Target::Primary) else {
                     return self.note(fault, "no primary to kill".into());
                 };
-                if let Some(p) = self.log_proxy() {
+                if let Some(p) = self.log_proxy_of(&name) {
                     p.partition();
                 }
                 self.note(fault, "log channel cut".into());
@@ -472,6 +617,141 @@ impl Injector<'_> {
                 self.signal_arbiter(fault, Signal::SIGKILL);
                 self.push(Instant::now() + ms(down_ms), fault, Action::RestartArbiter);
             }
+            FaultKind::DuringTransfer {
+                fault: what,
+                after_ms,
+            } => self.during_transfer(fault, what, after_ms),
+        }
+    }
+
+    /// Waits for a backup to connect to the primary's log channel (killing
+    /// the backup first if the VM is protected, so that the primary brings
+    /// up a spare), and strikes `after_ms` later.
+    fn during_transfer(&mut self, fault: usize, what: TransferFault, after_ms: u64) {
+        let ms = Duration::from_millis;
+        let Some(primary) = self.resolve(Target::Primary) else {
+            return self.skip(fault, "no primary".into());
+        };
+        let Some(before) = self.log_proxy_of(&primary).map(Proxy::connections) else {
+            return self.skip(fault, format!("{primary} has no log channel proxy"));
+        };
+        if let Some(backup) = self.protected() {
+            self.signal(fault, &backup, Signal::SIGKILL);
+        }
+        let deadline = Instant::now() + TRANSFER_WAIT;
+        loop {
+            if self
+                .log_proxy_of(&primary)
+                .is_some_and(|p| p.connections() > before)
+            {
+                break;
+            }
+            if Instant::now() > deadline {
+                return self.skip(
+                    fault,
+                    format!("no backup began joining {primary} within {TRANSFER_WAIT:?}"),
+                );
+            }
+            self.run_due();
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let connected = Instant::now();
+        let connected_ns = unix_ns();
+        // The view naming the joiner is older than its connection; the
+        // last one the arbiter gave may be older still.
+        let joiner = self
+            .view()
+            .and_then(|v| v.backup)
+            .map(|m| m.id)
+            .filter(|b| *b != primary)
+            .filter(|b| self.process(b).is_some_and(Process::running));
+        std::thread::sleep((connected + ms(after_ms)).saturating_duration_since(Instant::now()));
+        let now = Instant::now();
+        let strike = Strike {
+            fault,
+            t_ns: unix_ns(),
+            primary: primary.clone(),
+            joiner: joiner.clone(),
+            what: what.to_string(),
+            connected_ns,
+            moment: String::new(),
+        };
+        self.note(
+            fault,
+            format!(
+                "{} connected to {primary}'s log channel; {} ms later: {what}",
+                joiner.as_deref().unwrap_or("a backup"),
+                after_ms
+            ),
+        );
+        let joiner_or_skip = |this: &mut Self| {
+            if joiner.is_none() {
+                this.note(fault, "the view names no joining backup".into());
+            }
+            joiner.clone()
+        };
+        match what {
+            TransferFault::KillPrimary => {
+                if self.signal(fault, &primary, Signal::SIGKILL) {
+                    self.down_by_design = Some(strike.clone());
+                }
+                self.last_heal = Instant::now();
+            }
+            TransferFault::PausePrimary { for_ms } => {
+                if self.signal(fault, &primary, Signal::SIGSTOP) {
+                    self.push(now + ms(for_ms), fault, Action::Cont(primary));
+                }
+            }
+            TransferFault::KillBackup => {
+                if let Some(j) = joiner_or_skip(self) {
+                    self.signal(fault, &j, Signal::SIGKILL);
+                    self.last_heal = Instant::now();
+                }
+            }
+            TransferFault::PauseBackup { for_ms } => {
+                if let Some(j) = joiner_or_skip(self) {
+                    if self.signal(fault, &j, Signal::SIGSTOP) {
+                        self.push(now + ms(for_ms), fault, Action::Cont(j));
+                    }
+                }
+            }
+            TransferFault::Stall { direction, for_ms } => {
+                let ways = match direction {
+                    None => [true, true],
+                    Some(Direction::ToPrimary) => [true, false],
+                    Some(Direction::ToBackup) => [false, true],
+                };
+                if let Some(p) = self.log_proxy_of(&primary) {
+                    p.stall(now + ms(for_ms), ways);
+                }
+                self.push(now + ms(for_ms), fault, Action::Heal);
+            }
+            TransferFault::Cut { for_ms } => {
+                if let Some(p) = self.log_proxy_of(&primary) {
+                    p.partition();
+                }
+                self.push(now + ms(for_ms), fault, Action::Heal);
+            }
+        }
+        self.strikes.push(strike);
+    }
+
+    /// While a fault waits for its moment: what else falls due meanwhile
+    /// (an arbiter's restart, a SIGCONT, a heal, a side-lane fault), but
+    /// no other fault that waits for a transfer.
+    fn run_due(&mut self) {
+        self.replenish();
+        while let Some(Reverse((at, fault, n))) = self.queue.peek().copied() {
+            let waits = matches!(
+                self.actions[n],
+                Action::Start(FaultKind::DuringTransfer { .. })
+            );
+            if at > Instant::now() || waits {
+                return;
+            }
+            self.queue.pop();
+            let action = self.actions[n].clone();
+            self.act(fault as usize, action);
         }
     }
 
@@ -482,24 +762,91 @@ impl Injector<'_> {
         }
     }
 
-    /// Runs every action due by `until`.
+    /// Runs every action due by `until`, replacing servers that end
+    /// meanwhile.
     fn run_until(&mut self, until: Instant) {
         loop {
-            let Some(Reverse((at, _, _))) = self.queue.peek().copied() else {
-                std::thread::sleep(until.saturating_duration_since(Instant::now()));
-                return;
-            };
-            if at > until {
-                std::thread::sleep(until.saturating_duration_since(Instant::now()));
-                return;
-            }
-            std::thread::sleep(at.saturating_duration_since(Instant::now()));
-            if let Some(Reverse((_, fault, n))) = self.queue.pop() {
-                let action = self.actions[n].clone();
-                self.act(fault as usize, action);
+            self.replenish();
+            let next = self.queue.peek().map(|Reverse((at, _, _))| *at);
+            let now = Instant::now();
+            match next {
+                Some(at) if at <= now => {
+                    if let Some(Reverse((_, fault, n))) = self.queue.pop() {
+                        let action = self.actions[n].clone();
+                        self.act(fault as usize, action);
+                    }
+                }
+                _ if now >= until => return,
+                _ => {
+                    let wake = next.unwrap_or(until).min(until);
+                    let nap = wake.saturating_duration_since(now);
+                    std::thread::sleep(nap.min(Duration::from_millis(20)));
+                }
             }
         }
     }
+}
+
+/// What kills the primary, the one server with the VM's state when the VM
+/// is unprotected (a fault during a transfer is chosen for its moment).
+fn costs_the_primary(kind: &FaultKind) -> bool {
+    matches!(
+        kind,
+        FaultKind::Kill {
+            target: Target::Primary,
+            ..
+        } | FaultKind::KillPrimaryAfterOutput
+            | FaultKind::KillPrimaryDuringCut { .. }
+            | FaultKind::KillPrimaryWhileBackupPaused { .. }
+            | FaultKind::ArbiterDownDuringClaim { .. }
+    )
+}
+
+/// Whether a primary's `events` say it is protected in `view` by `backup`:
+/// its `protected` for them, and no failure or departure of its backup,
+/// failed transfer or deposition since.
+fn protected_in(events: &[EventRecord], view: u64, backup: &str) -> bool {
+    let Some(at) = events.iter().rposition(|e| {
+        matches!(&e.event, ServerEvent::Protected { view: v, backup: b, .. } if *v == view && b == backup)
+    }) else {
+        return false;
+    };
+    !events[at + 1..].iter().any(|e| {
+        matches!(
+            e.event,
+            ServerEvent::FailureDetected { .. }
+                | ServerEvent::PeerLeft { .. }
+                | ServerEvent::TransferFailed { .. }
+                | ServerEvent::Deposed { .. }
+        )
+    })
+}
+
+/// When the primary of `view` reported `protected` by `backup` (unix ns),
+/// if its events say it still is.
+pub fn protected_at(events: &[EventRecord], view: u64, backup: &str) -> Option<u64> {
+    protected_in(events, view, backup).then(|| {
+        events
+            .iter()
+            .rev()
+            .find(|e| matches!(&e.event, ServerEvent::Protected { view: v, backup: b, .. } if *v == view && b == backup))
+            .map_or(0, |e| e.t_ns)
+    })
+}
+
+/// A log channel listener behind a proxy of its own, as a server's
+/// `--log-listen` and `--log-advertise`: whoever becomes primary, the
+/// campaign can fault its log channel.
+fn log_listener() -> Result<(Proxy, Vec<OsString>)> {
+    let listen = free_tcp_addr()?;
+    let proxy = Proxy::start(listen)?;
+    let args = vec![
+        "--log-listen".into(),
+        listen.to_string().into(),
+        "--log-advertise".into(),
+        proxy.addr().to_string().into(),
+    ];
+    Ok((proxy, args))
 }
 
 fn time_limit(p: &ScheduleParams) -> Duration {
@@ -518,6 +865,8 @@ pub fn run(launcher: &Launcher, settings: &Settings, schedule: Schedule) -> Resu
     config.names = ["vmm1".into(), "vmm2".into()];
     config.knobs.failure_timeout_ms = Some(p.failure_timeout_ms);
     config.proxy = true;
+    let (backup_log_proxy, backup_extra) = log_listener()?;
+    config.backup_extra = backup_extra;
     if p.etcd {
         config.arbiter = ArbiterKind::Etcd(EtcdConfig::new(limit));
     }
@@ -545,6 +894,13 @@ pub fn run(launcher: &Launcher, settings: &Settings, schedule: Schedule) -> Resu
     let mut injector = Injector {
         cluster: &mut cluster,
         spares: Vec::new(),
+        log_proxies: vec![(config.names[1].clone(), backup_log_proxy)],
+        pool: p.spares > 0,
+        replaced: BTreeSet::new(),
+        last_replenish: Instant::now(),
+        skipped: Vec::new(),
+        strikes: Vec::new(),
+        down_by_design: None,
         proxies,
         routes: routes.clone(),
         launcher: launcher.clone(),
@@ -567,6 +923,15 @@ pub fn run(launcher: &Launcher, settings: &Settings, schedule: Schedule) -> Resu
     injector.view();
     for _ in 0..p.spares {
         injector.start_spare(usize::MAX)?;
+    }
+    // The first backup joined by state transfer: the faults start once
+    // the primary says so.
+    let deadline = Instant::now() + STARTUP;
+    while injector.protected().is_none() {
+        if Instant::now() > deadline {
+            anyhow::bail!("the first backup did not join within {STARTUP:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 
     let stop = AtomicBool::new(false);
@@ -607,7 +972,7 @@ pub fn run(launcher: &Launcher, settings: &Settings, schedule: Schedule) -> Resu
         // restart) comes before the settling time.
         injector.run_all();
         let settle_until = injector.last_heal.max(planned_end) + bound + Duration::from_secs(1);
-        std::thread::sleep(settle_until.saturating_duration_since(Instant::now()));
+        injector.run_until(settle_until);
         stop.store(true, Ordering::SeqCst);
     });
     let end_ns = clock.now_ns();
@@ -618,7 +983,13 @@ pub fn run(launcher: &Launcher, settings: &Settings, schedule: Schedule) -> Resu
         &settings.vm_id,
         routes.clone(),
         &recorder,
-        Instant::now() + FINAL_READS,
+        // A VM down by design answers nobody: no point waiting long.
+        Instant::now()
+            + if injector.down_by_design.is_some() {
+                Duration::from_secs(3)
+            } else {
+                FINAL_READS
+            },
     ) {
         Ok((f, r)) => (f, Some(r)),
         Err(e) => {
@@ -626,8 +997,26 @@ pub fn run(launcher: &Launcher, settings: &Settings, schedule: Schedule) -> Resu
             (BTreeMap::new(), None)
         }
     };
+    let reprotect_bound = reprotect_bound(p.failure_timeout_ms);
+    let reprotected_ms = (p.spares > 0 && injector.down_by_design.is_none())
+        .then(|| wait_reprotected(&mut injector, reprotect_bound, healed_ns));
     let final_view = injector.view();
-    let reprotected = (p.spares > 0).then(|| wait_reprotected(&mut injector));
+    let mut strikes = std::mem::take(&mut injector.strikes);
+    for strike in &mut strikes {
+        let events = injector
+            .process(&strike.primary)
+            .map(|p| p.events())
+            .unwrap_or_default();
+        strike.moment = moment(&events, strike.connected_ns, strike.t_ns).into();
+    }
+    let mut down_by_design = injector.down_by_design.take();
+    if let Some(d) = &mut down_by_design {
+        let events = injector
+            .process(&d.primary)
+            .map(|p| p.events())
+            .unwrap_or_default();
+        d.moment = moment(&events, d.connected_ns, d.t_ns).into();
+    }
     let datagrams = injector
         .proxies
         .iter()
@@ -637,6 +1026,7 @@ pub fn run(launcher: &Launcher, settings: &Settings, schedule: Schedule) -> Resu
         spares,
         injected,
         killed,
+        skipped,
         ..
     } = injector;
     let mut events = cluster.events();
@@ -668,7 +1058,11 @@ pub fn run(launcher: &Launcher, settings: &Settings, schedule: Schedule) -> Resu
             .unwrap_or_else(|p| p.into_inner()),
         gave_up: counts.gave_up.into_inner(),
         final_view,
-        reprotected,
+        reprotected_ms,
+        reprotect_bound,
+        skipped,
+        strikes,
+        down_by_design,
         datagrams,
         names: routes.names(),
     })
@@ -687,17 +1081,49 @@ fn add_counts(
     }
 }
 
-/// Whether the arbiter names a backup that runs, within the bound.
-fn wait_reprotected(injector: &mut Injector) -> bool {
-    let deadline = Instant::now() + REPROTECT_BOUND;
-    while Instant::now() < deadline {
-        if let Some(backup) = injector.view().and_then(|v| v.backup) {
-            let running = injector.process(&backup.id).is_some_and(Process::running);
-            if running {
-                return true;
-            }
+/// How long after the last heal (`healed_ns`) the primary of the final
+/// view reported `protected` (0 if it was before), waiting until `bound`
+/// after the heal; `None` if it did not.
+fn wait_reprotected(injector: &mut Injector, bound: Duration, healed_ns: u64) -> Option<f64> {
+    let deadline = injector.last_heal + bound;
+    loop {
+        injector.last_replenish = Instant::now() - Duration::from_secs(1);
+        injector.replenish();
+        if let Some(backup) = injector.protected() {
+            let view = injector.view.clone()?;
+            let primary = view.primary?.id;
+            let events = injector.process(&primary).map(|p| p.events())?;
+            let at = protected_at(&events, view.number, &backup)?;
+            return Some(at.saturating_sub(healed_ns) as f64 / 1e6);
         }
-        std::thread::sleep(Duration::from_millis(100));
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
-    false
+}
+
+/// Where a primary's `events` put `t_ns` in the join that began with a
+/// connection at `connected_ns`.
+fn moment(events: &[EventRecord], connected_ns: u64, t_ns: u64) -> &'static str {
+    let first = |wanted: fn(&ServerEvent) -> bool| {
+        events
+            .iter()
+            .find(|e| e.t_ns >= connected_ns && wanted(&e.event))
+            .map(|e| e.t_ns)
+    };
+    let started = first(|e| matches!(e, ServerEvent::TransferStarted { .. }));
+    let ended = first(|e| {
+        matches!(
+            e,
+            ServerEvent::Protected { .. } | ServerEvent::TransferFailed { .. }
+        )
+    });
+    if ended.is_some_and(|t| t <= t_ns) {
+        AFTER_TRANSFER
+    } else if started.is_some_and(|t| t <= t_ns) {
+        "mid-transfer"
+    } else {
+        "in the handshake"
+    }
 }

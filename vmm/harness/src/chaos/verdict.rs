@@ -9,7 +9,9 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::schedule::{Fault, Schedule};
-use super::trial::{liveness_bound, Injected, Settings, TrialRun};
+use super::trial::{
+    liveness_bound, reprotect_bound, Injected, Settings, Skipped, Strike, TrialRun,
+};
 use crate::demo::analysis::check_writes;
 use crate::demo::LostWrite;
 use crate::history::HistoryOp;
@@ -52,8 +54,20 @@ pub struct TrialReport {
     /// From the last fault's heal to the first reply after it.
     pub live_again_ms: Option<f64>,
     pub liveness_bound_ms: f64,
-    /// With spares: fault tolerant again in time.
-    pub reprotected: Option<bool>,
+    /// With spares: from the last fault's heal to the final primary's
+    /// `protected` (0: it already was), `None` inside if not within
+    /// `reprotect_bound_ms`.
+    pub reprotected_ms: Option<Option<f64>>,
+    pub reprotect_bound_ms: f64,
+    /// Faults not injected, and why (the campaign's own rule: never cost
+    /// the last server holding the VM's state).
+    pub skipped: Vec<Skipped>,
+    /// Faults aimed at a state transfer, and whether they hit one.
+    pub strikes: Vec<Strike>,
+    /// The primary was killed mid-transfer: the VM is down by design, and
+    /// the checks that need a server (the read-back, liveness,
+    /// re-protection) give way to "the joining backup never went live".
+    pub down_by_design: bool,
     /// The arbiter's view at the end.
     pub final_view: Option<String>,
     /// Clients that gave up on a request (no reply before their deadline).
@@ -89,7 +103,12 @@ impl TrialReport {
             live_again_ms: None,
             liveness_bound_ms: liveness_bound(settings.params.failure_timeout_ms).as_secs_f64()
                 * 1000.0,
-            reprotected: None,
+            reprotected_ms: None,
+            reprotect_bound_ms: reprotect_bound(settings.params.failure_timeout_ms).as_secs_f64()
+                * 1000.0,
+            skipped: Vec::new(),
+            strikes: Vec::new(),
+            down_by_design: false,
             final_view: None,
             clients_gave_up: 0,
             exits: BTreeMap::new(),
@@ -105,9 +124,31 @@ impl TrialReport {
 
     /// One line: the seed, its faults, the verdict.
     pub fn line(&self) -> String {
-        let faults: Vec<&str> = self.faults.iter().map(|f| f.kind.name()).collect();
+        let faults: Vec<String> = self
+            .faults
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                if self.skipped.iter().any(|s| s.fault == i) {
+                    format!("{} (skipped)", f.kind.name())
+                } else {
+                    f.kind.name().to_owned()
+                }
+            })
+            .collect();
+        let mut notes = String::new();
+        if !self.strikes.is_empty() {
+            let moments: Vec<&str> = self.strikes.iter().map(|s| s.moment.as_str()).collect();
+            notes += &format!("; struck {}", moments.join(", "));
+        }
+        if self.down_by_design {
+            notes += "; VM down by design";
+        }
+        if let Some(Some(ms)) = self.reprotected_ms {
+            notes += &format!("; protected {:.1} s after the last heal", ms / 1000.0);
+        }
         format!(
-            "trial seed {}: {} faults ({}); {}",
+            "trial seed {}: {} faults ({}){notes}; {}",
             self.seed,
             self.faults.len(),
             faults.join(", "),
@@ -121,7 +162,8 @@ impl TrialReport {
 }
 
 /// Exit codes a fault explains: 0 (stopped at the end, or its peer
-/// left), 4 (lost test-and-set or deposed, after a failover).
+/// left), 4 (lost test-and-set or deposed, after a failover). Exit 1 is
+/// explained only for a joining backup whose transfer failed.
 const EXPLAINED_EXITS: [&str; 2] = ["exit code 0", "exit code 4"];
 
 pub fn judge(run: &TrialRun, failure_timeout_ms: u64) -> TrialReport {
@@ -133,11 +175,12 @@ pub fn judge(run: &TrialRun, failure_timeout_ms: u64) -> TrialReport {
         .filter(|o| Some(o.client) != run.reader)
         .collect();
 
+    let down = run.down_by_design.as_ref().filter(|d| d.hit());
     let writes = check_writes(&load_ops, &run.finals, None);
     if !writes.lost.is_empty() {
         problems.push(format!("{} acknowledged writes lost", writes.lost.len()));
     }
-    if !writes.unverified_keys.is_empty() {
+    if !writes.unverified_keys.is_empty() && down.is_none() {
         problems.push(format!(
             "{} keys could not be read back",
             writes.unverified_keys.len()
@@ -212,10 +255,64 @@ pub fn judge(run: &TrialRun, failure_timeout_ms: u64) -> TrialReport {
     if !diverged.is_empty() {
         problems.push(format!("diverged: {}", diverged.join(", ")));
     }
+    let transfer_failed = |name: &str| {
+        run.events
+            .of(name)
+            .iter()
+            .any(|e| matches!(e.event, ServerEvent::TransferFailed { .. }))
+    };
     for (name, how) in &run.exits {
         let ours = run.killed.contains(name) && how == "killed by SIGKILL";
-        if !ours && !EXPLAINED_EXITS.contains(&how.as_str()) && how != "exit code 3" {
+        let joiner = how == "exit code 1" && transfer_failed(name);
+        if !ours && !joiner && !EXPLAINED_EXITS.contains(&how.as_str()) && how != "exit code 3" {
             problems.push(format!("{name} ended with {how}"));
+        }
+    }
+
+    // A joining backup never goes live without a complete state: every
+    // server that went live restored a state first, and a primary had
+    // reported it protected by that server.
+    for (server, list) in &run.events.0 {
+        let Some(live) = list
+            .iter()
+            .find(|e| matches!(e.event, ServerEvent::Live { .. }))
+        else {
+            continue;
+        };
+        let restored = list
+            .iter()
+            .any(|e| e.t_ns <= live.t_ns && matches!(e.event, ServerEvent::Restored { .. }));
+        let vouched = run.events.0.iter().any(|(_, other)| {
+            other.iter().any(|e| {
+                e.t_ns <= live.t_ns
+                    && matches!(&e.event, ServerEvent::Protected { backup, .. } if backup == server)
+            })
+        });
+        if !restored || !vouched {
+            problems.push(format!(
+                "{server} went live without a complete state ({})",
+                if restored {
+                    "no primary reported it protected"
+                } else {
+                    "it restored no state"
+                }
+            ));
+        }
+    }
+    if let Some(d) = down {
+        // Nobody serves after the only server with the state died: a
+        // server going live after the kill would be serving a state it
+        // never had complete.
+        for (server, list) in &run.events.0 {
+            if list
+                .iter()
+                .any(|e| e.t_ns > d.t_ns && matches!(e.event, ServerEvent::Live { .. }))
+            {
+                problems.push(format!(
+                    "{server} went live after the primary {} died mid-transfer",
+                    d.primary
+                ));
+            }
         }
     }
 
@@ -227,14 +324,19 @@ pub fn judge(run: &TrialRun, failure_timeout_ms: u64) -> TrialReport {
         .min()
         .map(|t| (t - run.healed_ns) as f64 / 1e6);
     match live_again_ms {
+        _ if down.is_some() => {}
         Some(ms) if ms <= bound => {}
         Some(ms) => problems.push(format!(
             "live again {ms:.0} ms after the last fault healed, past the bound of {bound:.0} ms"
         )),
         None => problems.push("no client was answered after the last fault healed".into()),
     }
-    if run.reprotected == Some(false) {
-        problems.push("not fault tolerant again with a spare at hand".into());
+    let reprotect_bound_ms = run.reprotect_bound.as_secs_f64() * 1000.0;
+    if run.reprotected_ms == Some(None) {
+        problems.push(format!(
+            "not protected again within {:.1} s of the last heal, with a spare at hand",
+            reprotect_bound_ms / 1000.0
+        ));
     }
     problems.extend(run.client_failures.iter().cloned());
 
@@ -265,7 +367,11 @@ pub fn judge(run: &TrialRun, failure_timeout_ms: u64) -> TrialReport {
         diverged,
         live_again_ms,
         liveness_bound_ms: bound,
-        reprotected: run.reprotected,
+        reprotected_ms: run.reprotected_ms,
+        reprotect_bound_ms,
+        skipped: run.skipped.clone(),
+        strikes: run.strikes.clone(),
+        down_by_design: down.is_some(),
         final_view: run.final_view.as_ref().map(ToString::to_string),
         clients_gave_up: run.gave_up,
         exits: run.exits.clone(),

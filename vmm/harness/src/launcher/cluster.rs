@@ -61,11 +61,9 @@ pub struct ClusterConfig {
     /// The log channel through a [`Proxy`] that can cut it.
     pub proxy: bool,
     pub arbiter: ArbiterKind,
-    /// The primary's `--backup-wait`: its guest does not run before the
-    /// backup has joined (or this long has passed), so that the backup
-    /// checks every output from the first. `None`: the guest runs at once
-    /// and the backup joins by state transfer when it comes.
-    pub backup_wait: Option<Duration>,
+    /// More arguments for the backup (`ftvm chaos` gives it a log channel
+    /// listener behind a proxy of its own, for when it is primary).
+    pub backup_extra: Vec<std::ffi::OsString>,
 }
 
 impl ClusterConfig {
@@ -81,7 +79,7 @@ impl ClusterConfig {
             consoles: false,
             proxy: false,
             arbiter: ArbiterKind::Builtin,
-            backup_wait: None,
+            backup_extra: Vec::new(),
         }
     }
 }
@@ -222,20 +220,17 @@ impl Cluster {
             log_listen,
             log_advertise: proxy.as_ref().map(Proxy::addr),
         };
-        let mut primary_config = server(primary_name, primary_role, &config.guest)?;
-        if let Some(wait) = config.backup_wait {
-            primary_config.extra.extend([
-                "--backup-wait".into(),
-                wait.as_secs_f64().to_string().into(),
-            ]);
-        }
-        let mut primary = launcher.start(&primary_config)?;
+        let mut primary = launcher.start(&server(primary_name, primary_role, &config.guest)?)?;
         primary.wait_event("role", START_TIMEOUT, |e| {
             matches!(e, ServerEvent::Role { .. })
         })?;
         let backup_guest = config.backup_guest.as_ref().unwrap_or(&config.guest);
         let backup_role = Role::Backup { membership };
-        let backup = launcher.start(&server(backup_name, backup_role, backup_guest)?)?;
+        let mut backup_config = server(backup_name, backup_role, backup_guest)?;
+        backup_config
+            .extra
+            .extend(config.backup_extra.iter().cloned());
+        let backup = launcher.start(&backup_config)?;
         Ok(Cluster {
             primary,
             backup,

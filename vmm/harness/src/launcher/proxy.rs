@@ -24,6 +24,8 @@ pub struct Proxy {
     /// until it, then passed on (a stall).
     hold: [Arc<Mutex<Option<Instant>>>; 2],
     stop: Arc<AtomicBool>,
+    /// Connections forwarded so far.
+    accepted: Arc<AtomicU64>,
 }
 
 /// Writes what `pump` read once its delay is over, in order.
@@ -85,7 +87,9 @@ impl Proxy {
         let delay_us = [Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0))];
         let hold = [Arc::new(Mutex::new(None)), Arc::new(Mutex::new(None))];
         let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicU64::new(0));
         let (c, d, h, s) = (cut.clone(), delay_us.clone(), hold.clone(), stop.clone());
+        let a = accepted.clone();
         std::thread::spawn(move || {
             while !s.load(Ordering::SeqCst) {
                 match listener.accept() {
@@ -97,6 +101,7 @@ impl Proxy {
                         let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else {
                             continue;
                         };
+                        a.fetch_add(1, Ordering::SeqCst);
                         let (cut1, delay1, hold1) = (c[0].clone(), d[0].clone(), h[0].clone());
                         let (cut2, delay2, hold2) = (c[1].clone(), d[1].clone(), h[1].clone());
                         let (stop1, stop2) = (s.clone(), s.clone());
@@ -115,11 +120,18 @@ impl Proxy {
             delay_us,
             hold,
             stop,
+            accepted,
         })
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// How many connections the proxy has forwarded so far (a backup's
+    /// handshake, and its state transfer right after, start with one).
+    pub fn connections(&self) -> u64 {
+        self.accepted.load(Ordering::SeqCst)
     }
 
     /// From now on, drop every byte in both directions.
