@@ -61,6 +61,11 @@ pub struct ClusterConfig {
     /// The log channel through a [`Proxy`] that can cut it.
     pub proxy: bool,
     pub arbiter: ArbiterKind,
+    /// The primary's `--backup-wait`: its guest does not run before the
+    /// backup has joined (or this long has passed), so that the backup
+    /// checks every output from the first. `None`: the guest runs at once
+    /// and the backup joins by state transfer when it comes.
+    pub backup_wait: Option<Duration>,
     /// More arguments for the backup (`ftvm chaos` gives it a log channel
     /// listener behind a proxy of its own, for when it is primary).
     pub backup_extra: Vec<std::ffi::OsString>,
@@ -79,6 +84,7 @@ impl ClusterConfig {
             consoles: false,
             proxy: false,
             arbiter: ArbiterKind::Builtin,
+            backup_wait: None,
             backup_extra: Vec::new(),
         }
     }
@@ -220,7 +226,14 @@ impl Cluster {
             log_listen,
             log_advertise: proxy.as_ref().map(Proxy::addr),
         };
-        let mut primary = launcher.start(&server(primary_name, primary_role, &config.guest)?)?;
+        let mut primary_config = server(primary_name, primary_role, &config.guest)?;
+        if let Some(wait) = config.backup_wait {
+            primary_config.extra.extend([
+                "--backup-wait".into(),
+                wait.as_secs_f64().to_string().into(),
+            ]);
+        }
+        let mut primary = launcher.start(&primary_config)?;
         primary.wait_event("role", START_TIMEOUT, |e| {
             matches!(e, ServerEvent::Role { .. })
         })?;
