@@ -11,7 +11,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use arbiter::{Member, View};
 use ftvm_core::ft::backup::{Backup, ChannelSource, GoLive};
 use ftvm_core::ft::membership::{ArbitrationError, JoinWait, Membership};
-use ftvm_core::ft::transfer::receive::{restore, Restored};
+use ftvm_core::ft::transfer::receive::{restore, Prepared, Restored};
 use ftvm_core::ft::transfer::silence_limit;
 use ftvm_core::host::events::{Events, ServerEvent, ServerRole, StatusBoard};
 use ftvm_core::replay::Replay;
@@ -54,6 +54,7 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
     let wait = seconds("--primary-wait", Some(args.primary_wait))?.unwrap_or_default();
     let config = ft.channel_config()?;
     let mut vm = ft.boot(&image)?;
+    let prepared = Prepared::new(&vm).context("cannot prepare guest memory for a transfer")?;
     let (listener, log_addr) = ft.log_listener()?;
     let id = ft.server_id("backup");
     let events = Events::open(&id, ft.events.as_deref()).context("cannot open the events file")?;
@@ -98,6 +99,7 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
     let restored = match restore(
         &mut handshaken,
         &mut vm,
+        prepared,
         silence_limit(config.failure_timeout),
         &board,
     ) {

@@ -1,5 +1,6 @@
-//! The joining backup's side of a state transfer: it zeroes its memory,
-//! writes each page as it arrives (nothing is buffered beyond one read),
+//! The joining backup's side of a state transfer: with its memory zeroed
+//! and hashed beforehand (while it waited as a spare), it writes each page
+//! as it arrives (nothing is buffered beyond one read),
 //! and at the cut restores the machine state and checks the primary's
 //! digest. Only a state that restored completely and matches is
 //! acknowledged; anything else is refused with both values named, and the
@@ -51,18 +52,37 @@ pub struct Restored {
     pub took: Duration,
 }
 
-/// Receives the primary's state on `handshaken` into `vm` and answers with
-/// the verdict. Waits at most `silence` for each read.
+/// A spare's memory, zeroed and hashed ahead of any transfer: work that
+/// grows with the guest's memory size, done while nobody waits for it,
+/// not while the primary's guest stands still at the cut.
+pub struct Prepared {
+    hasher: MemoryHasher,
+}
+
+impl Prepared {
+    /// Zeroes `vm`'s memory and hashes it. Nothing may write to it before
+    /// [`restore`].
+    pub fn new(vm: &Vm) -> Result<Prepared, RestoreError> {
+        memory::zero(&vm.mem)?;
+        Ok(Prepared {
+            hasher: MemoryHasher::new(&vm.mem, vm.config.mem_size),
+        })
+    }
+}
+
+/// Receives the primary's state on `handshaken` into `vm` (prepared by
+/// `prepared`) and answers with the verdict. Waits at most `silence` for
+/// each read.
 pub fn restore(
     handshaken: &mut Handshaken,
     vm: &mut Vm,
+    prepared: Prepared,
     silence: Duration,
     board: &StatusBoard,
 ) -> Result<Restored, RestoreError> {
     use std::sync::atomic::Ordering::Relaxed;
     let started = Instant::now();
-    let mem_size = vm.config.mem_size;
-    let mut hasher: Option<MemoryHasher> = None;
+    let mut hasher = prepared.hasher;
     let mut round = 0;
     let mut pages = 0;
     let mut reader =
@@ -85,10 +105,8 @@ pub fn restore(
             }
         };
         match item {
-            TransferItem::Begin { .. } => {
-                memory::zero(&vm.mem)?;
-                hasher = Some(MemoryHasher::new(&vm.mem, mem_size));
-            }
+            // The reader checked it against this guest's memory size.
+            TransferItem::Begin { .. } => {}
             TransferItem::Page { index, data } => {
                 let at = GuestAddress(index * PAGE_SIZE as u64);
                 let written = match data {
@@ -98,9 +116,7 @@ pub fn restore(
                 written.map_err(|e| {
                     RestoreError::Refused(format!("page {index} cannot be written: {e}"))
                 })?;
-                if let Some(h) = hasher.as_mut() {
-                    h.refresh(&vm.mem, [index]);
-                }
+                hasher.refresh(&vm.mem, [index]);
                 pages += 1;
             }
             TransferItem::RoundEnd { round: r, .. } => {
@@ -113,7 +129,7 @@ pub fn restore(
         }
     };
     let bytes = reader.bytes_read();
-    let verdict = check(&cut, vm, hasher.as_ref());
+    let verdict = check(&cut, vm, &hasher);
     let answer = match &verdict {
         Ok(_) => Verdict::Restored {
             mem_hash: cut.mem_hash,
@@ -146,11 +162,8 @@ pub fn restore(
 fn check(
     cut: &logchannel::Cut,
     vm: &mut Vm,
-    hasher: Option<&MemoryHasher>,
+    hasher: &MemoryHasher,
 ) -> Result<MachineState, String> {
-    let Some(hasher) = hasher else {
-        return Err("the cut came before any memory".to_string());
-    };
     if cut.next_seq == 0 {
         return Err("the cut names log entry 0 as the next one".to_string());
     }
