@@ -66,6 +66,7 @@ impl ClientTable {
 
     /// The last request executed for `client_id` and its reply; counts as a
     /// use of the client for eviction.
+    #[inline(never)]
     pub fn history(&mut self, client_id: u64) -> History<'_> {
         match self.find(client_id) {
             Ok(slot) => {
@@ -85,6 +86,7 @@ impl ClientTable {
     /// with `reply` (at most MAX_REPLY_LEN bytes; longer replies are not
     /// recorded), evicting the least recently used client if the table is
     /// full.
+    #[inline(never)]
     pub fn record(&mut self, client_id: u64, request_num: u64, reply: &[u8]) {
         if reply.len() > MAX_REPLY_LEN {
             return;

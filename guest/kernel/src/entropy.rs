@@ -45,6 +45,7 @@ pub fn rdrand() -> u64 {
 /// A reply's stamp: the TSC and a nonce. The `rdtsc` and the first `rdrand`
 /// are adjacent in one asm block, so that the VMM, which emulates a run of
 /// consecutive patched instructions at one exit, serves both with one trap.
+#[inline(never)]
 pub fn stamp() -> (u64, u64) {
     let (lo, hi): (u32, u32);
     let mut nonce: u64;

@@ -73,6 +73,7 @@ impl Store {
         self.len
     }
 
+    #[inline(never)]
     pub fn get(&self, key: &[u8]) -> Option<&[u8]> {
         match self.probe(key) {
             Probe::Found(at) => Some(self.entries[at].value()),
@@ -80,6 +81,7 @@ impl Store {
         }
     }
 
+    #[inline(never)]
     pub fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), Error> {
         if value.len() > MAX_VALUE_LEN {
             return Err(Error::TooLarge);
@@ -92,6 +94,7 @@ impl Store {
 
     /// Appends `value` to the value of `key`; a missing key counts as empty
     /// (and exists afterwards). Nothing changes on error.
+    #[inline(never)]
     pub fn append(&mut self, key: &[u8], value: &[u8]) -> Result<(), Error> {
         let old_len = match self.probe(key) {
             Probe::Found(at) => self.entries[at].value_len as usize,
@@ -132,6 +135,7 @@ impl Store {
         Ok(&mut self.entries[at])
     }
 
+    #[inline(never)]
     fn probe(&self, key: &[u8]) -> Probe {
         let hash = fnv1a(key);
         let mut slot = hash as usize % SLOTS;

@@ -7,7 +7,9 @@
 //! It runs at CPL0, where this platform's KVM emulates every instruction, so
 //! it does little per request and causes few VM exits: per request it traps
 //! on one `rdtsc` and one `rdrand`, and the `hlt` of the idle loop lets the
-//! device deliver the next frame and drain the replies.
+//! device deliver the next frame and drain the replies. The request path's
+//! functions are `#[inline(never)]`, which costs a call each, so that
+//! `ftvm bench profile` can attribute its instructions by symbol.
 
 #![no_std]
 #![no_main]

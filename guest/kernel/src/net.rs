@@ -46,6 +46,7 @@ impl Endpoints {
 /// unfragmented IPv4/UDP datagram to `ip`:`port` with a valid IPv4 header
 /// checksum and consistent lengths. The UDP checksum is not verified: the
 /// VMM may send 0, and a virtual wire does not corrupt frames.
+#[inline(never)]
 pub fn parse_udp(frame: &[u8], ip: [u8; 4], port: u16) -> Option<(Endpoints, &[u8])> {
     if frame.len() < HEADERS_LEN || frame[12..14] != ETHERTYPE_IPV4 {
         return None;
@@ -90,6 +91,7 @@ pub fn parse_udp(frame: &[u8], ip: [u8; 4], port: u16) -> Option<(Endpoints, &[u
 /// Writes the Ethernet, IPv4 and UDP headers of a frame from `to.src_*` to
 /// `to.dst_*` carrying `payload_len` bytes into `frame[..HEADERS_LEN]`.
 /// Returns the frame length, or None if the payload does not fit a frame.
+#[inline(never)]
 pub fn write_headers(frame: &mut [u8], to: &Endpoints, payload_len: usize) -> Option<usize> {
     let frame_len = HEADERS_LEN + payload_len;
     if frame_len > MAX_FRAME_LEN || frame.len() < HEADERS_LEN {
@@ -124,6 +126,7 @@ pub fn write_headers(frame: &mut [u8], to: &Endpoints, payload_len: usize) -> Op
 
 /// The Internet checksum (RFC 1071) of `data`: the value to store in a zeroed
 /// checksum field, or 0 when run over a header whose checksum is correct.
+#[inline(never)]
 pub fn checksum(data: &[u8]) -> u16 {
     let mut sum: u32 = 0;
     let mut words = data.chunks_exact(2);

@@ -304,6 +304,7 @@ pub struct Receiver(Queue);
 impl Receiver {
     /// The next received buffer, if any. Completions naming a descriptor the
     /// queue does not have are skipped.
+    #[inline(never)]
     pub fn next(&mut self) -> Option<RxBuffer> {
         loop {
             let (id, len) = self.0.pop_used()?;
@@ -328,6 +329,7 @@ impl Receiver {
     }
 
     /// Gives a buffer back to the device for the next frame.
+    #[inline(never)]
     pub fn repost(&mut self, buffer: RxBuffer) {
         self.0.push_avail(buffer.id);
         self.0.publish();
@@ -350,6 +352,7 @@ impl Transmitter {
     /// A free transmit buffer. If all are in flight, reclaims completions,
     /// and if there are none, notifies the device once (the exit makes it
     /// drain the queue) and tries again.
+    #[inline(never)]
     pub fn alloc(&mut self) -> Option<TxBuffer> {
         if self.free_len == 0 {
             self.reclaim();
@@ -374,6 +377,7 @@ impl Transmitter {
     }
 
     /// Hands `frame_len` bytes of `buffer` to the device.
+    #[inline(never)]
     pub fn send(&mut self, buffer: TxBuffer, frame_len: usize) {
         let len = (NET_HDR_LEN + frame_len.min(MAX_FRAME_LEN)) as u32;
         self.queue.set_desc(buffer.id, len, 0);
@@ -395,6 +399,7 @@ impl Transmitter {
     }
 
     /// Takes back every buffer the device has finished with.
+    #[inline(never)]
     pub fn reclaim(&mut self) {
         while let Some((id, _)) = self.queue.pop_used() {
             if id < self.queue.size as u32 {

@@ -8,6 +8,7 @@ pub mod ft;
 pub mod join;
 pub mod kv;
 pub mod precise;
+pub mod profile;
 pub mod record;
 
 #[derive(clap::Args)]
@@ -41,6 +42,9 @@ pub enum BenchWhat {
     /// replay against the recorded time, breakpoint hits and single steps
     /// per interrupt, log bytes per second.
     Precise(precise::PreciseBenchArgs),
+    /// Single-steps a few requests in the guest and attributes each
+    /// instruction to a function: instructions and exits per request.
+    Profile(profile::ProfileArgs),
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
@@ -52,5 +56,6 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         BenchWhat::Etcd(e) => etcd::bench_etcd(e),
         BenchWhat::Precise(p) => precise::bench_precise(p),
         BenchWhat::Join(j) => join::bench_join(j),
+        BenchWhat::Profile(p) => profile::bench_profile(p),
     }
 }
