@@ -16,6 +16,8 @@ pub enum Workload {
     Spin,
     /// The key-value service and a preempted background task.
     KvRace,
+    /// The key-value service as a user task at CPL3.
+    KvUser,
 }
 
 impl Workload {
@@ -25,6 +27,7 @@ impl Workload {
             1 => Workload::Race,
             2 => Workload::Spin,
             3 => Workload::KvRace,
+            4 => Workload::KvUser,
             _ => return None,
         })
     }
@@ -35,6 +38,7 @@ impl Workload {
             Workload::Race => "race",
             Workload::Spin => "spin",
             Workload::KvRace => "kv-race",
+            Workload::KvUser => "kv-user",
         }
     }
 }

@@ -2,7 +2,8 @@
 //! the key-value protocol of docs/protocol.md over UDP on a virtio-net
 //! device, following the VMM contract of docs/guest-abi.md; the boot-info
 //! block can ask for another workload instead (`race`, `spin`) or beside it
-//! (`kv-race`), built to test interrupts delivered between VM exits.
+//! (`kv-race`), built to test interrupts delivered between VM exits, or for
+//! the same service run as a user task at CPL3 (`kv-user`, user.rs).
 //!
 //! It runs at CPL0, where this platform's KVM emulates every instruction, so
 //! it does little per request and causes few VM exits: per request it traps
@@ -32,6 +33,7 @@ mod serial;
 mod service;
 mod shared;
 mod spin;
+mod user;
 mod virtio_net;
 
 use boot::{BootInfo, Workload};
@@ -73,7 +75,7 @@ pub unsafe extern "C" fn _start(boot_info: *const [u8; boot::BLOCK_SIZE]) -> ! {
     match info.workload {
         Workload::Race => race::run(),
         Workload::Spin => spin::run(),
-        Workload::Kv | Workload::KvRace => {}
+        Workload::Kv | Workload::KvRace | Workload::KvUser => {}
     }
     let mut net = match VirtioNet::init(info.net_mmio_base as usize) {
         Ok(net) => net,
@@ -88,6 +90,9 @@ pub unsafe extern "C" fn _start(boot_info: *const [u8; boot::BLOCK_SIZE]) -> ! {
     // SAFETY: this is the only place that takes the service; _start runs
     // once and never returns.
     let service = unsafe { &mut *SERVICE.get() };
+    if info.workload == Workload::KvUser {
+        user::enter(info, net, service)
+    }
     run(&info, &mut net, service)
 }
 
@@ -95,7 +100,9 @@ pub unsafe extern "C" fn _start(boot_info: *const [u8; boot::BLOCK_SIZE]) -> ! {
 /// after the receive ring was found empty with interrupts disabled, so that
 /// a frame arriving in between still ends the `hlt` with its interrupt.
 /// With a background task (`kv-race`) the service yields to it instead of
-/// halting; a received frame's interrupt switches back to the service.
+/// halting; a received frame's interrupt switches back to the service. At
+/// CPL3 (`kv-user`), where `cli` and `hlt` fault, interrupts stay enabled and
+/// the idle port's check of the receive index closes the same window.
 fn run(info: &BootInfo, net: &mut VirtioNet, service: &mut Service) -> ! {
     let stats_interval = STATS_SECONDS * info.tick_hz as u64;
     let mut next_stats = stats_interval;
@@ -103,8 +110,11 @@ fn run(info: &BootInfo, net: &mut VirtioNet, service: &mut Service) -> ! {
         dropped: 0,
         tx_full: 0,
     };
+    let user = info.workload == Workload::KvUser;
     loop {
-        cli();
+        if !user {
+            cli();
+        }
         let mut received = false;
         while let Some(buffer) = net.rx.next() {
             received = true;
@@ -132,6 +142,7 @@ fn run(info: &BootInfo, net: &mut VirtioNet, service: &mut Service) -> ! {
         if !received {
             match info.workload {
                 Workload::KvRace => sched::yield_now(),
+                Workload::KvUser => port::idle(net.rx.seen()),
                 _ => sti_hlt(),
             }
         }

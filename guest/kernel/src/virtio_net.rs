@@ -328,6 +328,12 @@ impl Receiver {
         unsafe { core::slice::from_raw_parts(start.add(NET_HDR_LEN), len) }
     }
 
+    /// How far the receive used ring has been consumed (free running), for
+    /// [`crate::port::idle`].
+    pub fn seen(&self) -> u16 {
+        self.0.last_used
+    }
+
     /// Gives a buffer back to the device for the next frame.
     #[inline(never)]
     pub fn repost(&mut self, buffer: RxBuffer) {
