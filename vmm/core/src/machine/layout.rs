@@ -38,3 +38,11 @@ pub const BOOT_DS: u16 = 0x10;
 
 /// The port through which the guest ends the run (value 0: power-off).
 pub const EXIT_PORT: u16 = 0x501;
+/// A guest's idle wait where `hlt` is not allowed (CPL3): a byte write of
+/// the low byte of the receive used index the guest has seen idles like
+/// `hlt` unless the device's index has moved since (docs/guest-abi.md).
+pub const IDLE_PORT: u16 = 0x502;
+/// What a patch site of a workload with CPL3 code becomes: `out` to this
+/// port (`E6 ib` takes an 8-bit port), which exits from CPL3 through the
+/// TSS I/O bitmap where `hlt` gives #GP.
+pub const TRAP_PORT: u8 = 0xe6;

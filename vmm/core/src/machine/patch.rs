@@ -1,7 +1,9 @@
 //! The patch table: every rdtsc, rdtscp, rdrand and rdseed in the guest's
-//! code is replaced at load time by `hlt` plus `nop`s of the same length.
-//! At CPL0 the `hlt` exits to the VMM with RIP one past it, the VMM supplies
-//! the instruction's result (from the host on a live run, from the log on
+//! code is replaced at load time by an instruction that exits plus `nop`s
+//! of the same length: `hlt`, which exits at CPL0 with RIP one past it, or,
+//! for a workload with CPL3 code (where `hlt` gives #GP), `out TRAP_PORT,
+//! al`, which exits at either level with RIP past it. The VMM supplies the
+//! instruction's result (from the host on a live run, from the log on
 //! replay) and moves RIP past the site. Primary and backup patch the same
 //! image identically, so the sites are part of the deterministic state.
 
@@ -10,10 +12,13 @@ use std::collections::BTreeMap;
 use kvm_bindings::kvm_regs;
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::machine::layout::TRAP_PORT;
 use crate::machine::memory::GuestMemory;
 use crate::machine::scan::{DestRegister, NondetKind, NondetSite};
 
 const HLT: u8 = 0xf4;
+/// `out imm8, al`.
+const OUT_IMM8_AL: u8 = 0xe6;
 const NOP: u8 = 0x90;
 /// RFLAGS bits rdrand and rdseed define: CF is the result, OF, SF, ZF, AF
 /// and PF are cleared.
@@ -40,6 +45,25 @@ pub struct TrapResult {
     pub aux: u32,
     /// CF for rdrand and rdseed.
     pub ok: bool,
+}
+
+/// The exiting instruction a patch site begins with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrapInstruction {
+    /// `hlt` (1 byte): exits at CPL0 only.
+    Hlt,
+    /// `out TRAP_PORT, al` (2 bytes): exits at CPL0 and, with the port
+    /// allowed in the TSS I/O bitmap, at CPL3.
+    Out,
+}
+
+impl TrapInstruction {
+    fn bytes(self) -> &'static [u8] {
+        match self {
+            TrapInstruction::Hlt => &[HLT],
+            TrapInstruction::Out => &[OUT_IMM8_AL, TRAP_PORT],
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -81,10 +105,12 @@ impl PatchTable {
     }
 
     /// Writes the trapping sequence over every site.
-    pub fn apply(&self, mem: &GuestMemory) -> Result<(), PatchError> {
+    pub fn apply(&self, mem: &GuestMemory, with: TrapInstruction) -> Result<(), PatchError> {
+        let trap = with.bytes();
         for site in self.sites.values() {
             let mut bytes = vec![NOP; site.len];
-            bytes[0] = HLT;
+            // Every site is at least 2 bytes long (checked in `new`).
+            bytes[..trap.len()].copy_from_slice(trap);
             mem.write_slice(&bytes, GuestAddress(site.addr))
                 .map_err(|e| PatchError::Write {
                     addr: site.addr,
@@ -94,13 +120,15 @@ impl PatchTable {
         Ok(())
     }
 
-    /// The sites a `hlt` exit with `rip` (one past the `hlt`) stands for:
-    /// the patched site there and every patched site that directly follows
-    /// it, which one exit emulates together (the guest's `rdtsc; rdrand`
-    /// pairs cost one exit, not two). Empty if `rip` is not a patch site.
-    pub fn trapped_run(&self, rip: u64) -> Vec<&NondetSite> {
+    /// The sites a trap exit at `site` stands for: the patched site there
+    /// and every patched site that directly follows it, which one exit
+    /// emulates together (the guest's `rdtsc; rdrand` pairs cost one exit,
+    /// not two). Empty if `site` is not a patch site. On this platform a
+    /// `hlt` trap's site is its exit's RIP minus one, an `out` trap's its
+    /// RIP minus two.
+    pub fn trapped_run(&self, site: u64) -> Vec<&NondetSite> {
         let mut run = Vec::new();
-        let mut at = rip.wrapping_sub(1);
+        let mut at = site;
         while let Some(site) = self.sites.get(&at) {
             run.push(site);
             at = site.addr + site.len as u64;
@@ -189,11 +217,11 @@ mod tests {
             site(0x1010, 3, NondetKind::Rdtscp, None),
         ])
         .expect("table");
-        let run: Vec<u64> = t.trapped_run(0x1001).iter().map(|s| s.addr).collect();
+        let run: Vec<u64> = t.trapped_run(0x1000).iter().map(|s| s.addr).collect();
         assert_eq!(run, vec![0x1000, 0x1002]);
-        assert_eq!(t.trapped_run(0x1011).len(), 1);
+        assert_eq!(t.trapped_run(0x1010).len(), 1);
         assert!(
-            t.trapped_run(0x1004).is_empty(),
+            t.trapped_run(0x1003).is_empty(),
             "only a site's first byte traps"
         );
     }
@@ -211,11 +239,15 @@ mod tests {
             }),
         )])
         .expect("table");
-        t.apply(&mem).expect("apply");
+        t.apply(&mem, TrapInstruction::Hlt).expect("apply");
         let mut b = [0u8; 4];
         mem.read_slice(&mut b, GuestAddress(0x10_0000))
             .expect("read");
         assert_eq!(b, [0xf4, 0x90, 0x90, 0x90]);
+        t.apply(&mem, TrapInstruction::Out).expect("apply");
+        mem.read_slice(&mut b, GuestAddress(0x10_0000))
+            .expect("read");
+        assert_eq!(b, [0xe6, TRAP_PORT, 0x90, 0x90]);
     }
 
     #[test]

@@ -5,6 +5,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use crate::machine::patch::TrapInstruction;
+
 /// The `ReplayConfig.extra` key under which a log header records a workload
 /// other than the default: a replay boots the same one, and a build that
 /// does not know the key refuses the log rather than boot another.
@@ -22,20 +24,24 @@ pub enum Workload {
     Spin,
     /// The KV service and a background task it preempts.
     KvRace,
+    /// The KV service as a user task at CPL3, where this platform runs
+    /// guest code natively rather than in KVM's instruction emulator.
+    KvUser,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WorkloadError {
-    #[error("unknown workload {0:?} (the workloads are kv, race, spin, kv-race)")]
+    #[error("unknown workload {0:?} (the workloads are kv, race, spin, kv-race, kv-user)")]
     UnknownName(String),
 }
 
 impl Workload {
-    pub const ALL: [Workload; 4] = [
+    pub const ALL: [Workload; 5] = [
         Workload::Kv,
         Workload::Race,
         Workload::Spin,
         Workload::KvRace,
+        Workload::KvUser,
     ];
 
     /// The value of the boot-info field.
@@ -45,6 +51,7 @@ impl Workload {
             Workload::Race => 1,
             Workload::Spin => 2,
             Workload::KvRace => 3,
+            Workload::KvUser => 4,
         }
     }
 
@@ -55,13 +62,24 @@ impl Workload {
             Workload::Race => "race",
             Workload::Spin => "spin",
             Workload::KvRace => "kv-race",
+            Workload::KvUser => "kv-user",
         }
     }
 
     /// Whether the guest serves the KV protocol (and so waits for clients
     /// rather than powering off by itself).
     pub fn serves_kv(self) -> bool {
-        matches!(self, Workload::Kv | Workload::KvRace)
+        matches!(self, Workload::Kv | Workload::KvRace | Workload::KvUser)
+    }
+
+    /// What the patch sites of this workload's image become: `hlt` gives
+    /// #GP at CPL3, so a guest with user-mode code traps with a port write,
+    /// which exits from CPL3 as from CPL0 (docs/guest-abi.md).
+    pub fn trap_instruction(self) -> TrapInstruction {
+        match self {
+            Workload::KvUser => TrapInstruction::Out,
+            _ => TrapInstruction::Hlt,
+        }
     }
 }
 
@@ -92,8 +110,39 @@ mod tests {
             assert_eq!(w.name().parse::<Workload>(), Ok(w));
         }
         let fields: Vec<u32> = Workload::ALL.iter().map(|w| w.boot_field()).collect();
-        assert_eq!(fields, vec![0, 1, 2, 3], "the ABI's values");
+        assert_eq!(fields, vec![0, 1, 2, 3, 4], "the ABI's values");
         assert_eq!(Workload::default(), Workload::Kv);
         assert!("kv_race".parse::<Workload>().is_err());
+    }
+
+    /// The scanner covers the whole image, the code `kv-user` runs at CPL3
+    /// included: every site there (the reply stamp's `rdtsc; rdrand` among
+    /// them) becomes a port write, which exits from CPL3.
+    #[test]
+    fn kv_user_traps_every_site_with_a_port_write() {
+        use crate::machine::guest_image::GUEST_ELF;
+        use crate::machine::layout::{DEFAULT_MEM_SIZE, TRAP_PORT};
+        use crate::machine::loader::ElfImage;
+        use crate::machine::patch::PatchTable;
+        use crate::machine::scan::{self, NondetKind};
+        use vm_memory::{Bytes, GuestAddress};
+
+        let image = ElfImage::parse(GUEST_ELF, DEFAULT_MEM_SIZE).expect("image");
+        let mem = crate::machine::memory::create(DEFAULT_MEM_SIZE).expect("memory");
+        image.load(GUEST_ELF, &mem).expect("load");
+        let sites = scan::scan(image.code(GUEST_ELF)).nondet;
+        let kinds: Vec<NondetKind> = sites.iter().map(|s| s.kind).collect();
+        assert!(kinds.contains(&NondetKind::Rdtsc) && kinds.contains(&NondetKind::Rdrand));
+        let table = PatchTable::new(&sites).expect("table");
+        table
+            .apply(&mem, Workload::KvUser.trap_instruction())
+            .expect("apply");
+        for site in &sites {
+            let mut first = [0u8; 2];
+            mem.read_slice(&mut first, GuestAddress(site.addr))
+                .expect("read");
+            assert_eq!(first, [0xe6, TRAP_PORT], "site {:#x}", site.addr);
+        }
+        assert_eq!(Workload::Kv.trap_instruction(), TrapInstruction::Hlt);
     }
 }

@@ -3,8 +3,11 @@
 //! unit tests with made-up exits all share it.
 
 use crate::devices::Devices;
-use crate::machine::layout::EXIT_PORT;
+use crate::machine::layout::{EXIT_PORT, IDLE_PORT, TRAP_PORT};
 use crate::machine::memory::GuestMemory;
+
+/// virtio-net's receive queue.
+const RX_QUEUE: usize = 0;
 
 /// A synchronous exit, in the VMM's own terms (made-up exits are easy to
 /// build in tests; `VcpuExit` borrows the vCPU).
@@ -66,6 +69,22 @@ pub fn handle_exit(
             code[..n].copy_from_slice(&data[..n]);
             Action::GuestExit {
                 code: u32::from_le_bytes(code),
+            }
+        }
+        // The run loop emulates the patched instruction; no device is here.
+        Exit::IoOut { port, .. } if port == u16::from(TRAP_PORT) => Action::Resume,
+        Exit::IoOut {
+            port: IDLE_PORT,
+            data,
+        } => {
+            // A frame delivered after the guest last looked at its receive
+            // ring, but before this write, must not be slept through. CPL3
+            // can only write a byte here, so the low bytes are compared.
+            let used = devices.net.state().queues[RX_QUEUE].next_used;
+            if data.first() == Some(&(used as u8)) {
+                Action::Idle
+            } else {
+                Action::Resume
             }
         }
         Exit::IoIn { port, data } => {
@@ -227,5 +246,30 @@ mod tests {
     fn hlt_means_idle() {
         let (mut d, mem) = setup();
         assert_eq!(handle_exit(&mut d, &mem, 0, Exit::Hlt), Action::Idle);
+    }
+
+    #[test]
+    fn the_idle_port_idles_only_when_the_guest_has_seen_every_frame() {
+        let (mut d, mem) = setup();
+        let idle = |d: &mut Devices, seen: &[u8]| {
+            handle_exit(
+                d,
+                &mem,
+                0,
+                Exit::IoOut {
+                    port: IDLE_PORT,
+                    data: seen,
+                },
+            )
+        };
+        // No frame was ever used: the guest that saw 0 sleeps.
+        assert_eq!(idle(&mut d, &[0]), Action::Idle);
+        assert_eq!(idle(&mut d, &[1]), Action::Resume);
+        let trap = Exit::IoOut {
+            port: u16::from(TRAP_PORT),
+            data: &[0],
+        };
+        assert_eq!(handle_exit(&mut d, &mem, 0, trap), Action::Resume);
+        assert_eq!(d.unknown_pio, 0, "the VMM's own ports are not unknown");
     }
 }

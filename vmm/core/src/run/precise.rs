@@ -53,8 +53,11 @@ pub fn regs_hash(regs: &Registers) -> u64 {
 
 /// Whether the guest, stopped by a kick, can take an interrupt right
 /// where it is: interrupts enabled, no interrupt shadow (`sti`, `mov ss`),
-/// no interrupt already queued, and not in the middle of a repeated string
-/// instruction (whose progress RIP does not show).
+/// no interrupt already queued, not in the middle of a repeated string
+/// instruction (whose progress RIP does not show), and not at CPL3: a
+/// replay finds the instruction again with a `hlt` it writes there, which
+/// gives #GP at CPL3, so user-mode code gets what is due at its next
+/// synchronous exit instead (docs/guest-abi.md, "User mode").
 pub fn can_take_interrupt(vm: &mut Vm) -> Result<bool, PreciseError> {
     let (ready, if_flag) = {
         let run = vm.vcpu.get_kvm_run();
@@ -71,6 +74,13 @@ pub fn can_take_interrupt(vm: &mut Vm) -> Result<bool, PreciseError> {
             source,
         })?;
     if events.interrupt.shadow != 0 {
+        return Ok(false);
+    }
+    let sregs = vm.vcpu.get_sregs().map_err(|source| PreciseError::Kvm {
+        what: "read the vCPU's segments",
+        source,
+    })?;
+    if sregs.cs.selector & 3 == 3 {
         return Ok(false);
     }
     let (_, code) = vm.code_at_rip();

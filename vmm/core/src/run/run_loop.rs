@@ -12,6 +12,7 @@ use logchannel::{Digest, DigestReason, OutputKind, Position, Registers};
 use serde::Serialize;
 
 use crate::devices::virtio_net::NET_IRQ;
+use crate::machine::layout::TRAP_PORT;
 use crate::machine::patch::{emulate, TrapResult};
 use crate::machine::scan::NondetSite;
 use crate::run::digest::{self, MemoryHasher};
@@ -30,6 +31,8 @@ const PIT_COUNTER_PORTS: std::ops::RangeInclusive<u16> = 0x40..=0x42;
 /// that the run ends at a position (where a replay can compare state),
 /// before it takes the vCPU wherever it is.
 pub const STOP_GRACE: Duration = Duration::from_millis(500);
+/// `out TRAP_PORT, al`, a patch site's first instruction at CPL3.
+const TRAP_OUT_LEN: u64 = 2;
 /// A console line longer than this is cut into several outputs, so that a
 /// guest that never prints a newline still has its output released.
 const MAX_CONSOLE_LINE: usize = 4096;
@@ -432,6 +435,7 @@ fn enter<M: Mode>(
     // registers (for the position) are read once that borrow ends.
     let mut pit_read = None;
     let mut msr_read = None;
+    let mut trap_out = false;
     let (kind, action) = 'exit: {
         let Vm {
             vcpu, devices, mem, ..
@@ -487,6 +491,7 @@ fn enter<M: Mode>(
             }
         };
         let kind = exit.kind();
+        trap_out = matches!(exit, Exit::IoOut { port, .. } if port == u16::from(TRAP_PORT));
         let action = match exit {
             Exit::IoIn { port, data } if PIT_COUNTER_PORTS.contains(&port) => {
                 let action = handle_exit(
@@ -508,12 +513,13 @@ fn enter<M: Mode>(
     if kind == ExitKind::Hlt && aim.is_some_and(|a| a.is_hit(m.regs().rip)) {
         return Ok(Stepped::Hit);
     }
-    let (pos, action) = synchronous(m, mode, kind, action, pit_read, msr_read)?;
+    let (pos, action) = synchronous(m, mode, kind, action, pit_read, msr_read, trap_out)?;
     Ok(Stepped::Sync(pos, action))
 }
 
 /// The work of a synchronous exit of `kind` before delivery: its position,
-/// trapped instructions, time reads.
+/// trapped instructions, time reads. `trap_out` says the exit was a write
+/// to the trap port, which a patch site of a CPL3 workload makes.
 fn synchronous<M: Mode>(
     m: &mut Machine,
     mode: &mut M,
@@ -521,6 +527,7 @@ fn synchronous<M: Mode>(
     action: Action,
     pit_read: Option<(u16, Vec<u8>)>,
     msr_read: Option<u32>,
+    trap_out: bool,
 ) -> Result<(Position, Action), RunError> {
     let position = m.summary.exits.synchronous + 1;
     m.summary.exits.synchronous = position;
@@ -529,8 +536,14 @@ fn synchronous<M: Mode>(
         exits: position,
         rip: regs.rip,
     };
-    if kind == ExitKind::Hlt {
-        let trapped = m.vm.patches.trapped_run(regs.rip);
+    // This platform reports both exits with RIP past the instruction.
+    let site = match kind {
+        ExitKind::Hlt => Some(regs.rip.wrapping_sub(1)),
+        ExitKind::Pio if trap_out => Some(regs.rip.wrapping_sub(TRAP_OUT_LEN)),
+        _ => None,
+    };
+    if let Some(site) = site {
+        let trapped = m.vm.patches.trapped_run(site);
         if !trapped.is_empty() {
             let counts = &mut m.summary.exits;
             counts.trapped += 1;
@@ -589,7 +602,7 @@ fn at_breakpoint<M: Mode>(m: &mut Machine, mode: &mut M, aim: &mut Aim) -> Resul
         return Ok(Hit::Passed);
     }
     aim.advance(m.vm)?;
-    let (pos, action) = synchronous(m, mode, ExitKind::Hlt, Action::Idle, None, None)?;
+    let (pos, action) = synchronous(m, mode, ExitKind::Hlt, Action::Idle, None, None, false)?;
     Ok(Hit::Sync(pos, action))
 }
 

@@ -190,7 +190,7 @@ impl Vm {
         image.load(image_bytes, &mem)?;
         let patches = PatchTable::new(&scan::scan(image.code(image_bytes)).nondet)?;
         if config.patching {
-            patches.apply(&mem)?;
+            patches.apply(&mem, config.workload.trap_instruction())?;
         }
         boot::write_boot_structures(&mem, config.tick_hz, config.workload)?;
         let mut vcpu = vm.create_vcpu(0).map_err(kvm_err("create a vCPU"))?;

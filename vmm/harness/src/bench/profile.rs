@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use ftvm_core::host::net_backend::Datagram;
 use ftvm_core::machine::guest_image::GUEST_ELF;
-use ftvm_core::machine::patch::TrapResult;
+use ftvm_core::machine::patch::{TrapInstruction, TrapResult};
 use ftvm_core::machine::scan::NondetSite;
 use ftvm_core::machine::workload::Workload;
 use ftvm_core::run::run_loop::{self, ExitCounts, Machine, Mode, RunError, StopReason};
@@ -202,8 +202,7 @@ impl ProfileMode {
         };
         let (rip, code) = m.vm.code_at_rip();
         *s.by_rip.entry(rip).or_default() += 1;
-        let exits_itself =
-            code.first() == Some(&HLT) || !m.vm.patches.trapped_run(rip + 1).is_empty();
+        let exits_itself = code.first() == Some(&HLT) || !m.vm.patches.trapped_run(rip).is_empty();
         if s.stepping == exits_itself {
             s.stepping = !exits_itself;
             single_step::set(&m.vm.vcpu, s.stepping).map_err(|e| RunError::Mode(Box::new(e)))?;
@@ -388,6 +387,13 @@ pub struct Profile {
 pub fn bench_profile(args: &ProfileArgs) -> Result<()> {
     if !args.workload.serves_kv() {
         bail!("workload {} serves no KV requests", args.workload);
+    }
+    if args.workload.trap_instruction() == TrapInstruction::Out {
+        bail!(
+            "workload {} runs its service at CPL3, where a single step reaches the guest as #DB \
+             instead of exiting to the VMM on this platform; profile `kv`, which runs the same code at CPL0",
+            args.workload
+        );
     }
     let symbols = function_symbols(GUEST_ELF)?;
     let mut vm = Vm::new(
