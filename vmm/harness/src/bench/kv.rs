@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
+use ftvm_core::machine::workload::Workload;
 use serde::Serialize;
 
 use crate::launcher::{Launcher, Role};
@@ -22,6 +23,10 @@ pub struct KvBenchArgs {
     /// Guest memory size passed to `ftvm run`.
     #[arg(long, default_value = "64M")]
     pub mem: String,
+    /// The guest workload `ftvm run` boots: `kv`, or `kv-user` (the same
+    /// service at CPL3).
+    #[arg(long, default_value = "kv")]
+    pub workload: Workload,
     /// Write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -29,6 +34,7 @@ pub struct KvBenchArgs {
 
 #[derive(Debug, Serialize)]
 pub struct KvPoint {
+    pub workload: String,
     pub clients: usize,
     pub seconds: f64,
     pub ops: u64,
@@ -50,7 +56,8 @@ fn kv_point(
     clients: usize,
     duration: Duration,
 ) -> Result<KvPoint> {
-    let served = serve_under_load(launcher, Role::Run, &[], clients, duration, &args.mem)?;
+    let extra = ["--workload", args.workload.name()];
+    let served = serve_under_load(launcher, Role::Run, &extra, clients, duration, &args.mem)?;
     let stats = &served.stats;
     let exits = stats["exits"]["synchronous"].as_u64().unwrap_or(0) as f64;
     let frames = stats["frames_transmitted"].as_u64().unwrap_or(0).max(1) as f64;
@@ -58,6 +65,7 @@ fn kv_point(
     let mem = ftvm_core::machine::memory::parse_size(&args.mem).map_err(anyhow::Error::msg)?;
     let lat = &served.load.latencies;
     Ok(KvPoint {
+        workload: args.workload.to_string(),
         clients,
         seconds: served.seconds,
         ops: served.load.ops,
@@ -73,6 +81,9 @@ fn kv_point(
 }
 
 pub fn bench_kv(args: &KvBenchArgs) -> Result<()> {
+    if !args.workload.serves_kv() {
+        anyhow::bail!("workload {} serves no KV requests", args.workload);
+    }
     let duration = load::duration(args.duration)?;
     let launcher = Launcher::this_executable()?;
     println!("clients  ops/s     p50 µs   p99 µs   exits/req  exits/s   VMM max RSS (guest mem)");
