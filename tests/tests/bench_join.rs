@@ -46,6 +46,11 @@ fn two_backups_join_a_serving_primary_and_are_measured() {
         assert!(j["rounds"].as_u64().unwrap_or(0) >= 1, "{j}");
         assert!(j["pause_ms"].as_f64().is_some_and(|p| p >= 0.0), "{j}");
         assert!(j["primary_rss_mib"].as_f64().unwrap_or(0.0) > 0.0, "{j}");
-        assert!(j["ops_per_sec_before"].as_f64().unwrap_or(0.0) > 0.0, "{j}");
+        // A window as short as the transfer (a few ms) may hold no reply at
+        // all; the second before the backup started always holds some.
+        assert!(
+            j["ops_per_sec_second_before"].as_f64().unwrap_or(0.0) > 0.0,
+            "{j}"
+        );
     }
 }
