@@ -126,14 +126,6 @@ impl Servers {
     }
 }
 
-/// A guest of `mem` (as `--mem` takes it), the same on every server.
-pub fn guest_with_mem(mem: &str) -> Guest {
-    Guest {
-        mem: Some(mem.into()),
-        ..Guest::default()
-    }
-}
-
 /// Waits for an event of `server` that `wanted` accepts and returns it;
 /// panics with the server's log if it does not come `within` or the server
 /// ends first.

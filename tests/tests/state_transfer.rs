@@ -21,21 +21,16 @@ use ftvm_core::machine::layout::DEFAULT_MEM_SIZE;
 use ftvm_core::run::digest;
 use ftvm_core::run::snapshot::{MachineState, VcpuState};
 use ftvm_core::run::vm::{Vm, VmConfig};
-use ftvm_harness::launcher::{free_tcp_addr, Guest, Process};
+use ftvm_harness::launcher::{free_tcp_addr, Guest, Process, Proxy};
 use ftvm_tests::transfer::{
-    assert_one_primary_per_view, await_event, await_protected, events_of, guest_with_mem, Load,
-    Probe, Servers, ThrottledLink,
+    assert_one_primary_per_view, await_event, await_protected, events_of, Load, Probe, Servers,
+    ThrottledLink,
 };
 use ftvm_tests::{free_udp, kvm_available, vm_lock, VM_ID};
 use logchannel::{
     image_hash, ChannelConfig, Cut, Handshaken, Hello, LogSender, Registers, Role, TransferWriter,
     Verdict,
 };
-
-/// A guest large enough that the first pre-copy round, which reads all of
-/// its memory for the pages that are not zero, takes a few hundred
-/// milliseconds on this machine: time for a test to act while it runs.
-const BIG_GUEST: &str = "2G";
 
 fn is_diverged(e: &ServerEvent) -> bool {
     matches!(e, ServerEvent::Diverged { .. })
@@ -119,10 +114,17 @@ fn a_backup_joins_a_primary_serving_under_load_and_a_failover_afterwards_loses_n
     ] {
         assert!(failed.is_empty(), "{failed:?}");
     }
+    // Past the next periodic digest (every 4096 exits), so that the
+    // backup has checked one, however slowly the machine runs.
+    let digest_at = (restored_at / 4096 + 1) * 4096;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while backup.last_status().is_none_or(|s| s.exits <= digest_at) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let status = backup.last_status().expect("the backup reports its status");
     assert!(
-        status.exits > restored_at,
-        "the backup replays nothing past the cut at exit {restored_at}: {status:?}"
+        status.exits > digest_at,
+        "the backup did not replay past exit {digest_at} (the cut was at {restored_at}): {status:?}"
     );
     let held = primary.last_status().expect("the primary's status");
     assert!(
@@ -230,9 +232,15 @@ fn a_primary_killed_at_the_cut_leaves_a_joiner_that_never_goes_live() {
     let _g = vm_lock();
     let started = Instant::now();
     let servers = Servers::start();
-    let guest = guest_with_mem(BIG_GUEST);
-    let (mut primary, proxy) = servers.primary("p1", &guest, true);
-    let proxy = proxy.expect("a proxy");
+    let guest = Guest::default();
+    // The backup reaches the primary through a proxy that can hold what
+    // it sends, then a link that passes the primary's state at 64 KiB/s:
+    // pre-copy would otherwise be over in a few ms, before the test can
+    // act.
+    let log_listen = free_tcp_addr().expect("a free port");
+    let link = ThrottledLink::start(log_listen, 64 << 10);
+    let proxy = Proxy::start(link.addr()).expect("the proxy starts");
+    let mut primary = servers.primary_at("p1", &guest, log_listen, Some(proxy.addr()));
     let mut joiner = servers.backup("b1", &guest);
     let probe = Probe::start(joiner.address().expect("an address"));
     await_event(
@@ -278,8 +286,13 @@ fn a_joining_backup_killed_mid_transfer_leaves_the_primary_serving_and_the_next_
     let _g = vm_lock();
     let started = Instant::now();
     let servers = Servers::start();
-    let guest = guest_with_mem(BIG_GUEST);
-    let (mut primary, _) = servers.primary("p1", &guest, false);
+    let guest = Guest::default();
+    // Pre-copy takes a few ms: the link to the primary passes its state at
+    // 64 KiB/s, so that the transfer is still under way when the joiner
+    // dies (and the spare's transfer later takes a few seconds).
+    let log_listen = free_tcp_addr().expect("a free port");
+    let link = ThrottledLink::start(log_listen, 64 << 10);
+    let mut primary = servers.primary_at("p1", &guest, log_listen, Some(link.addr()));
     let load = Load::start(servers.arbiter_addr(), 2);
     let mut joiner = servers.backup("b1", &guest);
     await_event(
