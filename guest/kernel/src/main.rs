@@ -77,7 +77,11 @@ pub unsafe extern "C" fn _start(boot_info: *const [u8; boot::BLOCK_SIZE]) -> ! {
         Workload::Spin => spin::run(),
         Workload::Kv | Workload::KvRace | Workload::KvUser => {}
     }
-    let mut net = match VirtioNet::init(info.net_mmio_base as usize) {
+    let rx_limit = match info.workload {
+        Workload::KvUser => user::RX_ENTRIES,
+        _ => virtio_net::QUEUE_SIZE,
+    };
+    let mut net = match VirtioNet::init(info.net_mmio_base as usize, rx_limit) {
         Ok(net) => net,
         Err(reason) => fail("virtio-net: ", reason),
     };

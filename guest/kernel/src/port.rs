@@ -30,7 +30,8 @@ pub fn outb(port: u16, value: u8) {
 /// receive buffers beyond `seen` (the receive used index the caller has
 /// consumed up to): then it returns at once. Exits from CPL3, where `hlt`
 /// gives #GP, through the TSS I/O bitmap, which passes only byte-wide
-/// accesses there: the VMM compares the index's low byte (docs/guest-abi.md).
+/// accesses there: the VMM compares the index's low byte, which is exact
+/// while fewer than 256 receive buffers are posted (docs/guest-abi.md).
 pub fn idle(seen: u16) {
     outb(IDLE_PORT, seen as u8);
 }

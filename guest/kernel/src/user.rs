@@ -30,6 +30,11 @@ const ENTRIES: u64 = 512;
 /// ports), and the always-one bit 1.
 const USER_RFLAGS: u64 = 0x202;
 const USER_STACK_SIZE: usize = 64 * 1024;
+/// Receive buffers the task posts: fewer than 256, so that the one byte of
+/// the used index it can write to the idle port (byte-wide port I/O only,
+/// at CPL3) names the index exactly; the device can be at most this many
+/// entries ahead of what the task has seen.
+pub const RX_ENTRIES: usize = 128;
 
 #[repr(C, align(16))]
 struct Stack([u8; USER_STACK_SIZE]);

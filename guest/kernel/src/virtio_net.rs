@@ -52,7 +52,7 @@ const RX_QUEUE: u32 = 0;
 const TX_QUEUE: u32 = 1;
 
 /// The most entries a queue gets (the device offers at most 256).
-const QUEUE_SIZE: usize = 256;
+pub const QUEUE_SIZE: usize = 256;
 /// virtio_net_hdr_v1, in front of every frame.
 pub const NET_HDR_LEN: usize = 12;
 /// A receive buffer must hold a header and a full frame (no mergeable
@@ -178,12 +178,13 @@ impl Queue {
         index: u32,
         virtq: &'static Shared<Virtq>,
         buffers: &'static Shared<Buffers>,
+        limit: usize,
     ) -> Result<Queue, &'static str> {
         mmio.write(QUEUE_SEL, index);
         if mmio.read(QUEUE_READY) != 0 {
             return Err("queue already in use");
         }
-        let max = mmio.read(QUEUE_NUM_MAX).min(QUEUE_SIZE as u32);
+        let max = mmio.read(QUEUE_NUM_MAX).min(limit.min(QUEUE_SIZE) as u32);
         if max == 0 {
             return Err("queue not available");
         }
@@ -430,7 +431,9 @@ pub struct VirtioNet {
 impl VirtioNet {
     /// Initialises the device at `base` (virtio 1.x, section 3.1.1) and fills
     /// the receive queue. On error the device is marked FAILED.
-    pub fn init(base: usize) -> Result<VirtioNet, &'static str> {
+    /// At most `rx_limit` receive buffers are posted (the device's maximum
+    /// and 256 bound it too).
+    pub fn init(base: usize, rx_limit: usize) -> Result<VirtioNet, &'static str> {
         let mmio = Mmio(base);
         if mmio.read(MAGIC_VALUE) != MMIO_MAGIC {
             return Err("no device (bad magic)");
@@ -441,14 +444,14 @@ impl VirtioNet {
         if mmio.read(DEVICE_ID) != DEVICE_ID_NET {
             return Err("not a network device");
         }
-        let result = Self::negotiate(mmio);
+        let result = Self::negotiate(mmio, rx_limit);
         if result.is_err() {
             mmio.write(STATUS, STATUS_FAILED);
         }
         result
     }
 
-    fn negotiate(mmio: Mmio) -> Result<VirtioNet, &'static str> {
+    fn negotiate(mmio: Mmio, rx_limit: usize) -> Result<VirtioNet, &'static str> {
         mmio.write(STATUS, 0);
         let mut status = STATUS_ACKNOWLEDGE;
         mmio.write(STATUS, status);
@@ -473,8 +476,8 @@ impl VirtioNet {
             return Err("features not accepted");
         }
 
-        let mut rx = Queue::setup(mmio, RX_QUEUE, &RX_VIRTQ, &RX_BUFFERS)?;
-        let mut tx = Queue::setup(mmio, TX_QUEUE, &TX_VIRTQ, &TX_BUFFERS)?;
+        let mut rx = Queue::setup(mmio, RX_QUEUE, &RX_VIRTQ, &RX_BUFFERS, rx_limit)?;
+        let mut tx = Queue::setup(mmio, TX_QUEUE, &TX_VIRTQ, &TX_BUFFERS, QUEUE_SIZE)?;
         for id in 0..rx.size {
             rx.set_desc(id, BUFFER_LEN as u32, VIRTQ_DESC_F_WRITE);
             rx.push_avail(id);
