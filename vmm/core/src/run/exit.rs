@@ -79,7 +79,8 @@ pub fn handle_exit(
         } => {
             // A frame delivered after the guest last looked at its receive
             // ring, but before this write, must not be slept through. CPL3
-            // can only write a byte here, so the low bytes are compared.
+            // can only write a byte here, so the low bytes are compared: a
+            // guest that posts fewer than 256 receive buffers is exact.
             let used = devices.net.state().queues[RX_QUEUE].next_used;
             if data.first() == Some(&(used as u8)) {
                 Action::Idle
