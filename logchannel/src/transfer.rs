@@ -54,7 +54,7 @@ pub use writer::TransferWriter;
 use crate::channel::Handshaken;
 use crate::entry::Registers;
 use std::io::{Read, Write};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use wire::{clip_reason, put, Direction, MessageIn, MessageOut, ReasonBody, RestoredBody, Tag};
 
 /// The kinds of page record in a pages message.
@@ -200,6 +200,31 @@ fn read_verdict_from<R: Read>(mut input: MessageIn<R>) -> Result<Verdict, Transf
     }
 }
 
+/// Reads from the connection until a deadline, however often a signal
+/// interrupts a read: the primary waits for the verdict on its vCPU
+/// thread, which its run loop kicks with signals, and a socket's read
+/// timeout starts again with every interrupted call.
+struct Deadline<'a> {
+    h: &'a mut Handshaken,
+    until: Instant,
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            let left = self.until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(std::io::ErrorKind::TimedOut.into());
+            }
+            self.h.stream().set_read_timeout(Some(left))?;
+            match self.h.read(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                other => return other,
+            }
+        }
+    }
+}
+
 /// Reading and writing a transfer on the connection itself, with socket
 /// timeouts, so that errors give offsets in the connection and name the
 /// timeout. [`crate::LogSender::start`] and [`crate::LogReceiver::start`]
@@ -240,7 +265,8 @@ impl Handshaken {
     pub fn read_verdict(&mut self, timeout: Duration) -> Result<Verdict, TransferError> {
         let offset = self.received();
         self.set_silence(timeout, offset)?;
-        let mut input = MessageIn::new(self, Direction::Verdict);
+        let until = Instant::now() + timeout;
+        let mut input = MessageIn::new(Deadline { h: self, until }, Direction::Verdict);
         input.offset = offset;
         input.start = offset;
         input.silence = Some(timeout);

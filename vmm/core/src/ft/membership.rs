@@ -464,6 +464,17 @@ impl Membership {
                     self.acknowledge(won.number);
                     return Ok(won);
                 }
+                // The arbiter already names this server primary of a later
+                // view: it replaced the peer (a backup that fell silent),
+                // or an earlier try of this very claim won and its answer
+                // was lost. Either way nobody else can be primary.
+                Ok(TasOutcome::Lost { view: current, .. })
+                    if current.number > view && self.is_me(current.primary.as_ref()) =>
+                {
+                    self.note(&current);
+                    self.acknowledge(current.number);
+                    return Ok(current);
+                }
                 Ok(TasOutcome::Lost {
                     reason,
                     view: current,

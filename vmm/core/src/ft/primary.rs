@@ -215,8 +215,39 @@ impl FtSink {
         }
     }
 
+    /// Whether the arbiter has moved past the view of this primary's backup
+    /// while still naming this server primary: it took the backup for dead
+    /// (it had stopped pinging) and the backup is nobody's any more. Views
+    /// move on past an acknowledged pair only that way.
+    fn backup_replaced(&self) -> bool {
+        self.paired.is_some()
+            && self.membership.view_number() > self.view
+            && self
+                .membership
+                .is_me(self.membership.view().primary.as_ref())
+    }
+
     fn check_backup(&mut self) -> Result<(), RunError> {
         self.check_standing()?;
+        if self.backup_replaced() {
+            let view = self.membership.view_number();
+            self.events.emit(
+                ServerEvent::PeerLeft {
+                    peer: ServerRole::Backup,
+                    reason: format!("the arbiter named another backup in view {view}"),
+                },
+                Some(format!(
+                    "view {view} names this server primary with another backup; going on without the backup of view {}",
+                    self.view
+                )),
+            );
+            self.view = view;
+            self.board.view.store(view, Ordering::Relaxed);
+            self.pairing.detach();
+            self.paired = None;
+            self.seen = self.pairing.generation();
+            return Ok(());
+        }
         match self.paired.as_ref().and_then(|p| p.sender.failure()) {
             Some(e) => self.channel_down(e),
             None => Ok(()),

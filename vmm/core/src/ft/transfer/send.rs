@@ -76,7 +76,7 @@ pub struct TransferDone {
 /// A transfer whose pre-copy is done, waiting for the vCPU thread's cut.
 struct CutJob {
     handshaken: Handshaken,
-    writer: TransferWriter<TcpStream>,
+    writer: TransferWriter<Outgoing>,
     view: u64,
     started: Instant,
     rounds: u32,
@@ -90,6 +90,7 @@ struct CutJob {
 pub struct Donor {
     jobs: Receiver<CutJob>,
     pairing: Arc<Pairing>,
+    membership: Arc<Membership>,
     stop: StopSignal,
     quit: Arc<AtomicBool>,
     /// Until when the guest waits for its first backup before it runs
@@ -116,6 +117,7 @@ impl Donor {
         let donor = Donor {
             jobs,
             pairing: Arc::clone(&parts.pairing),
+            membership: Arc::clone(&parts.membership),
             stop: parts.stop.clone(),
             quit: Arc::clone(&quit),
             first_wait,
@@ -136,6 +138,15 @@ impl Donor {
         };
         let view = job.view;
         let reply = job.reply.clone();
+        // The arbiter may have named another backup while pre-copy ran: a
+        // backup of an old view must never hold this primary's outputs.
+        let current = self.membership.view_number();
+        if current != view {
+            let _ = reply.send(Err(format!(
+                "view {view} was replaced by view {current} before the cut"
+            )));
+            return Ok(());
+        }
         let next_seq = self.pairing.next_seq();
         match cut(job, m, pos, live, next_seq) {
             Ok((sender, done)) => {
@@ -337,19 +348,20 @@ impl Joiner {
         handshaken: &Handshaken,
         view: u64,
         cancelled: &dyn Fn() -> bool,
-    ) -> Result<(TransferWriter<TcpStream>, u32), String> {
+    ) -> Result<(TransferWriter<Outgoing>, u32), String> {
         let p = &self.parts;
         let silence = silence_limit(p.config.failure_timeout);
         let stream = handshaken
             .stream()
             .try_clone()
             .map_err(|e| format!("cannot use the connection: {e}"))?;
-        stream
-            .set_write_timeout(Some(silence))
-            .map_err(|e| format!("cannot set a write timeout: {e}"))?;
         // The writer holds at most one message of pages (256 KiB): that
         // bounds what a transfer takes on the primary.
-        let mut writer = TransferWriter::new(stream).stall_timeout(silence);
+        let outgoing = Outgoing {
+            stream,
+            stall: silence,
+        };
+        let mut writer = TransferWriter::new(outgoing).stall_timeout(silence);
         let failed = |e: TransferError| format!("sending to the backup: {e}");
         writer
             .begin(p.hello.mem_size, PAGE_SIZE as u32)
@@ -414,6 +426,36 @@ impl Joiner {
     }
 }
 
+/// The transfer's socket for writing, with a stall limit that holds
+/// however often a signal interrupts a write: the cut is written on the
+/// vCPU thread, which the run loop's kicker interrupts with signals, and a
+/// socket's own write timeout starts again with every interrupted call.
+struct Outgoing {
+    stream: TcpStream,
+    stall: Duration,
+}
+
+impl std::io::Write for Outgoing {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let until = Instant::now() + self.stall;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(std::io::ErrorKind::TimedOut.into());
+            }
+            self.stream.set_write_timeout(Some(left))?;
+            match self.stream.write(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                other => return other,
+            }
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.stream.flush()
+    }
+}
+
 /// A page of guest memory. The guest may be writing it meanwhile, so the
 /// copy can be torn; such a page is dirty and goes again in a later round
 /// or at the cut.
@@ -427,7 +469,7 @@ fn read_page(mem: &GuestMemory, page: u64, buf: &mut [u8]) {
 }
 
 fn send_pages(
-    writer: &mut TransferWriter<TcpStream>,
+    writer: &mut TransferWriter<Outgoing>,
     mem: &GuestMemory,
     pages: &[u64],
     buf: &mut [u8],
