@@ -18,6 +18,7 @@ use crate::procstat::{cpu_secs, max_rss_mib};
 use crate::report::write_json;
 use crate::stats::{median, percentile};
 use ftvm_core::host::events::{ServerEvent, ServerRole, Status};
+use ftvm_core::machine::workload::Workload;
 use ftvm_kvclient::{ClientConfig, KvClient};
 
 const VM_ID: &str = "bench";
@@ -64,6 +65,10 @@ pub struct FtBenchArgs {
     /// Guest memory size.
     #[arg(long, default_value = "64M")]
     pub mem: String,
+    /// The guest workload: `kv` (the KV service at CPL0) or `kv-user`
+    /// (its hot path at CPL3).
+    #[arg(long, default_value = "kv")]
+    pub workload: Workload,
     /// Write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -75,6 +80,7 @@ fn start_pair(launcher: &Launcher, args: &FtBenchArgs, limit: Duration) -> Resul
     let mut config = ClusterConfig::new(VM_ID, limit);
     config.guest = Guest {
         mem: Some(args.mem.clone()),
+        workload: Some(args.workload),
         ..Guest::default()
     };
     config.knobs = Knobs {
@@ -232,6 +238,7 @@ fn overhead(launcher: &Launcher, args: &FtBenchArgs, report: &mut FtReport) -> R
     // nothing: its guest halts, and a backup skips the halts.
     let mut run = ServerConfig::new("run", Role::Run, free_udp_addr()?, limit);
     run.guest.mem = Some(args.mem.clone());
+    run.guest.workload = Some(args.workload);
     run.inherit_stderr = true;
     let service = run.address;
     let mut vmm = launcher.start(&run)?;

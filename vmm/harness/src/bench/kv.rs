@@ -23,9 +23,10 @@ pub struct KvBenchArgs {
     /// Guest memory size passed to `ftvm run`.
     #[arg(long, default_value = "64M")]
     pub mem: String,
-    /// The guest workload `ftvm run` boots: `kv`, or `kv-user` (the same
-    /// service at CPL3).
-    #[arg(long, default_value = "kv")]
+    /// The guest workload `ftvm run` boots: `kv-user` (the KV service's
+    /// hot path at CPL3, which runs natively on a nested KVM), or `kv`
+    /// (all of it at CPL0).
+    #[arg(long, default_value = "kv-user")]
     pub workload: Workload,
     /// Write the results as JSON here.
     #[arg(long)]

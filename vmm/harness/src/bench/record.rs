@@ -7,6 +7,8 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::launcher::{Launcher, Role};
+use ftvm_core::machine::workload::Workload;
+
 use crate::load::{self, serve_under_load, Served};
 use crate::report::write_json;
 use crate::stats::median;
@@ -26,6 +28,10 @@ pub struct RecordBenchArgs {
     /// Guest memory size.
     #[arg(long, default_value = "64M")]
     pub mem: String,
+    /// The guest workload: `kv` (the KV service at CPL0) or `kv-user`
+    /// (its hot path at CPL3).
+    #[arg(long, default_value = "kv")]
+    pub workload: Workload,
     /// Record with `--output-memory-hash` (memory hash refreshed at every
     /// output).
     #[arg(long)]
@@ -109,10 +115,19 @@ pub fn bench_record(args: &RecordBenchArgs) -> Result<()> {
     let mut record_rates = Vec::new();
     let mut ratios = Vec::new();
     let mut record_stats = serde_json::Value::Null;
+    let workload = ["--workload", args.workload.name()];
+    let record_extra: Vec<&str> = extra.iter().copied().chain(workload).collect();
+    let extra = record_extra.as_slice();
     for _ in 0..rounds {
-        let run_rate =
-            serve_under_load(&launcher, Role::Run, &[], args.clients, duration, &args.mem)?
-                .ops_per_sec;
+        let run_rate = serve_under_load(
+            &launcher,
+            Role::Run,
+            &workload,
+            args.clients,
+            duration,
+            &args.mem,
+        )?
+        .ops_per_sec;
         let Served {
             ops_per_sec: record_rate,
             stats,
