@@ -40,8 +40,8 @@ pub struct FtArgs {
     /// 4K.
     #[arg(long, default_value = "64M", value_parser = parse_mem)]
     pub mem: u64,
-    /// What the embedded guest runs: kv (the KV service), race, spin or
-    /// kv-race (docs/guest-abi.md); primary and backup must agree.
+    /// What the embedded guest runs: kv (the KV service), kv-user (its
+    /// hot path at CPL3), race, spin or kv-race (docs/guest-abi.md); primary and backup must agree.
     #[arg(long, default_value = "kv")]
     pub workload: Workload,
     /// The VM this pair runs, as the arbiter knows it.

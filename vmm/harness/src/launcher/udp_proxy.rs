@@ -313,7 +313,14 @@ mod tests {
             let (n, from) = c.recv_from(&mut buf).unwrap();
             assert_eq!((&buf[..n], from), (&[i][..], proxy.addr()));
         }
-        let counts = proxy.counts();
+        // The proxy counts a reply after passing it on, so the client may
+        // look first.
+        let until = std::time::Instant::now() + Duration::from_secs(1);
+        let mut counts = proxy.counts();
+        while counts.forwarded < 40 && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+            counts = proxy.counts();
+        }
         assert_eq!(
             (counts.forwarded, counts.replies, counts.dropped),
             (40, 20, 0)
