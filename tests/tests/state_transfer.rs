@@ -288,10 +288,11 @@ fn a_joining_backup_killed_mid_transfer_leaves_the_primary_serving_and_the_next_
     let servers = Servers::start();
     let guest = Guest::default();
     // Pre-copy takes a few ms: the link to the primary passes its state at
-    // 64 KiB/s, so that the transfer is still under way when the joiner
-    // dies (and the spare's transfer later takes a few seconds).
+    // 1 MiB/s, so that the transfer (some 0.7 MiB) is still under way when
+    // the joiner dies, and the spare's, later, ends well within the
+    // primary's wait for a verdict.
     let log_listen = free_tcp_addr().expect("a free port");
-    let link = ThrottledLink::start(log_listen, 64 << 10);
+    let link = ThrottledLink::start(log_listen, 1 << 20);
     let mut primary = servers.primary_at("p1", &guest, log_listen, Some(link.addr()));
     let load = Load::start(servers.arbiter_addr(), 2);
     let mut joiner = servers.backup("b1", &guest);

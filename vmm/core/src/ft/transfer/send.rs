@@ -407,6 +407,7 @@ impl Joiner {
             }
         }
         writer.flush().map_err(failed)?;
+        wait_drained(&writer.get_ref().stream, silence)?;
         Ok((writer, round))
     }
 
@@ -453,6 +454,42 @@ impl std::io::Write for Outgoing {
 
     fn flush(&mut self) -> std::io::Result<()> {
         self.stream.flush()
+    }
+}
+
+/// Waits until the backup has taken in what pre-copy sent, down to a
+/// cut's worth of bytes, so that the guest never stands still at the cut
+/// while a slow link delivers earlier rounds (the verdict can only come
+/// after them). Gives up when nothing drains for `silence`.
+fn wait_drained(stream: &TcpStream, silence: Duration) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let limit = CUT_PAGES * PAGE_SIZE;
+    let mut last = usize::MAX;
+    let mut since = Instant::now();
+    loop {
+        let mut unsent: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ writes one int, the bytes the socket holds that
+        // the peer has not acknowledged, into `unsent`; the fd is open for
+        // as long as `stream` lives.
+        let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut unsent) };
+        if rc != 0 {
+            // Without the count, the cut waits for the data as before.
+            return Ok(());
+        }
+        let unsent = usize::try_from(unsent).unwrap_or(0);
+        if unsent <= limit {
+            return Ok(());
+        }
+        if unsent < last {
+            last = unsent;
+            since = Instant::now();
+        } else if since.elapsed() > silence {
+            return Err(format!(
+                "the backup took in nothing for {} ms ({unsent} bytes still on their way)",
+                silence.as_millis()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
 
