@@ -8,85 +8,10 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use ftvm_core::host::events::ServerEvent;
-use ftvm_harness::launcher::{
-    free_tcp_addr, Guest, Knobs, Membership, Process, Role, ServerConfig,
-};
-use ftvm_tests::{free_udp, ftvm, kvm_available, launcher, vm_lock, VMM_TIME_LIMIT, VM_ID};
+use ftvm_harness::launcher::{free_tcp_addr, Guest, Process};
+use ftvm_tests::transfer::Servers;
+use ftvm_tests::{free_udp, ftvm, kvm_available, vm_lock, VM_ID};
 use nix::sys::signal::Signal;
-
-/// An arbiter, and a way to start primaries and backups that use it, one
-/// at a time, with files in one directory.
-struct Servers {
-    dir: tempfile::TempDir,
-    /// Killed when the test ends.
-    _arbiter: Process,
-    arbiter_addr: SocketAddr,
-    _state: tempfile::TempDir,
-}
-
-impl Servers {
-    fn start() -> Servers {
-        let dir = tempfile::tempdir().expect("dir");
-        let state = tempfile::tempdir().expect("state dir");
-        let arbiter_addr = free_tcp_addr().expect("a free port");
-        let mut config = ServerConfig::arbiter(arbiter_addr, state.path());
-        config.dir = Some(dir.path().to_owned());
-        let mut arbiter = launcher().start(&config).expect("the arbiter starts");
-        arbiter
-            .wait_for(
-                "the arbiter to listen",
-                Duration::from_secs(30),
-                Duration::from_millis(10),
-                |_| Ok(TcpStream::connect(arbiter_addr).is_ok()),
-            )
-            .expect("the arbiter listens");
-        Servers {
-            dir,
-            _arbiter: arbiter,
-            arbiter_addr,
-            _state: state,
-        }
-    }
-
-    fn membership(&self) -> Membership {
-        Membership {
-            arbiter: self.arbiter_addr.into(),
-            vm_id: VM_ID.into(),
-            knobs: Knobs::default(),
-        }
-    }
-
-    fn server(&self, name: &str, role: Role, guest: Guest) -> Process {
-        let mut config = ServerConfig::new(name, role, free_udp(), VMM_TIME_LIMIT);
-        config.dir = Some(self.dir.path().to_owned());
-        config.guest = guest;
-        launcher().start(&config).expect("the server starts")
-    }
-
-    /// A primary whose log channel listens on `log_listen`, once it has its
-    /// role.
-    fn primary(&self, log_listen: SocketAddr) -> Process {
-        let role = Role::Primary {
-            membership: self.membership(),
-            log_listen,
-            log_advertise: None,
-        };
-        let mut primary = self.server("primary", role, Guest::default());
-        primary
-            .wait_event("role", Duration::from_secs(30), |e| {
-                matches!(e, ServerEvent::Role { .. })
-            })
-            .expect("the primary takes its role");
-        primary
-    }
-
-    fn backup(&self, name: &str, guest: Guest) -> Process {
-        let role = Role::Backup {
-            membership: self.membership(),
-        };
-        self.server(name, role, guest)
-    }
-}
 
 /// Waits until the primary reports its backup `name` connected.
 fn wait_fault_tolerant_with(primary: &mut Process, name: &str, within: Duration) {
@@ -108,7 +33,7 @@ fn strangers_on_the_log_channel_do_not_stop_the_primary_and_its_backup_joins() {
     let _g = vm_lock();
     let servers = Servers::start();
     let log_listen = free_tcp_addr().expect("a free port");
-    let mut primary = servers.primary(log_listen);
+    let mut primary = servers.primary_at("primary", &Guest::default(), log_listen, None);
     // Before any backup is named, as a port scanner, a stranger and a
     // sloth would: connect and close, send garbage, connect and say
     // nothing, speak HTTP.
@@ -120,7 +45,7 @@ fn strangers_on_the_log_channel_do_not_stop_the_primary_and_its_backup_joins() {
     let _silent = TcpStream::connect(log_listen).expect("connect");
     let mut http = TcpStream::connect(log_listen).expect("connect");
     let _ = http.write_all(b"GET / HTTP/1.1\r\nHost: ftvm\r\n\r\n");
-    let mut backup = servers.backup("backup", Guest::default());
+    let mut backup = servers.backup("backup", &Guest::default());
     wait_fault_tolerant_with(&mut primary, "backup", Duration::from_secs(30));
     // The HTTP client was turned away, not left hanging.
     let _ = http.set_read_timeout(Some(Duration::from_secs(10)));
@@ -223,7 +148,7 @@ fn the_time_limit_ends_joining_at_once() {
     // --backup-wait.
     let servers = Servers::start();
     let args = primary_args(
-        servers.arbiter_addr,
+        servers.arbiter_addr(),
         &["--timeout", "2", "--backup-wait", "60"],
     );
     let (code, err, took) = timed(&args, Duration::from_secs(30));
@@ -239,7 +164,12 @@ fn sigterm_ends_joining_at_once() {
     }
     let _g = vm_lock();
     let servers = Servers::start();
-    let mut primary = servers.primary(free_tcp_addr().expect("a free port"));
+    let mut primary = servers.primary_at(
+        "primary",
+        &Guest::default(),
+        free_tcp_addr().expect("a free port"),
+        None,
+    );
     std::thread::sleep(Duration::from_millis(500));
     let asked = Instant::now();
     primary.signal(Signal::SIGTERM).expect("SIGTERM");
@@ -261,12 +191,17 @@ fn a_backup_that_never_comes_up_is_replaced_and_a_spare_started_later_joins() {
     }
     let _g = vm_lock();
     let servers = Servers::start();
-    let mut primary = servers.primary(free_tcp_addr().expect("a free port"));
+    let mut primary = servers.primary_at(
+        "primary",
+        &Guest::default(),
+        free_tcp_addr().expect("a free port"),
+        None,
+    );
     // Named backup of view 2, this one cannot come up (its guest has
     // another memory size) and exits.
     let mut broken = servers.backup(
         "broken",
-        Guest {
+        &Guest {
             mem: Some("128M".into()),
             ..Guest::default()
         },
@@ -278,9 +213,9 @@ fn a_backup_that_never_comes_up_is_replaced_and_a_spare_started_later_joins() {
     assert!(primary.running(), "{}", primary.log());
     // A real spare, started afterwards, takes its place in the next view,
     // and the primary, serving alone meanwhile, brings it up.
-    let mut spare = servers.backup("spare", Guest::default());
+    let mut spare = servers.backup("spare", &Guest::default());
     wait_fault_tolerant_with(&mut primary, "spare", Duration::from_secs(20));
-    let view = arbiter::ArbiterClient::new(servers.arbiter_addr)
+    let view = arbiter::ArbiterClient::new(servers.arbiter_addr())
         .query(VM_ID)
         .expect("query");
     assert_eq!(view.number, 3, "{view:?}");
