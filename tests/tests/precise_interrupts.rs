@@ -1,7 +1,8 @@
 //! Interrupts at any instruction: workloads whose result depends on where
 //! every timer interrupt lands (`race`, `kv-race`) or that wait for ticks
-//! without ever exiting (`spin`), recorded, replayed, tampered with, and
-//! run by a primary/backup pair, with and without a failover.
+//! without ever exiting (`spin`, and `spin-user` at CPL3), recorded,
+//! replayed, tampered with, and run by a primary/backup pair, with and
+//! without a failover.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -200,6 +201,37 @@ fn spin_completes_under_run_record_and_replay() {
     assert_eq!(between(&rep), 100, "every tick between two exits");
 }
 
+/// At CPL3 the replay's breakpoint is `int3` and its step the trap flag,
+/// both brought back by the guest's own handlers: every tick is found
+/// again in user-mode code, stepping over the passes whose state differs.
+#[test]
+fn spin_user_gets_every_tick_at_cpl3_and_replays_them_exactly() {
+    if !kvm_available() {
+        return;
+    }
+    let _g = vm_lock();
+    let dir = tempfile::tempdir().expect("dir");
+    let rec = record(dir.path(), "spin-user", Workload::SpinUser);
+    assert!(
+        rec.console.contains("spin waited 100 ticks"),
+        "{}",
+        rec.console
+    );
+    let rep = replay(&rec.log);
+    assert_reproduced(&rec, &rep);
+    let b = &rep.summary["between"];
+    assert_eq!(between(&rep), 100, "every tick between two exits: {b}");
+    let user_hits = b["user_mode_hits"].as_u64().unwrap_or(0);
+    assert!(
+        user_hits >= 100,
+        "the ticks land in the user-mode loop: {b}"
+    );
+    assert!(
+        b["single_steps"].as_u64() > Some(0),
+        "passes in another state are stepped over at CPL3: {b}"
+    );
+}
+
 #[test]
 fn race_results_depend_on_where_interrupts_land_and_each_replays_exactly() {
     if !kvm_available() {
@@ -311,6 +343,22 @@ fn a_tampered_interrupt_between_exits_diverges_at_its_entry() {
     let flipped = hex(&edited[at]["event"]["mem"]) ^ 1;
     edited[at]["event"]["mem"] = format!("{flipped:#x}").into();
     assert_diverges_at(dir.path(), "spin-mem-changed", &edited, seq);
+    // The same at CPL3, where the search runs through the guest's handlers.
+    let rec = record(dir.path(), "spin-user", Workload::SpinUser);
+    let lines = dump(&rec.log);
+    let (at, _) = async_point(&lines);
+    let seq = lines[at]["seq"].as_u64().expect("seq");
+    for field in ["regs", "mem"] {
+        let mut edited = lines.clone();
+        let flipped = hex(&edited[at]["event"][field]) ^ 1;
+        edited[at]["event"][field] = format!("{flipped:#x}").into();
+        assert_diverges_at(
+            dir.path(),
+            &format!("spin-user-{field}-changed"),
+            &edited,
+            seq,
+        );
+    }
 }
 
 /// Waits for both servers of a pair whose guest powers off to exit, and
@@ -341,12 +389,12 @@ fn count_before(text: &str, what: &str) -> u64 {
 }
 
 #[test]
-fn a_pair_runs_spin_and_race_and_the_backup_ends_in_the_primary_state() {
+fn a_pair_runs_spin_race_and_spin_user_and_the_backup_ends_in_the_primary_state() {
     if !kvm_available() {
         return;
     }
     let _g = vm_lock();
-    for workload in [Workload::Spin, Workload::Race] {
+    for workload in [Workload::Spin, Workload::Race, Workload::SpinUser] {
         let mut config = cluster_config();
         config.guest.workload = Some(workload);
         config.consoles = true;

@@ -18,6 +18,8 @@ pub enum Workload {
     KvRace,
     /// The key-value service as a user task at CPL3.
     KvUser,
+    /// The busy wait for timer ticks as a user task at CPL3.
+    SpinUser,
 }
 
 impl Workload {
@@ -28,6 +30,7 @@ impl Workload {
             2 => Workload::Spin,
             3 => Workload::KvRace,
             4 => Workload::KvUser,
+            5 => Workload::SpinUser,
             _ => return None,
         })
     }
@@ -39,6 +42,7 @@ impl Workload {
             Workload::Spin => "spin",
             Workload::KvRace => "kv-race",
             Workload::KvUser => "kv-user",
+            Workload::SpinUser => "spin-user",
         }
     }
 }

@@ -22,22 +22,29 @@ pub const IST_EXCEPTION: u8 = 2;
 /// For NMI, #DF and #MC, which may strike while another exception is using
 /// its stack.
 pub const IST_FATAL: u8 = 3;
+/// For #DB and #BP, which only the VMM's replay causes (idt.rs): a stack
+/// of their own, so that the VMM knows where their frame lands and can
+/// put back what was there.
+pub const IST_DEBUG: u8 = 4;
 
 const IRQ_STACK_SIZE: usize = 4096;
 const EXCEPTION_STACK_SIZE: usize = 16384;
 const FATAL_STACK_SIZE: usize = 8192;
+const DEBUG_STACK_SIZE: usize = 8192;
 
 #[repr(C, align(16))]
 struct Stacks {
     irq: [u8; IRQ_STACK_SIZE],
     exception: [u8; EXCEPTION_STACK_SIZE],
     fatal: [u8; FATAL_STACK_SIZE],
+    debug: [u8; DEBUG_STACK_SIZE],
 }
 
 static STACKS: Shared<Stacks> = Shared::new(Stacks {
     irq: [0; IRQ_STACK_SIZE],
     exception: [0; EXCEPTION_STACK_SIZE],
     fatal: [0; FATAL_STACK_SIZE],
+    debug: [0; DEBUG_STACK_SIZE],
 });
 
 /// The 64-bit TSS is 104 bytes with 8-byte fields at 4-byte offsets, so it is
@@ -122,6 +129,7 @@ pub fn init() {
             core::ptr::addr_of_mut!((*stacks).irq) as u64 + IRQ_STACK_SIZE as u64,
             core::ptr::addr_of_mut!((*stacks).exception) as u64 + EXCEPTION_STACK_SIZE as u64,
             core::ptr::addr_of_mut!((*stacks).fatal) as u64 + FATAL_STACK_SIZE as u64,
+            core::ptr::addr_of_mut!((*stacks).debug) as u64 + DEBUG_STACK_SIZE as u64,
         ]
     };
     // SAFETY: boot runs once on the only CPU before the TSS is loaded, so

@@ -4,7 +4,7 @@
 //! scheduler. Every gate switches to an IST stack (see gdt.rs).
 
 use crate::boot::Workload;
-use crate::gdt::{CODE_SELECTOR, IST_EXCEPTION, IST_FATAL, IST_IRQ};
+use crate::gdt::{CODE_SELECTOR, IST_DEBUG, IST_EXCEPTION, IST_FATAL, IST_IRQ};
 use crate::pic::{MASTER_VECTOR, TIMER_IRQ};
 use crate::sched;
 use crate::shared::Shared;
@@ -39,8 +39,21 @@ global_asm!(
     "push \\n",
     "jmp ftvm_exc_common",
     ".endm",
-    ".irp n, 0,1,2,3,4,5,6,7,9,15,16,18,19,20,22,23,24,25,26,27,28,31",
+    ".irp n, 0,2,4,5,6,7,9,15,16,18,19,20,22,23,24,25,26,27,28,31",
     "FTVM_EXC_NOERR \\n",
+    ".endr",
+    // #DB and #BP first tell the VMM, whose replay may have caused them to
+    // stop the guest at one instruction: it then takes the exception back
+    // (frame, registers, stack) and the rest never runs. Without the VMM's
+    // doing they are reported like any other exception. `al` is the
+    // interrupted code's: the handler must not change a register before
+    // the exit.
+    ".irp n, 1,3",
+    "ftvm_exc_\\n:",
+    "out {debug_port}, al",
+    "push 0",
+    "push \\n",
+    "jmp ftvm_exc_common",
     ".endr",
     ".irp n, 8,10,11,12,13,14,17,21,29,30",
     "FTVM_EXC_ERR \\n",
@@ -73,6 +86,7 @@ global_asm!(
     ".endr",
     ".text",
     handler = sym exception,
+    debug_port = const port::DEBUG_TRAP_PORT,
     ticks = sym crate::pit::TICKS,
 );
 
@@ -93,6 +107,7 @@ pub fn init(workload: Workload, net_irq: u8) {
     for (vector, &stub) in stubs.iter().enumerate() {
         let ist = match vector {
             2 | 8 | 18 => IST_FATAL,
+            1 | 3 => IST_DEBUG,
             _ => IST_EXCEPTION,
         };
         set_gate(idt, vector, stub, ist);

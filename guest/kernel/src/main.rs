@@ -75,6 +75,10 @@ pub unsafe extern "C" fn _start(boot_info: *const [u8; boot::BLOCK_SIZE]) -> ! {
     match info.workload {
         Workload::Race => race::run(),
         Workload::Spin => spin::run(),
+        Workload::SpinUser => {
+            spin::announce();
+            user::enter_spin()
+        }
         Workload::Kv | Workload::KvRace | Workload::KvUser => {}
     }
     let rx_limit = match info.workload {
@@ -95,7 +99,7 @@ pub unsafe extern "C" fn _start(boot_info: *const [u8; boot::BLOCK_SIZE]) -> ! {
     // once and never returns.
     let service = unsafe { &mut *SERVICE.get() };
     if info.workload == Workload::KvUser {
-        user::enter(info, net, service)
+        user::enter_kv(info, net, service)
     }
     run(&info, &mut net, service)
 }

@@ -10,6 +10,11 @@ pub const IDLE_PORT: u16 = 0x502;
 /// writes; the guest never writes it itself, but its user mode must be
 /// allowed to.
 pub const TRAP_PORT: u16 = 0xe6;
+/// The port the #DB and #BP handlers write first thing (idt.rs): the
+/// VMM's replay stops the guest at one instruction with a breakpoint or a
+/// single step that reach the guest as these exceptions on this platform
+/// at CPL3, and takes them back at this exit (docs/guest-abi.md).
+pub const DEBUG_TRAP_PORT: u16 = 0xe7;
 /// The serial transmit register, the only serial port the service writes.
 pub const SERIAL_THR: u16 = 0x3f8;
 

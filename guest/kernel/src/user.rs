@@ -1,5 +1,5 @@
-//! The `kv-user` workload's user mode: the KV service's main loop runs as a
-//! task at CPL3, where this platform's KVM runs guest code natively instead
+//! User mode for the `kv-user` and `spin-user` workloads: the KV service's
+//! main loop (or the busy wait) runs as a task at CPL3, where this platform's KVM runs guest code natively instead
 //! of in its CPL0 instruction emulator. The kernel keeps only what cannot
 //! run at CPL3: boot, the device's setup, and the interrupt handlers, which
 //! return to the task with `iretq`.
@@ -41,7 +41,7 @@ struct Stack([u8; USER_STACK_SIZE]);
 
 static USER_STACK: Shared<Stack> = Shared::new(Stack([0; USER_STACK_SIZE]));
 
-/// What the task is handed in RDI.
+/// What the KV task is handed in RDI.
 struct Task {
     info: BootInfo,
     net: VirtioNet,
@@ -50,20 +50,33 @@ struct Task {
 
 /// Makes the image and the device's register window reachable from CPL3,
 /// then drops to CPL3 in the service's main loop; never returns.
-pub fn enter(info: BootInfo, net: VirtioNet, service: &'static mut Service) -> ! {
+pub fn enter_kv(info: BootInfo, net: VirtioNet, service: &'static mut Service) -> ! {
     let window = info.net_mmio_base;
     allow_user(0, boot::image_end());
     allow_user(window, window + 1);
+    let mut task = Task { info, net, service };
+    // `task` lives on this stack, which the kernel never unwinds (`enter`
+    // does not return), and the task is its only user from here on.
+    enter(kv_main, &mut task as *mut Task as *mut u8)
+}
+
+/// Makes the image reachable from CPL3 and runs the `spin-user` busy
+/// wait there; never returns.
+pub fn enter_spin() -> ! {
+    allow_user(0, boot::image_end());
+    enter(spin_main, core::ptr::null_mut())
+}
+
+/// Drops to CPL3 at `entry` on the user stack, interrupts enabled, with
+/// `arg` in RDI.
+fn enter(entry: extern "C" fn(*mut u8) -> !, arg: *mut u8) -> ! {
     let stack = USER_STACK.get();
     // As a call would leave it: RSP ≡ 8 (mod 16) at the entry.
     // SAFETY: only the address of the static is computed.
     let top = unsafe { core::ptr::addr_of_mut!((*stack).0) } as u64 + USER_STACK_SIZE as u64 - 8;
-    let task = Task { info, net, service };
-    // SAFETY: the frame makes `iretq` enter `task_main` at CPL3 on the user
-    // stack with interrupts enabled; `task` lives on this stack, which the
-    // kernel never unwinds (this function does not return), and the task
-    // is its only user from here on. Both stacks and the image are mapped
-    // for user access above.
+    // SAFETY: the frame makes `iretq` enter `entry` at CPL3 on the user
+    // stack with interrupts enabled; the callers mapped the image, and so
+    // both stacks, for user access.
     unsafe {
         asm!(
             "push {ss}",
@@ -76,17 +89,21 @@ pub fn enter(info: BootInfo, net: VirtioNet, service: &'static mut Service) -> !
             rsp = in(reg) top,
             rflags = const USER_RFLAGS,
             cs = const USER_CODE_SELECTOR as u64,
-            rip = in(reg) task_main as *const () as u64,
-            in("rdi") &task as *const Task,
+            rip = in(reg) entry as *const () as u64,
+            in("rdi") arg,
             options(noreturn),
         )
     }
 }
 
-extern "C" fn task_main(task: *mut Task) -> ! {
-    // SAFETY: `enter` passed a pointer to a Task it never touches again.
-    let task = unsafe { &mut *task };
+extern "C" fn kv_main(task: *mut u8) -> ! {
+    // SAFETY: `enter_kv` passed a pointer to a Task it never touches again.
+    let task = unsafe { &mut *(task as *mut Task) };
     crate::run(&task.info, &mut task.net, task.service)
+}
+
+extern "C" fn spin_main(_: *mut u8) -> ! {
+    crate::spin::wait_and_report()
 }
 
 /// Sets the user bit on every level that maps `[start, end)` (identity

@@ -41,7 +41,8 @@ pub struct FtArgs {
     #[arg(long, default_value = "64M", value_parser = parse_mem)]
     pub mem: u64,
     /// What the embedded guest runs: kv (the KV service), kv-user (its
-    /// hot path at CPL3), race, spin or kv-race (docs/guest-abi.md); primary and backup must agree.
+    /// hot path at CPL3), race, spin, kv-race or spin-user (spin at
+    /// CPL3) (docs/guest-abi.md); primary and backup must agree.
     #[arg(long, default_value = "kv")]
     pub workload: Workload,
     /// The VM this pair runs, as the arbiter knows it.

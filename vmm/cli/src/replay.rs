@@ -118,8 +118,8 @@ pub fn run(args: &ReplayArgs) -> Result<ExitCode> {
             let b = &summary.between;
             if b.deliveries > 0 {
                 eprintln!(
-                    "ftvm replay: {} deliveries between two exits, found with {} breakpoint hits and {} single steps",
-                    b.deliveries, b.breakpoint_hits, b.single_steps
+                    "ftvm replay: {} deliveries between two exits, found with {} breakpoint hits ({} in user mode) and {} single steps",
+                    b.deliveries, b.breakpoint_hits, b.user_mode_hits, b.single_steps
                 );
             }
             summary

@@ -33,7 +33,8 @@ pub struct RunArgs {
     #[arg(long, default_value = "127.0.0.1:7000")]
     service: SocketAddr,
     /// What the embedded guest runs: kv (the KV service), kv-user (its
-    /// hot path at CPL3), race, spin or kv-race (docs/guest-abi.md).
+    /// hot path at CPL3), race, spin, kv-race or spin-user (spin at
+    /// CPL3) (docs/guest-abi.md).
     #[arg(long, default_value = "kv")]
     workload: Workload,
     /// Stop after this many seconds.

@@ -46,3 +46,8 @@ pub const IDLE_PORT: u16 = 0x502;
 /// port (`E6 ib` takes an 8-bit port), which exits from CPL3 through the
 /// TSS I/O bitmap where `hlt` gives #GP.
 pub const TRAP_PORT: u8 = 0xe6;
+/// The port a workload with CPL3 code writes first thing in its #DB and
+/// #BP handlers, so that a replay's breakpoint or single step, which reach
+/// the guest as those exceptions at CPL3, come back to the VMM
+/// (`run::debug_trap`, docs/guest-abi.md).
+pub const DEBUG_TRAP_PORT: u16 = 0xe7;

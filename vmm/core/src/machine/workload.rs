@@ -27,21 +27,26 @@ pub enum Workload {
     /// The KV service as a user task at CPL3, where this platform runs
     /// guest code natively rather than in KVM's instruction emulator.
     KvUser,
+    /// The busy wait of `Spin` as a user task at CPL3.
+    SpinUser,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WorkloadError {
-    #[error("unknown workload {0:?} (the workloads are kv, race, spin, kv-race, kv-user)")]
+    #[error(
+        "unknown workload {0:?} (the workloads are kv, race, spin, kv-race, kv-user, spin-user)"
+    )]
     UnknownName(String),
 }
 
 impl Workload {
-    pub const ALL: [Workload; 5] = [
+    pub const ALL: [Workload; 6] = [
         Workload::Kv,
         Workload::Race,
         Workload::Spin,
         Workload::KvRace,
         Workload::KvUser,
+        Workload::SpinUser,
     ];
 
     /// The value of the boot-info field.
@@ -52,6 +57,7 @@ impl Workload {
             Workload::Spin => 2,
             Workload::KvRace => 3,
             Workload::KvUser => 4,
+            Workload::SpinUser => 5,
         }
     }
 
@@ -63,6 +69,7 @@ impl Workload {
             Workload::Spin => "spin",
             Workload::KvRace => "kv-race",
             Workload::KvUser => "kv-user",
+            Workload::SpinUser => "spin-user",
         }
     }
 
@@ -76,10 +83,21 @@ impl Workload {
     /// #GP at CPL3, so a guest with user-mode code traps with a port write,
     /// which exits from CPL3 as from CPL0 (docs/guest-abi.md).
     pub fn trap_instruction(self) -> TrapInstruction {
-        match self {
-            Workload::KvUser => TrapInstruction::Out,
-            _ => TrapInstruction::Hlt,
+        if self.runs_user_code() {
+            TrapInstruction::Out
+        } else {
+            TrapInstruction::Hlt
         }
+    }
+
+    /// Whether the guest runs code at CPL3. Its replay then stops the
+    /// guest at an instruction with `int3` and the trap flag, which reach
+    /// the guest's #BP and #DB handlers on this platform, and takes the
+    /// exception back at the handlers' write to the debug trap port
+    /// (`run::debug_trap`); at CPL0 it uses `hlt`, which does not exist
+    /// at CPL3.
+    pub fn runs_user_code(self) -> bool {
+        matches!(self, Workload::KvUser | Workload::SpinUser)
     }
 }
 
@@ -110,7 +128,7 @@ mod tests {
             assert_eq!(w.name().parse::<Workload>(), Ok(w));
         }
         let fields: Vec<u32> = Workload::ALL.iter().map(|w| w.boot_field()).collect();
-        assert_eq!(fields, vec![0, 1, 2, 3, 4], "the ABI's values");
+        assert_eq!(fields, vec![0, 1, 2, 3, 4, 5], "the ABI's values");
         assert_eq!(Workload::default(), Workload::Kv);
         assert!("kv_race".parse::<Workload>().is_err());
     }

@@ -5,7 +5,9 @@
 //! at CPL0 always exits with RIP one past it. So the instruction's first
 //! byte is replaced by `hlt` (0xF4) while the guest runs, and put back at
 //! every exit before the VMM looks at memory: digests, memory hashes and the
-//! guest at any exit see the original byte.
+//! guest at any exit see the original byte. A guest with CPL3 code, where
+//! `hlt` faults, gets `int3` instead, which its own #BP handler brings back
+//! to the VMM (`run::debug_trap`).
 //!
 //! The byte is written through the host mapping, not through `vm-memory`'s
 //! tracked writes: the page's content is the same at every point where the
@@ -47,6 +49,8 @@ pub struct Breakpoint {
     gpa: u64,
     /// That byte as the guest wrote it.
     original: u8,
+    /// What is written over it: `hlt`, or `int3`.
+    byte: u8,
     armed: bool,
 }
 
@@ -57,9 +61,19 @@ fn host_byte(mem: &GuestMemory, gpa: u64) -> *mut u8 {
 }
 
 impl Breakpoint {
-    /// A breakpoint at the instruction at `rip`, translated through the
-    /// guest's page tables as they are now. Not armed yet.
+    /// A `hlt` breakpoint at the instruction at `rip`, translated through
+    /// the guest's page tables as they are now. Not armed yet.
     pub fn new(vcpu: &VcpuFd, mem: &GuestMemory, rip: u64) -> Result<Self, BreakpointError> {
+        Self::with_byte(vcpu, mem, rip, HLT)
+    }
+
+    /// As [`Breakpoint::new`], writing `byte` over the instruction.
+    pub fn with_byte(
+        vcpu: &VcpuFd,
+        mem: &GuestMemory,
+        rip: u64,
+        byte: u8,
+    ) -> Result<Self, BreakpointError> {
         let translation = vcpu
             .translate_gva(rip)
             .map_err(|e| BreakpointError::Translate {
@@ -83,6 +97,7 @@ impl Breakpoint {
             rip,
             gpa,
             original,
+            byte,
             armed: false,
         })
     }
@@ -95,11 +110,11 @@ impl Breakpoint {
     /// `rdtsc`-like site): then arming changes nothing, and a hit that is not
     /// the wanted one is that instruction's own synchronous exit.
     pub fn is_hlt(&self) -> bool {
-        self.original == HLT
+        self.original == HLT && self.byte == HLT
     }
 
-    /// Whether a `hlt` exit with `rip` (one past the `hlt`) is this
-    /// breakpoint's.
+    /// Whether a `hlt` exit with `rip` (one past the `hlt`), or an `int3`
+    /// that pushed `rip`, is this breakpoint's.
     pub fn is_hit(&self, rip: u64) -> bool {
         rip == self.rip.wrapping_add(1)
     }
@@ -108,23 +123,23 @@ impl Breakpoint {
         self.armed
     }
 
-    /// Puts `hlt` over the instruction's first byte, until [`disarm`].
-    /// `mem` is the memory the breakpoint was made in.
+    /// Puts the breakpoint's byte over the instruction's first byte, until
+    /// [`disarm`]. `mem` is the memory the breakpoint was made in.
     ///
     /// [`disarm`]: Breakpoint::disarm
     pub fn arm(&mut self, mem: &GuestMemory) {
-        if self.armed || self.is_hlt() {
+        if self.armed || self.original == self.byte {
             return;
         }
         // SAFETY: the byte is inside the mapping `mem` keeps alive (checked
         // in `new`); the guest does not run while the vCPU thread (the
         // caller) is outside KVM_RUN, so nothing races with the write.
-        unsafe { host_byte(mem, self.gpa).write_volatile(HLT) }
+        unsafe { host_byte(mem, self.gpa).write_volatile(self.byte) }
         self.armed = true;
     }
 
-    /// Puts the original byte back, unless the guest replaced the `hlt`
-    /// meanwhile (self-modifying code), whose byte then stays.
+    /// Puts the original byte back, unless the guest replaced the
+    /// breakpoint's meanwhile (self-modifying code), whose byte then stays.
     pub fn disarm(&mut self, mem: &GuestMemory) -> Disarmed {
         if !self.armed {
             return Disarmed::Restored;
@@ -133,7 +148,7 @@ impl Breakpoint {
         let host = host_byte(mem, self.gpa);
         // SAFETY: as in `arm`.
         let found = unsafe { host.read_volatile() };
-        if found != HLT {
+        if found != self.byte {
             self.original = found;
             return Disarmed::GuestWrote(found);
         }

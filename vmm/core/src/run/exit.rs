@@ -3,7 +3,7 @@
 //! unit tests with made-up exits all share it.
 
 use crate::devices::Devices;
-use crate::machine::layout::{EXIT_PORT, IDLE_PORT, TRAP_PORT};
+use crate::machine::layout::{DEBUG_TRAP_PORT, EXIT_PORT, IDLE_PORT, TRAP_PORT};
 use crate::machine::memory::GuestMemory;
 
 /// virtio-net's receive queue.
@@ -73,6 +73,13 @@ pub fn handle_exit(
         }
         // The run loop emulates the patched instruction; no device is here.
         Exit::IoOut { port, .. } if port == u16::from(TRAP_PORT) => Action::Resume,
+        // The guest's #DB or #BP handler: a replay's own breakpoint or step
+        // is taken back before this; any other goes on to the guest's
+        // report of the exception.
+        Exit::IoOut {
+            port: DEBUG_TRAP_PORT,
+            ..
+        } => Action::Resume,
         Exit::IoOut {
             port: IDLE_PORT,
             data,
@@ -271,6 +278,11 @@ mod tests {
             data: &[0],
         };
         assert_eq!(handle_exit(&mut d, &mem, 0, trap), Action::Resume);
+        let debug_trap = Exit::IoOut {
+            port: DEBUG_TRAP_PORT,
+            data: &[0],
+        };
+        assert_eq!(handle_exit(&mut d, &mem, 0, debug_trap), Action::Resume);
         assert_eq!(d.unknown_pio, 0, "the VMM's own ports are not unknown");
     }
 }

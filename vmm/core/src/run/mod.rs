@@ -3,6 +3,7 @@
 //! replays, divergence digests and reports, and the stop signal.
 
 pub mod breakpoint;
+pub mod debug_trap;
 pub mod digest;
 pub mod dirty;
 pub mod divergence;

@@ -11,6 +11,9 @@
 //!   (`run::breakpoint`) at the RIP ([`Aim`]): at each hit it compares the
 //!   state, steps one instruction over a hit that does not match
 //!   (`run::single_step`) and arms again, and delivers at the one that does.
+//!   A guest with CPL3 code, where `hlt` faults and KVM's step reaches the
+//!   guest, gets an `int3` breakpoint and trap-flag steps, which its #BP
+//!   and #DB handlers bring back to the VMM (`run::debug_trap`).
 //!
 //! `docs/record-replay.md` ("Interrupts between exits") gives the ambiguity
 //! argument and the costs.
@@ -24,6 +27,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use crate::machine::memory::GuestMemory;
 use crate::machine::scan;
 use crate::run::breakpoint::{Breakpoint, BreakpointError, Disarmed};
+use crate::run::debug_trap::{DebugStack, DebugTrapError, INT3, RFLAGS_TF};
 use crate::run::single_step::{self, SingleStepError};
 use crate::run::vm::Vm;
 
@@ -33,6 +37,8 @@ pub enum PreciseError {
     Breakpoint(#[from] BreakpointError),
     #[error(transparent)]
     Step(#[from] SingleStepError),
+    #[error(transparent)]
+    DebugTrap(#[from] DebugTrapError),
     #[error("KVM refused to {what}: {source}")]
     Kvm {
         what: &'static str,
@@ -54,10 +60,10 @@ pub fn regs_hash(regs: &Registers) -> u64 {
 /// Whether the guest, stopped by a kick, can take an interrupt right
 /// where it is: interrupts enabled, no interrupt shadow (`sti`, `mov ss`),
 /// no interrupt already queued, not in the middle of a repeated string
-/// instruction (whose progress RIP does not show), and not at CPL3: a
-/// replay finds the instruction again with a `hlt` it writes there, which
-/// gives #GP at CPL3, so user-mode code gets what is due at its next
-/// synchronous exit instead (docs/guest-abi.md, "User mode").
+/// instruction (whose progress RIP does not show), and at CPL3 only in a
+/// guest whose #DB and #BP handlers bring a replay's `int3` and trap flag
+/// back to the VMM (`Workload::runs_user_code`): a replay could not find
+/// the instruction again otherwise (docs/guest-abi.md, "User mode").
 pub fn can_take_interrupt(vm: &mut Vm) -> Result<bool, PreciseError> {
     let (ready, if_flag) = {
         let run = vm.vcpu.get_kvm_run();
@@ -80,7 +86,7 @@ pub fn can_take_interrupt(vm: &mut Vm) -> Result<bool, PreciseError> {
         what: "read the vCPU's segments",
         source,
     })?;
-    if sregs.cs.selector & 3 == 3 {
+    if sregs.cs.selector & 3 == 3 && !vm.config.workload.runs_user_code() {
         return Ok(false);
     }
     let (_, code) = vm.code_at_rip();
@@ -136,13 +142,41 @@ impl Passes {
     }
 }
 
+/// How an aim steps over its instruction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stepping {
+    /// KVM's single step (`run::single_step`).
+    Kvm,
+    /// The guest's trap flag, whose #DB the guest's handler brings back
+    /// (`run::debug_trap`): at CPL3, where KVM's step reaches the guest.
+    TrapFlag,
+}
+
+/// What an exit on the debug trap port was, for an aim that uses it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trapped {
+    /// The aim's `int3`: the guest is back on the instruction.
+    Hit,
+    /// The aim's trap-flag step: the guest is past the instruction.
+    Stepped,
+    /// Neither: the guest's own exception, which its handler reports.
+    Guest,
+}
+
 /// A replay's aim at one instruction between two synchronous exits: the
 /// breakpoint, and whether the next entry into the guest steps over it.
 #[derive(Debug)]
 pub struct Aim {
     breakpoint: Breakpoint,
+    /// For a guest with CPL3 code: its debug stack, whose handlers bring
+    /// the breakpoint (`int3`) and trap-flag steps back.
+    debug_stack: Option<DebugStack>,
+    /// Whether the breakpoint was armed during the last entry.
+    was_armed: bool,
+    /// The privilege level of the last hit: CPL3 steps with the trap flag.
+    hit_cpl: u8,
     step_next: bool,
-    stepping: bool,
+    stepping: Option<Stepping>,
     passes: Passes,
 }
 
@@ -150,10 +184,21 @@ impl Aim {
     /// Aims at the instruction at `rip`, as the guest's page tables map it
     /// now.
     pub fn new(vm: &Vm, rip: u64) -> Result<Aim, PreciseError> {
+        let (breakpoint, debug_stack) = if vm.config.workload.runs_user_code() {
+            (
+                Breakpoint::with_byte(&vm.vcpu, &vm.mem, rip, INT3)?,
+                Some(DebugStack::locate(&vm.vcpu, &vm.mem)?),
+            )
+        } else {
+            (Breakpoint::new(&vm.vcpu, &vm.mem, rip)?, None)
+        };
         Ok(Aim {
-            breakpoint: Breakpoint::new(&vm.vcpu, &vm.mem, rip)?,
+            breakpoint,
+            debug_stack,
+            was_armed: false,
+            hit_cpl: 0,
             step_next: false,
-            stepping: false,
+            stepping: None,
             passes: Passes::default(),
         })
     }
@@ -162,28 +207,83 @@ impl Aim {
         self.breakpoint.rip()
     }
 
+    /// Whether the last hit was in CPL3 code.
+    pub fn hit_in_user_mode(&self) -> bool {
+        self.hit_cpl == 3
+    }
+
+    /// Whether the aim's hits and CPL3 steps arrive as exits on the debug
+    /// trap port.
+    pub fn traps_through_guest(&self) -> bool {
+        self.debug_stack.is_some()
+    }
+
     /// Before entering the guest: the breakpoint armed, or one step.
     /// Returns whether this entry steps.
     pub fn before_entry(&mut self, vm: &mut Vm) -> Result<bool, PreciseError> {
         if self.step_next {
             self.step_next = false;
-            single_step::set(&vm.vcpu, true)?;
-            self.stepping = true;
+            if self.debug_stack.is_some() && self.hit_cpl == 3 {
+                let mut regs = vm.vcpu.sync_regs().regs;
+                regs.rflags |= RFLAGS_TF;
+                set_regs(vm, &regs, "set the trap flag")?;
+                self.stepping = Some(Stepping::TrapFlag);
+            } else {
+                single_step::set(&vm.vcpu, true)?;
+                self.stepping = Some(Stepping::Kvm);
+            }
         } else {
             self.breakpoint.arm(&vm.mem);
         }
-        Ok(self.stepping)
+        Ok(self.stepping.is_some())
     }
 
     /// First thing after any exit, before anything reads guest memory (the
     /// exit's data may still borrow the vCPU): the original byte back.
     pub fn restore(&mut self, mem: &GuestMemory) {
+        self.was_armed = self.breakpoint.is_armed();
         if let Disarmed::GuestWrote(byte) = self.breakpoint.disarm(mem) {
             tracing::warn!(
                 "the guest wrote {byte:#04x} over the breakpoint at {:#x}; its write is kept",
                 self.breakpoint.rip()
             );
         }
+    }
+
+    /// At an exit on the debug trap port (`traps_through_guest`): takes
+    /// back the exception when it is this aim's hit or step.
+    pub fn trap(&mut self, vm: &mut Vm) -> Result<Trapped, PreciseError> {
+        let Some(stack) = &self.debug_stack else {
+            return Ok(Trapped::Guest);
+        };
+        let stepped = self.stepping == Some(Stepping::TrapFlag);
+        if !stepped && !self.was_armed {
+            return Ok(Trapped::Guest);
+        }
+        let frame = stack.frame(&vm.vcpu.sync_regs().regs, &vm.mem)?;
+        if stepped {
+            self.stepping = None;
+            stack.take_back(&mut vm.vcpu, &vm.mem, &frame, frame.rip)?;
+            Ok(Trapped::Stepped)
+        } else if frame.rip == self.breakpoint.rip().wrapping_add(1) {
+            stack.take_back(&mut vm.vcpu, &vm.mem, &frame, self.breakpoint.rip())?;
+            self.hit_cpl = frame.cpl();
+            Ok(Trapped::Hit)
+        } else {
+            Ok(Trapped::Guest)
+        }
+    }
+
+    /// After any other exit of an entry that stepped with the trap flag (a
+    /// signal before the instruction ran, or the instruction's own exit):
+    /// the flag off before anything reads the registers.
+    pub fn leave_trap_flag(&mut self, vm: &mut Vm) {
+        if self.stepping != Some(Stepping::TrapFlag) {
+            return;
+        }
+        self.stepping = None;
+        vm.vcpu.sync_regs_mut().regs.rflags &= !RFLAGS_TF;
+        vm.vcpu.set_sync_dirty_reg(kvm_ioctls::SyncReg::Register);
     }
 
     /// Once the exit's data is handled: stepping off again. A step that a
@@ -194,11 +294,12 @@ impl Aim {
         vcpu: &VcpuFd,
         interrupted_at: Option<u64>,
     ) -> Result<(), PreciseError> {
-        if !self.stepping {
+        let Some(stepping) = self.stepping.take() else {
             return Ok(());
+        };
+        if stepping == Stepping::Kvm {
+            single_step::set(vcpu, false)?;
         }
-        self.stepping = false;
-        single_step::set(vcpu, false)?;
         if interrupted_at == Some(self.breakpoint.rip()) {
             self.step_next = true;
         }
@@ -220,8 +321,12 @@ impl Aim {
     }
 
     /// At a hit: puts RIP back on the instruction (KVM left it one past the
-    /// `hlt`), for the comparison and for delivery there.
+    /// `hlt`), for the comparison and for delivery there. A hit through the
+    /// guest's handler is back there already (`trap`).
     pub fn rewind(&mut self, vm: &mut Vm) -> Result<(), PreciseError> {
+        if self.debug_stack.is_some() {
+            return Ok(());
+        }
         self.set_rip(vm, self.breakpoint.rip())
     }
 
@@ -234,16 +339,7 @@ impl Aim {
     fn set_rip(&mut self, vm: &mut Vm, rip: u64) -> Result<(), PreciseError> {
         let mut regs = vm.vcpu.sync_regs().regs;
         regs.rip = rip;
-        // Through SET_REGS, not the sync copy: a step turned on next must
-        // see this RIP (KVM arms it for the RIP it has then).
-        vm.vcpu
-            .set_regs(&regs)
-            .map_err(|source| PreciseError::Kvm {
-                what: "move RIP onto the breakpoint",
-                source,
-            })?;
-        vm.vcpu.sync_regs_mut().regs = regs;
-        Ok(())
+        set_regs(vm, &regs, "move RIP onto the breakpoint")
     }
 
     /// Judges a hit whose registers hash to `regs` against the recorded
@@ -261,6 +357,20 @@ impl Aim {
         self.step_next = pass == Pass::Other;
         Ok(pass)
     }
+}
+
+/// Through SET_REGS, not only the sync copy: a step turned on next must
+/// see these registers (KVM arms it for the RIP it has then).
+fn set_regs(
+    vm: &mut Vm,
+    regs: &kvm_bindings::kvm_regs,
+    what: &'static str,
+) -> Result<(), PreciseError> {
+    vm.vcpu
+        .set_regs(regs)
+        .map_err(|source| PreciseError::Kvm { what, source })?;
+    vm.vcpu.sync_regs_mut().regs = *regs;
+    Ok(())
 }
 
 #[cfg(test)]

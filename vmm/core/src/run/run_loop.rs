@@ -12,14 +12,14 @@ use logchannel::{Digest, DigestReason, OutputKind, Position, Registers};
 use serde::Serialize;
 
 use crate::devices::virtio_net::NET_IRQ;
-use crate::machine::layout::TRAP_PORT;
+use crate::machine::layout::{DEBUG_TRAP_PORT, TRAP_PORT};
 use crate::machine::patch::{emulate, TrapResult};
 use crate::machine::scan::NondetSite;
 use crate::run::digest::{self, MemoryHasher};
 use crate::run::divergence::Divergence;
 use crate::run::exit::{handle_exit, Action, Exit, ExitKind};
 use crate::run::kick::Kicker;
-use crate::run::precise::{can_take_interrupt, Aim, PreciseError};
+use crate::run::precise::{can_take_interrupt, Aim, PreciseError, Trapped};
 use crate::run::stop::StopSignal;
 use crate::run::vm::{Vm, VmError};
 
@@ -145,6 +145,9 @@ pub struct BetweenCounts {
     pub kicks: u64,
     /// Breakpoint hits, the matching ones included (replay).
     pub breakpoint_hits: u64,
+    /// Of those, the hits in CPL3 code, brought back by the guest's #BP
+    /// handler (`run::debug_trap`).
+    pub user_mode_hits: u64,
     /// Single steps over hits that did not match (replay).
     pub single_steps: u64,
 }
@@ -417,7 +420,10 @@ fn step<M: Mode>(
     let stepped = enter(m, mode, aim.as_deref_mut());
     if let Some(aim) = aim {
         let interrupted_at = match stepped {
-            Ok(Stepped::Between) => Some(m.regs().rip),
+            Ok(Stepped::Between) => {
+                aim.leave_trap_flag(m.vm);
+                Some(m.regs().rip)
+            }
             _ => None,
         };
         aim.end_step(&m.vm.vcpu, interrupted_at)?;
@@ -436,6 +442,7 @@ fn enter<M: Mode>(
     let mut pit_read = None;
     let mut msr_read = None;
     let mut trap_out = false;
+    let mut debug_trap = false;
     let (kind, action) = 'exit: {
         let Vm {
             vcpu, devices, mem, ..
@@ -492,6 +499,7 @@ fn enter<M: Mode>(
         };
         let kind = exit.kind();
         trap_out = matches!(exit, Exit::IoOut { port, .. } if port == u16::from(TRAP_PORT));
+        debug_trap = matches!(exit, Exit::IoOut { port, .. } if port == DEBUG_TRAP_PORT);
         let action = match exit {
             Exit::IoIn { port, data } if PIT_COUNTER_PORTS.contains(&port) => {
                 let action = handle_exit(
@@ -510,8 +518,18 @@ fn enter<M: Mode>(
         };
         (kind, action)
     };
-    if kind == ExitKind::Hlt && aim.is_some_and(|a| a.is_hit(m.regs().rip)) {
-        return Ok(Stepped::Hit);
+    if let Some(aim) = aim {
+        if debug_trap && aim.traps_through_guest() {
+            match aim.trap(m.vm)? {
+                Trapped::Hit => return Ok(Stepped::Hit),
+                Trapped::Stepped => return Ok(Stepped::Debug),
+                Trapped::Guest => {}
+            }
+        }
+        if kind == ExitKind::Hlt && !aim.traps_through_guest() && aim.is_hit(m.regs().rip) {
+            return Ok(Stepped::Hit);
+        }
+        aim.leave_trap_flag(m.vm);
     }
     let (pos, action) = synchronous(m, mode, kind, action, pit_read, msr_read, trap_out)?;
     Ok(Stepped::Sync(pos, action))
@@ -589,6 +607,9 @@ enum Hit {
 
 fn at_breakpoint<M: Mode>(m: &mut Machine, mode: &mut M, aim: &mut Aim) -> Result<Hit, RunError> {
     m.summary.between.breakpoint_hits += 1;
+    if aim.hit_in_user_mode() {
+        m.summary.between.user_mode_hits += 1;
+    }
     aim.rewind(m.vm)?;
     let at = Position {
         exits: m.summary.exits.synchronous,
