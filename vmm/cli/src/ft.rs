@@ -40,10 +40,11 @@ pub struct FtArgs {
     /// 4K.
     #[arg(long, default_value = "64M", value_parser = parse_mem)]
     pub mem: u64,
-    /// What the embedded guest runs: kv (the KV service), kv-user (its
-    /// hot path at CPL3), race, spin, kv-race or spin-user (spin at
-    /// CPL3) (docs/guest-abi.md); primary and backup must agree.
-    #[arg(long, default_value = "kv")]
+    /// What the embedded guest runs: kv-user (the KV service, its hot
+    /// path at CPL3), kv (all of it at CPL0), race, spin, kv-race or
+    /// spin-user (spin at CPL3) (docs/guest-abi.md); primary and backup
+    /// must agree.
+    #[arg(long, default_value = "kv-user")]
     pub workload: Workload,
     /// The VM this pair runs, as the arbiter knows it.
     #[arg(long, default_value = VM_ID)]

@@ -32,10 +32,10 @@ pub struct RunArgs {
     /// workloads that serve KV).
     #[arg(long, default_value = "127.0.0.1:7000")]
     service: SocketAddr,
-    /// What the embedded guest runs: kv (the KV service), kv-user (its
-    /// hot path at CPL3), race, spin, kv-race or spin-user (spin at
-    /// CPL3) (docs/guest-abi.md).
-    #[arg(long, default_value = "kv")]
+    /// What the embedded guest runs: kv-user (the KV service, its hot
+    /// path at CPL3), kv (all of it at CPL0), race, spin, kv-race or
+    /// spin-user (spin at CPL3) (docs/guest-abi.md).
+    #[arg(long, default_value = "kv-user")]
     workload: Workload,
     /// Stop after this many seconds.
     #[arg(long, alias = "duration")]

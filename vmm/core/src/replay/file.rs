@@ -41,7 +41,7 @@ pub enum LogFileError {
     UnknownValue {
         key: String,
         value: String,
-        known: &'static str,
+        known: String,
     },
 }
 
@@ -76,17 +76,25 @@ pub struct LogOutline {
 pub fn settings(header: &LogHeader) -> Result<Settings, LogFileError> {
     let mut settings = Settings::default();
     for (key, value) in &header.config.extra {
-        let unknown_value = |known| LogFileError::UnknownValue {
+        let unknown_value = |known: String| LogFileError::UnknownValue {
             key: key.clone(),
             value: value.clone(),
             known,
         };
         match key.as_str() {
             OUTPUT_MEMORY_KEY if value == OUTPUT_MEMORY_REFRESH => settings.output_memory = true,
-            OUTPUT_MEMORY_KEY => return Err(unknown_value("the one it knows is \"refresh\"")),
+            OUTPUT_MEMORY_KEY => {
+                return Err(unknown_value(format!(
+                    "the one it knows is {OUTPUT_MEMORY_REFRESH:?}"
+                )))
+            }
             workload::LOG_KEY => {
                 settings.workload = value.parse().map_err(|_| {
-                    unknown_value("the ones it knows are \"kv\", \"race\", \"spin\", \"kv-race\"")
+                    let names: Vec<String> = Workload::ALL
+                        .iter()
+                        .map(|w| format!("{:?}", w.name()))
+                        .collect();
+                    unknown_value(format!("the ones it knows are {}", names.join(", ")))
                 })?;
             }
             _ => {

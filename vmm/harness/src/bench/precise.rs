@@ -1,5 +1,6 @@
 //! `ftvm bench precise`: what interrupts between exits cost. For `race`
-//! (which powers off by itself) and `kv-race` (under closed-loop clients):
+//! and `spin-user` (which power off by itself; `spin-user`'s ticks land at
+//! CPL3) and `kv-race` (under closed-loop clients):
 //! record against run, replay against the recorded time, breakpoint hits
 //! and single steps per interrupt delivered between two exits, and log
 //! bytes per second.
@@ -55,10 +56,12 @@ pub struct WorkloadReport {
 #[derive(Debug, Serialize)]
 pub struct PreciseReport {
     pub race: WorkloadReport,
+    pub spin_user: WorkloadReport,
     pub kv_race: WorkloadReport,
 }
 
-/// A race run's time limit: it powers off after about 3 s.
+/// A `race` or `spin-user` run's time limit: they power off after about
+/// 3 s and 1 s.
 const RACE_LIMIT: Duration = Duration::from_secs(120);
 
 /// One round's measurements.
@@ -87,9 +90,14 @@ fn read_json(path: &Path) -> Result<Value> {
     serde_json::from_str(&text).with_context(|| format!("bad JSON in {}", path.display()))
 }
 
-/// `ftvm run` or `ftvm record --log LOG` of `race` to its power-off; its
-/// counters.
-fn race_once(launcher: &Launcher, log: Option<&Path>, dir: &Path) -> Result<Value> {
+/// `ftvm run` or `ftvm record --log LOG` of `workload` (one that powers
+/// off by itself) to its power-off; its counters.
+fn powers_off_once(
+    launcher: &Launcher,
+    workload: Workload,
+    log: Option<&Path>,
+    dir: &Path,
+) -> Result<Value> {
     let stats = dir.join("stats.json");
     let limit = RACE_LIMIT.as_secs().to_string();
     let mut args: Vec<&std::ffi::OsStr> = Vec::new();
@@ -99,7 +107,7 @@ fn race_once(launcher: &Launcher, log: Option<&Path>, dir: &Path) -> Result<Valu
     }
     args.extend([
         "--workload".as_ref(),
-        "race".as_ref(),
+        workload.name().as_ref(),
         "--serial".as_ref(),
         "/dev/null".as_ref(),
         "--timeout".as_ref(),
@@ -109,7 +117,10 @@ fn race_once(launcher: &Launcher, log: Option<&Path>, dir: &Path) -> Result<Valu
     ]);
     let out = launcher.run(&args, RACE_LIMIT + Duration::from_secs(60))?;
     if !out.status.success() {
-        bail!("race failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "{workload} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     read_json(&stats)
 }
@@ -163,6 +174,32 @@ fn summarize(workload: Workload, rounds: Vec<Round>) -> WorkloadReport {
     report
 }
 
+/// `rounds` of (run, record, replay) of a workload that powers off by
+/// itself.
+fn powering_off_rounds(
+    launcher: &Launcher,
+    workload: Workload,
+    rounds: usize,
+    log: &Path,
+    dir: &Path,
+) -> Result<WorkloadReport> {
+    let mut measured = Vec::new();
+    for _ in 0..rounds {
+        let run = powers_off_once(launcher, workload, None, dir)?;
+        let recorded = powers_off_once(launcher, workload, Some(log), dir)?;
+        let replayed = launcher.replay(log, dir)?;
+        let over_run =
+            number(&recorded, &["elapsed_secs"])? / number(&run, &["elapsed_secs"])?.max(1e-9);
+        let r = round(&recorded, &replayed, over_run, log)?;
+        println!(
+            "  {workload}: record/run {:.3}, replay/recorded {:.3}, {:.0} interrupts between exits",
+            r.record_over_run, r.replay_over_recorded, r.deliveries
+        );
+        measured.push(r);
+    }
+    Ok(summarize(workload, measured))
+}
+
 pub fn bench_precise(args: &PreciseBenchArgs) -> Result<()> {
     let duration = load::duration(args.duration)?;
     let launcher = Launcher::this_executable()?;
@@ -173,23 +210,11 @@ pub fn bench_precise(args: &PreciseBenchArgs) -> Result<()> {
     let log = dir.path().join("recorded.log");
     let rounds = args.rounds.max(1);
     println!(
-        "measuring: {rounds} x (run, record, replay) of race, then of kv-race under {} clients for {} s",
+        "measuring: {rounds} x (run, record, replay) of race and of spin-user, then of kv-race under {} clients for {} s",
         args.clients, args.duration
     );
-    let mut race = Vec::new();
-    for _ in 0..rounds {
-        let run = race_once(&launcher, None, dir.path())?;
-        let recorded = race_once(&launcher, Some(&log), dir.path())?;
-        let replayed = launcher.replay(&log, dir.path())?;
-        let over_run =
-            number(&recorded, &["elapsed_secs"])? / number(&run, &["elapsed_secs"])?.max(1e-9);
-        let r = round(&recorded, &replayed, over_run, &log)?;
-        println!(
-            "  race: record/run {:.3}, replay/recorded {:.3}, {:.0} interrupts between exits",
-            r.record_over_run, r.replay_over_recorded, r.deliveries
-        );
-        race.push(r);
-    }
+    let race = powering_off_rounds(&launcher, Workload::Race, rounds, &log, dir.path())?;
+    let spin_user = powering_off_rounds(&launcher, Workload::SpinUser, rounds, &log, dir.path())?;
     let mut kv_race = Vec::new();
     let workload = ["--workload", "kv-race"];
     for _ in 0..rounds {
@@ -214,7 +239,8 @@ pub fn bench_precise(args: &PreciseBenchArgs) -> Result<()> {
         kv_race.push(r);
     }
     let report = PreciseReport {
-        race: summarize(Workload::Race, race),
+        race,
+        spin_user,
         kv_race: summarize(Workload::KvRace, kv_race),
     };
     write_json(args.json.as_deref(), &report)

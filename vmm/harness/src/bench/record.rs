@@ -28,9 +28,9 @@ pub struct RecordBenchArgs {
     /// Guest memory size.
     #[arg(long, default_value = "64M")]
     pub mem: String,
-    /// The guest workload: `kv` (the KV service at CPL0) or `kv-user`
-    /// (its hot path at CPL3).
-    #[arg(long, default_value = "kv")]
+    /// The guest workload: `kv-user` (the KV service's hot path at CPL3)
+    /// or `kv` (all of it at CPL0).
+    #[arg(long, default_value = "kv-user")]
     pub workload: Workload,
     /// Record with `--output-memory-hash` (memory hash refreshed at every
     /// output).

@@ -47,10 +47,11 @@ pub struct DemoArgs {
     /// The VM's name at the arbiter.
     #[arg(long, default_value = "demo")]
     pub vm_id: String,
-    /// What the guest runs: kv (the KV service) or kv-race (the KV service
-    /// and a background task the timer and every request preempt); the
-    /// demo's clients need a workload that serves KV.
-    #[arg(long, default_value = "kv")]
+    /// What the guest runs: kv-user (the KV service, its hot path at
+    /// CPL3), kv (all of it at CPL0) or kv-race (the KV service and a
+    /// background task the timer and every request preempt); the demo's
+    /// clients need a workload that serves KV.
+    #[arg(long, default_value = "kv-user")]
     pub workload: Workload,
     /// The arbiter on a local 3-member etcd cluster, started by the demo
     /// (`etcd` must be installed), instead of `ftvm arbiter`; its leader is
