@@ -275,32 +275,39 @@ impl Aim {
     }
 
     /// After any other exit of an entry that stepped with the trap flag (a
-    /// signal before the instruction ran, or the instruction's own exit):
-    /// the flag off before anything reads the registers.
+    /// signal, or the instruction's own exit): the flag off before anything
+    /// reads the registers. Inside the guest's handler it is off already.
     pub fn leave_trap_flag(&mut self, vm: &mut Vm) {
         if self.stepping != Some(Stepping::TrapFlag) {
             return;
         }
-        self.stepping = None;
         vm.vcpu.sync_regs_mut().regs.rflags &= !RFLAGS_TF;
         vm.vcpu.set_sync_dirty_reg(kvm_ioctls::SyncReg::Register);
     }
 
     /// Once the exit's data is handled: stepping off again. A step that a
     /// signal interrupted before the instruction ran (RIP `rip` still on
-    /// it, no debug exit) is taken again at the next entry.
+    /// it, no debug exit) is taken again at the next entry. A trap-flag
+    /// step that a signal interrupted after the instruction, on the way
+    /// through the guest's handler, is still under way: its exit comes
+    /// at the next entry.
     pub fn end_step(
         &mut self,
         vcpu: &VcpuFd,
         interrupted_at: Option<u64>,
     ) -> Result<(), PreciseError> {
-        let Some(stepping) = self.stepping.take() else {
+        let Some(stepping) = self.stepping else {
             return Ok(());
         };
+        let on_instruction = interrupted_at == Some(self.breakpoint.rip());
+        if stepping == Stepping::TrapFlag && interrupted_at.is_some() && !on_instruction {
+            return Ok(());
+        }
+        self.stepping = None;
         if stepping == Stepping::Kvm {
             single_step::set(vcpu, false)?;
         }
-        if interrupted_at == Some(self.breakpoint.rip()) {
+        if on_instruction {
             self.step_next = true;
         }
         Ok(())

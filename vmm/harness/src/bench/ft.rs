@@ -256,7 +256,8 @@ fn overhead(launcher: &Launcher, args: &FtBenchArgs, report: &mut FtReport) -> R
     for n in 0..args.rounds {
         let run = saturate(service, &[vmm.pid()], args)?;
         let t = Instant::now();
-        let ft = saturate(pair_service, &[pair.primary.pid(), pair.backup.pid()], args)?;
+        let ft = saturate(pair_service, &[pair.primary.pid(), pair.backup.pid()], args)
+            .map_err(|e| came_apart(&pair, n, args, e))?;
         loaded += t.elapsed();
         merge(&mut run_paced, &pace(service, args)?);
         merge(&mut ft_paced, &pace(paced_service, args)?);
@@ -330,6 +331,30 @@ fn overhead(launcher: &Launcher, args: &FtBenchArgs, report: &mut FtReport) -> R
         .primary
         .has_event(|e| matches!(e, ServerEvent::FailureDetected { .. }));
     Ok(())
+}
+
+/// A load on the pair that failed: says so when the pair came apart first
+/// (one side took the other for failed, so the primary whose address the
+/// benchmark's clients use may have left), which a machine busy with other
+/// work can cause by starving a server for longer than the failure
+/// timeout.
+fn came_apart(pair: &Cluster, round: usize, args: &FtBenchArgs, e: anyhow::Error) -> anyhow::Error {
+    let detected = [&pair.primary, &pair.backup].into_iter().find_map(|p| {
+        p.events().into_iter().find_map(|r| match r.event {
+            ServerEvent::FailureDetected { peer, detail } => Some(format!(
+                "{} took its {peer:?} for failed ({detail})",
+                p.name()
+            )),
+            _ => None,
+        })
+    });
+    match detected {
+        Some(what) => e.context(format!(
+            "round {round}: the pair came apart under load: {what}, with a failure timeout of {} ms; on a machine busy with other work, rerun it, or with a longer --failure-timeout-ms",
+            args.failure_timeout_ms
+        )),
+        None => e.context(format!("round {round}: the load on the pair failed")),
+    }
 }
 
 /// Load that tolerates requests timing out (the primary pauses while the
