@@ -12,6 +12,7 @@ use ftvm_core::host::capture::Capture;
 use ftvm_core::machine::guest_image::GUEST_ELF;
 use ftvm_core::machine::layout::{MAX_MEM_SIZE, MIN_MEM_SIZE};
 use ftvm_core::machine::memory::parse_size;
+use ftvm_core::machine::workload::Workload;
 
 /// The VM id a log header and the arbiter know a guest by, unless told.
 pub const VM_ID: &str = "ftvm";
@@ -34,6 +35,18 @@ pub struct GuestArgs {
 }
 
 impl GuestArgs {
+    /// The workload `--workload` names, or the default: `kv-user` for the
+    /// embedded guest, and for an image of one's own (`--kernel`) `kv`,
+    /// whose conventions (patch sites become `hlt`, a replay stops the
+    /// guest with `hlt`) need no handler of the embedded guest's.
+    pub fn workload(&self, chosen: Option<Workload>) -> Workload {
+        match (chosen, &self.kernel) {
+            (Some(w), _) => w,
+            (None, Some(_)) => Workload::Kv,
+            (None, None) => Workload::KvUser,
+        }
+    }
+
     pub fn image(&self) -> Result<Vec<u8>> {
         match &self.kernel {
             Some(path) => std::fs::read(path)

@@ -85,7 +85,7 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
         0,
         image_hash(&image),
         ft.mem,
-        ft.workload.name(),
+        ft.workload().name(),
         0,
     );
     let connected = connect(&membership, &spare, hello, config);

@@ -43,9 +43,9 @@ pub struct FtArgs {
     /// What the embedded guest runs: kv-user (the KV service, its hot
     /// path at CPL3), kv (all of it at CPL0), race, spin, kv-race or
     /// spin-user (spin at CPL3) (docs/guest-abi.md); primary and backup
-    /// must agree.
-    #[arg(long, default_value = "kv-user")]
-    pub workload: Workload,
+    /// must agree. Default: kv-user, or kv with --kernel.
+    #[arg(long)]
+    pub workload: Option<Workload>,
     /// The VM this pair runs, as the arbiter knows it.
     #[arg(long, default_value = VM_ID)]
     pub vm_id: String,
@@ -188,8 +188,13 @@ impl FtArgs {
             vm_id: self.vm_id.clone(),
             image_hash: image_hash(image),
             mem_size: self.mem,
-            workload: self.workload.name().to_string(),
+            workload: self.workload().name().to_string(),
         }
+    }
+
+    /// What the guest runs (`--workload`, or the default).
+    pub fn workload(&self) -> Workload {
+        self.guest.workload(self.workload)
     }
 
     pub fn boot(&self, image: &[u8]) -> Result<Vm> {
@@ -198,7 +203,7 @@ impl FtArgs {
             tick_hz: self.tick_hz,
             kvm_device: self.guest.kvm_device.clone(),
             patching: true,
-            workload: self.workload,
+            workload: self.workload(),
         };
         Ok(Vm::new(image, config)?)
     }

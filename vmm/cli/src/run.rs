@@ -34,9 +34,10 @@ pub struct RunArgs {
     service: SocketAddr,
     /// What the embedded guest runs: kv-user (the KV service, its hot
     /// path at CPL3), kv (all of it at CPL0), race, spin, kv-race or
-    /// spin-user (spin at CPL3) (docs/guest-abi.md).
-    #[arg(long, default_value = "kv-user")]
-    workload: Workload,
+    /// spin-user (spin at CPL3) (docs/guest-abi.md). Default: kv-user, or
+    /// kv with --kernel.
+    #[arg(long)]
+    workload: Option<Workload>,
     /// Stop after this many seconds.
     #[arg(long, alias = "duration")]
     timeout: Option<f64>,
@@ -78,17 +79,18 @@ fn serve(args: &RunArgs, record: Option<&RecordArgs>) -> Result<ExitCode> {
     let stop = StopSignal::new();
     stop_on_signals(stop.clone())?;
     let image = args.guest.image()?;
+    let workload = args.guest.workload(args.workload);
     let timeout = seconds("--timeout", args.timeout)?;
     let config = VmConfig {
         mem_size: args.mem,
         tick_hz: args.tick_hz,
         kvm_device: args.guest.kvm_device.clone(),
         patching: true,
-        workload: args.workload,
+        workload,
     };
     let mut vm = Vm::new(&image, config)?;
     // A workload that serves nobody takes no port.
-    let net = if args.workload.serves_kv() {
+    let net = if workload.serves_kv() {
         Some(Arc::new(NetBackend::bind(args.service)?))
     } else {
         None
@@ -102,7 +104,7 @@ fn serve(args: &RunArgs, record: Option<&RecordArgs>) -> Result<ExitCode> {
                 recording_config(
                     record.digest_interval,
                     args.tick_hz,
-                    args.workload,
+                    workload,
                     record.output_memory_hash,
                 ),
             );
@@ -114,7 +116,7 @@ fn serve(args: &RunArgs, record: Option<&RecordArgs>) -> Result<ExitCode> {
     eprintln!(
         "ftvm: booting the guest ({} MiB, workload {}){}{}",
         args.mem >> 20,
-        args.workload,
+        workload,
         net.as_ref()
             .map(|n| format!(", service on {}", n.local_addr()))
             .unwrap_or_default(),
