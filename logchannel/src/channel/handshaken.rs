@@ -4,9 +4,11 @@
 
 use super::config::ChannelConfig;
 use super::error::{ChannelError, Peer};
-use super::hello::Hello;
+use super::hello::{Hello, Role};
+use super::link::{HasHealth, Link};
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A connected TCP stream whose handshake succeeded, not yet carrying the
@@ -65,11 +67,70 @@ impl Handshaken {
     /// Clears the socket timeouts the caller may have set: the channel's
     /// threads block in their reads and writes on purpose (a timeout in the
     /// middle of a frame could not be recovered from).
-    pub(crate) fn clear_timeouts(&self) -> Result<(), ChannelError> {
+    fn clear_timeouts(&self) -> Result<(), ChannelError> {
         self.stream
             .set_read_timeout(None)
             .and_then(|()| self.stream.set_write_timeout(None))
             .map_err(|e| ChannelError::broken(self.peer, e))
+    }
+
+    /// What [`LogSender::start`](super::LogSender::start) and
+    /// [`LogReceiver::start`](super::LogReceiver::start) share: the checks
+    /// that this connection, shaken hands on as `role`'s end, may carry the
+    /// log from `first_seq`, then the link with the end's `state`, built
+    /// only once `first_seq` is known to be at least 1. Returns the link,
+    /// the peer's hello and the connection's byte offset, from which the
+    /// end's reader decodes.
+    pub(crate) fn into_link<S: HasHealth>(
+        self,
+        role: Role,
+        first_seq: u64,
+        state: impl FnOnce() -> S,
+    ) -> Result<(Arc<Link<S>>, Hello, u64), ChannelError> {
+        if first_seq == 0 {
+            return Err(ChannelError::Config(
+                "the log's first sequence number must be at least 1".to_string(),
+            ));
+        }
+        let end = match role {
+            Role::Primary => "LogSender",
+            Role::Backup => "LogReceiver",
+        };
+        if self.ours.role != role {
+            return Err(ChannelError::Config(format!(
+                "a {end} cannot start on a connection to {}",
+                self.peer
+            )));
+        }
+        let (backup, asker) = match role {
+            Role::Primary => (&self.peer_hello, self.peer.to_string()),
+            Role::Backup => (&self.ours, "this backup".to_string()),
+        };
+        let expected = backup.first_seq;
+        if expected != 0 && expected != first_seq {
+            return Err(ChannelError::Config(format!(
+                "{asker} asked for the log from entry {expected}, not {first_seq}"
+            )));
+        }
+        self.clear_timeouts()?;
+        let Handshaken {
+            stream,
+            peer,
+            ours,
+            peer_hello,
+            config,
+            received,
+            round_trip,
+        } = self;
+        tracing::info!(%peer, view = ours.view, first_seq, "log channel up");
+        let link = Arc::new(Link::new(state(), stream, peer, config));
+        // After a state transfer the primary starts sending only once the
+        // backup's verdict has reached it, so its first bytes come a round
+        // trip after this start, which is no silence of the primary's.
+        if role == Role::Backup && ours.first_seq == 0 {
+            link.live.expect_after(round_trip);
+        }
+        Ok((link, peer_hello, received))
     }
 }
 

@@ -185,60 +185,28 @@ impl LogReceiver {
     /// this end did not make, and for a `first_seq` other than the one this
     /// end's hello asked for unless it said 0. Clears the socket's timeouts.
     pub fn start(h: Handshaken, first_seq: u64) -> Result<LogReceiver, ChannelError> {
-        if first_seq == 0 {
-            return Err(ChannelError::Config(
-                "the log's first sequence number must be at least 1".to_string(),
-            ));
-        }
-        if h.ours.role != Role::Backup {
-            return Err(ChannelError::Config(format!(
-                "a LogReceiver cannot start on a connection to {}",
-                h.peer
-            )));
-        }
-        let expected = h.ours.first_seq;
-        if expected != 0 && expected != first_seq {
-            return Err(ChannelError::Config(format!(
-                "this backup asked for the log from entry {expected}, not {first_seq}"
-            )));
-        }
-        h.clear_timeouts()?;
-        let Handshaken {
-            stream,
-            peer,
-            ours,
-            peer_hello,
-            config,
-            received,
-            round_trip,
-        } = h;
-        tracing::info!(%peer, view = ours.view, first_seq, "log channel up");
-        let before_first = first_seq - 1;
-        let state = State {
-            health: Health::default(),
-            queue: VecDeque::new(),
-            queued_bytes: 0,
-            received: before_first,
-            acked: before_first,
-            entries_received: 0,
-            bytes_received: 0,
-            complete_up_to: 0,
-            replayed_seq: before_first,
-            replayed_exits: 0,
-            replay_due: None,
-            last_write: Instant::now(),
-        };
+        let (link, peer_hello, received) = h.into_link(Role::Backup, first_seq, || {
+            let before_first = first_seq - 1;
+            State {
+                health: Health::default(),
+                queue: VecDeque::new(),
+                queued_bytes: 0,
+                received: before_first,
+                acked: before_first,
+                entries_received: 0,
+                bytes_received: 0,
+                complete_up_to: 0,
+                replayed_seq: before_first,
+                replayed_exits: 0,
+                replay_due: None,
+                last_write: Instant::now(),
+            }
+        })?;
         let mut receiver = LogReceiver {
-            link: Arc::new(Link::new(state, stream, peer, config)),
+            link,
             workers: Workers::new(),
             peer_hello,
         };
-        // After a state transfer the primary starts sending only once this
-        // end's verdict has reached it, so its first bytes come a round trip
-        // after this start, which is no silence of the primary's.
-        if ours.first_seq == 0 {
-            receiver.link.live.expect_after(round_trip);
-        }
         let link = Arc::clone(&receiver.link);
         receiver
             .workers

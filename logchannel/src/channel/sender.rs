@@ -233,66 +233,39 @@ impl LogSender {
     /// and for a `first_seq` other than the one the backup's hello expects
     /// unless it said 0. Clears the socket's timeouts.
     pub fn start(h: Handshaken, first_seq: u64) -> Result<LogSender, ChannelError> {
-        if first_seq == 0 {
-            return Err(ChannelError::Config(
-                "the primary's first_seq must be at least 1".to_string(),
-            ));
-        }
-        if h.ours.role != Role::Primary {
-            return Err(ChannelError::Config(format!(
-                "a LogSender cannot start on a connection to {}",
-                h.peer
-            )));
-        }
-        let expected = h.peer_hello.first_seq;
-        if expected != 0 && expected != first_seq {
-            return Err(ChannelError::Config(format!(
-                "{} expects the log from entry {expected}, not {first_seq}",
-                h.peer
-            )));
-        }
-        h.clear_timeouts()?;
-        let Handshaken {
-            stream,
-            peer,
-            ours,
-            peer_hello,
-            config,
-            received,
-            ..
-        } = h;
-        tracing::info!(%peer, view = ours.view, first_seq, "log channel up");
-        let now = Instant::now();
-        let state = State {
-            health: Health::default(),
-            on_ack: None,
-            encoder: FrameEncoder::new(first_seq),
-            pending: Vec::new(),
-            pending_sizes: Vec::new(),
-            due_since: None,
-            urgent: false,
-            sent: VecDeque::new(),
-            front_seq: first_seq,
-            queued_seq: first_seq - 1,
-            written_seq: first_seq - 1,
-            queued_bytes: 0,
-            acked: first_seq - 1,
-            acked_bytes: 0,
-            replayed_seq: first_seq - 1,
-            replayed_exits: 0,
-            progress: 0,
-            progress_written: 0,
-            exits: 0,
-            entries_sent: 0,
-            bytes_written: 0,
-            last_write: now,
-            write_gaps: 0,
-            rates: Rates::new(now),
-            rtt: MinRtt::new(now),
-            stall_since: None,
-        };
+        let (link, peer_hello, received) = h.into_link(Role::Primary, first_seq, || {
+            let now = Instant::now();
+            State {
+                health: Health::default(),
+                on_ack: None,
+                encoder: FrameEncoder::new(first_seq),
+                pending: Vec::new(),
+                pending_sizes: Vec::new(),
+                due_since: None,
+                urgent: false,
+                sent: VecDeque::new(),
+                front_seq: first_seq,
+                queued_seq: first_seq - 1,
+                written_seq: first_seq - 1,
+                queued_bytes: 0,
+                acked: first_seq - 1,
+                acked_bytes: 0,
+                replayed_seq: first_seq - 1,
+                replayed_exits: 0,
+                progress: 0,
+                progress_written: 0,
+                exits: 0,
+                entries_sent: 0,
+                bytes_written: 0,
+                last_write: now,
+                write_gaps: 0,
+                rates: Rates::new(now),
+                rtt: MinRtt::new(now),
+                stall_since: None,
+            }
+        })?;
         let mut sender = LogSender {
-            link: Arc::new(Link::new(state, stream, peer, config)),
+            link,
             workers: Workers::new(),
             peer_hello,
         };

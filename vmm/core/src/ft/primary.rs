@@ -6,9 +6,9 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use logchannel::{ChannelError, Event, OutputKind, Position};
+use logchannel::{ChannelError, Event, Position};
 
 use crate::ft::goodbye_reason;
 use crate::ft::membership::{ArbitrationError, Membership};
@@ -19,8 +19,7 @@ use crate::host::emitter::Emitter;
 use crate::host::events::{Events, ServerEvent, ServerRole, StatusBoard, ROLE_PRIMARY};
 use crate::host::net_backend::{Datagram, NetBackend};
 use crate::live::{EntrySink, Live};
-use crate::machine::patch::TrapResult;
-use crate::machine::scan::NondetSite;
+use crate::run::forward::forward_mode;
 use crate::run::run_loop::{Machine, Mode, RunError, StopReason};
 use crate::run::stop::StopSignal;
 
@@ -438,47 +437,8 @@ impl Primary {
 }
 
 impl Mode for Primary {
-    fn now_ns(&self) -> u64 {
-        self.live.now_ns()
-    }
-
-    fn should_stop(
-        &mut self,
-        m: &mut Machine,
-        pos: Position,
-    ) -> Result<Option<StopReason>, RunError> {
-        self.live.should_stop(m, pos)
-    }
-
-    fn trap(&mut self, pos: Position, site: &NondetSite) -> Result<TrapResult, RunError> {
-        self.live.trap(pos, site)
-    }
-
-    fn time_msr(&mut self, pos: Position, msr: u32) -> Result<u64, RunError> {
-        self.live.time_msr(pos, msr)
-    }
-
-    fn time_read(&mut self, pos: Position, port: u16, value: u8) -> Result<u8, RunError> {
-        self.live.time_read(pos, port, value)
-    }
-
-    fn output(
-        &mut self,
-        m: &mut Machine,
-        pos: Position,
-        kind: OutputKind,
-        bytes: &[u8],
-    ) -> Result<(), RunError> {
-        self.live.output(m, pos, kind, bytes)
-    }
-
-    fn after_exit(&mut self, m: &mut Machine, pos: Position) -> Result<(), RunError> {
-        self.live.after_exit(m, pos)
-    }
-
-    fn deliver(&mut self, m: &mut Machine, pos: Position, ready: bool) -> Result<bool, RunError> {
-        self.live.deliver(m, pos, ready)
-    }
+    forward_mode!(live: now_ns, should_stop, trap, time_msr, time_read, output, after_exit,
+        deliver, wait_idle, kick_at, due_between, deliver_between);
 
     /// The cut happens here, where everything for exit `pos` is done and
     /// nothing more is logged at it: a backup that starts from this
@@ -486,22 +446,6 @@ impl Mode for Primary {
     fn resume(&mut self, m: &mut Machine, pos: Position) -> Result<(), RunError> {
         self.donor.at_exit(m, pos, &self.live)?;
         self.live.resume(m, pos)
-    }
-
-    fn wait_idle(&mut self, m: &mut Machine, pos: Position) -> Result<(), RunError> {
-        self.live.wait_idle(m, pos)
-    }
-
-    fn kick_at(&mut self, m: &mut Machine) -> Option<Instant> {
-        self.live.kick_at(m)
-    }
-
-    fn due_between(&mut self, m: &mut Machine) -> bool {
-        self.live.due_between(m)
-    }
-
-    fn deliver_between(&mut self, m: &mut Machine, at: Position) -> Result<bool, RunError> {
-        self.live.deliver_between(m, at)
     }
 
     fn finish(

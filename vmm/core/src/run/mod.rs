@@ -8,6 +8,7 @@ pub mod digest;
 pub mod dirty;
 pub mod divergence;
 pub mod exit;
+pub(crate) mod forward;
 pub mod kick;
 pub mod precise;
 pub mod run_loop;

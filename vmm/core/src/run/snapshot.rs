@@ -547,15 +547,12 @@ pub(crate) mod tests {
     use crate::host::emitter::Emitter;
     use crate::live::{EntrySink, Live};
     use crate::machine::guest_image::GUEST_ELF;
-    use crate::machine::patch::TrapResult;
-    use crate::machine::scan::NondetSite;
     use crate::machine::workload::Workload;
     use crate::replay::{LogSource, Replay, Verdict};
-    use crate::run::precise::Aim;
+    use crate::run::forward::forward_mode;
     use crate::run::run_loop::{run, run_from, Mode, RunError, Start, StopReason};
     use crate::run::stop::StopSignal;
     use crate::run::vm::VmConfig;
-    use logchannel::OutputKind;
 
     pub(crate) fn config(workload: Workload) -> VmConfig {
         VmConfig {
@@ -674,9 +671,9 @@ pub(crate) mod tests {
     }
 
     impl Mode for CutLive {
-        fn now_ns(&self) -> u64 {
-            self.live.now_ns()
-        }
+        forward_mode!(live: now_ns, trap, time_msr, time_read, output, after_exit, deliver,
+            wait_idle, kick_at, due_between, deliver_between, aim, at_aim, finish);
+
         fn should_stop(
             &mut self,
             m: &mut Machine,
@@ -686,35 +683,6 @@ pub(crate) mod tests {
                 return Ok(Some(StopReason::Requested));
             }
             self.live.should_stop(m, pos)
-        }
-        fn trap(&mut self, pos: Position, site: &NondetSite) -> Result<TrapResult, RunError> {
-            self.live.trap(pos, site)
-        }
-        fn time_msr(&mut self, pos: Position, msr: u32) -> Result<u64, RunError> {
-            self.live.time_msr(pos, msr)
-        }
-        fn time_read(&mut self, pos: Position, port: u16, value: u8) -> Result<u8, RunError> {
-            self.live.time_read(pos, port, value)
-        }
-        fn output(
-            &mut self,
-            m: &mut Machine,
-            pos: Position,
-            kind: OutputKind,
-            bytes: &[u8],
-        ) -> Result<(), RunError> {
-            self.live.output(m, pos, kind, bytes)
-        }
-        fn after_exit(&mut self, m: &mut Machine, pos: Position) -> Result<(), RunError> {
-            self.live.after_exit(m, pos)
-        }
-        fn deliver(
-            &mut self,
-            m: &mut Machine,
-            pos: Position,
-            ready: bool,
-        ) -> Result<bool, RunError> {
-            self.live.deliver(m, pos, ready)
         }
         fn resume(&mut self, m: &mut Machine, pos: Position) -> Result<(), RunError> {
             self.live.resume(m, pos)?;
@@ -734,38 +702,6 @@ pub(crate) mod tests {
                 });
             }
             Ok(())
-        }
-        fn wait_idle(&mut self, m: &mut Machine, pos: Position) -> Result<(), RunError> {
-            self.live.wait_idle(m, pos)
-        }
-        fn kick_at(&mut self, m: &mut Machine) -> Option<std::time::Instant> {
-            self.live.kick_at(m)
-        }
-        fn due_between(&mut self, m: &mut Machine) -> bool {
-            self.live.due_between(m)
-        }
-        fn deliver_between(&mut self, m: &mut Machine, at: Position) -> Result<bool, RunError> {
-            self.live.deliver_between(m, at)
-        }
-        fn aim(&mut self, m: &mut Machine, pos: Position) -> Result<Option<(u64, u64)>, RunError> {
-            self.live.aim(m, pos)
-        }
-        fn at_aim(
-            &mut self,
-            m: &mut Machine,
-            at: Position,
-            aim: &mut Aim,
-        ) -> Result<bool, RunError> {
-            self.live.at_aim(m, at, aim)
-        }
-        fn finish(
-            &mut self,
-            m: &mut Machine,
-            pos: Position,
-            reason: StopReason,
-            at_position: bool,
-        ) -> Result<(), RunError> {
-            self.live.finish(m, pos, reason, at_position)
         }
     }
 
