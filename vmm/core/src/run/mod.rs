@@ -15,4 +15,5 @@ pub mod run_loop;
 pub mod single_step;
 pub mod snapshot;
 pub mod stop;
+pub mod summary;
 pub mod vm;
