@@ -3,6 +3,7 @@
 //! usable, turns at the machine's cores, and panicking shorthands.
 
 pub mod load;
+pub mod record_replay;
 pub mod tamper;
 pub mod transfer;
 

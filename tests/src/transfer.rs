@@ -112,6 +112,25 @@ impl Servers {
         primary
     }
 
+    /// The VM's first primary, its log channel reached through a
+    /// [`ThrottledLink`] of `bytes_per_sec` and, if `proxy`, a [`Proxy`]
+    /// after it: a state transfer slow enough for a test to act while it
+    /// is under way.
+    pub fn throttled_primary(
+        &self,
+        name: &str,
+        guest: &Guest,
+        bytes_per_sec: u64,
+        proxy: bool,
+    ) -> (Process, ThrottledLink, Option<Proxy>) {
+        let log_listen = free_tcp_addr().expect("a free port");
+        let link = ThrottledLink::start(log_listen, bytes_per_sec);
+        let proxy = proxy.then(|| Proxy::start(link.addr()).expect("the proxy starts"));
+        let advertise = proxy.as_ref().map_or(link.addr(), Proxy::addr);
+        let primary = self.primary_at(name, guest, log_listen, Some(advertise));
+        (primary, link, proxy)
+    }
+
     /// An `ftvm backup` of the VM: a spare until the arbiter names it.
     pub fn backup(&self, name: &str, guest: &Guest) -> Process {
         self.backup_of(VM_ID, name, guest)
@@ -138,6 +157,17 @@ pub fn await_event(
     server
         .wait_event(what, within, wanted)
         .unwrap_or_else(|e| panic!("{e:#}\nfull log of {}:\n{}", server.name(), server.log()))
+}
+
+/// Waits until `primary` has begun to send its state to the backup named
+/// `backup`.
+pub fn await_transfer_started(primary: &mut Process, backup: &str) {
+    await_event(
+        primary,
+        "transfer_started",
+        Duration::from_secs(30),
+        |e| matches!(e, ServerEvent::TransferStarted { backup: b, .. } if b == backup),
+    );
 }
 
 /// `server`'s events that `wanted` accepts.

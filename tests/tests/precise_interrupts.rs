@@ -5,23 +5,21 @@
 //! without a failover.
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ftvm_core::host::capture::read_frames;
 use ftvm_core::host::events::ServerEvent;
 use ftvm_core::machine::guest_image::GUEST_ELF;
 use ftvm_core::machine::loader::ElfImage;
 use ftvm_core::machine::workload::Workload;
-use ftvm_harness::launcher::{Cluster, Role, ServerConfig};
-use ftvm_kvclient::{FailoverClient, FailoverConfig, ServerSource};
-use ftvm_tests::load::mixed_clients;
+use ftvm_harness::launcher::Cluster;
+use ftvm_tests::load::{client, mixed_clients};
+use ftvm_tests::record_replay::{record_under_load, replay_within, Recorded, Replayed};
 use ftvm_tests::{
-    assert_one_primary_per_view, cluster_config, fault_tolerant_cluster, free_udp, ftvm,
-    kvm_available, launcher, load_log, start_cluster, stop, vm_lock, VM_ID,
+    assert_one_primary_per_view, cluster_config, fault_tolerant_cluster, ftvm, kvm_available,
+    load_log, start_cluster, vm_lock,
 };
 use iced_x86::{Decoder, DecoderOptions};
 use serde_json::Value;
@@ -35,12 +33,6 @@ const RACE_RECORDINGS: usize = 20;
 /// Periodic digests every this many exits, so that a `race` run (about 900
 /// exits) has several.
 const DIGEST_INTERVAL: &str = "100";
-
-struct Recorded {
-    log: PathBuf,
-    console: String,
-    frames: Vec<Vec<u8>>,
-}
 
 /// `ftvm record --workload W` of a workload that powers off by itself.
 fn record(dir: &Path, name: &str, workload: Workload) -> Recorded {
@@ -72,44 +64,23 @@ fn record(dir: &Path, name: &str, workload: Workload) -> Recorded {
     }
 }
 
-struct Replayed {
-    code: Option<i32>,
-    stderr: String,
-    console: String,
-    frames: Vec<Vec<u8>>,
+/// A replay and the summary it wrote (`--summary-json`).
+struct Summarized {
+    run: Replayed,
     summary: Value,
 }
 
-fn replay(log: &Path) -> Replayed {
+fn replay(log: &Path) -> Summarized {
     let dir = tempfile::tempdir().expect("dir");
-    let serial = dir.path().join("console.txt");
-    let pcap = dir.path().join("replay.pcap");
     let summary = dir.path().join("summary.json");
-    let out = ftvm(
-        &[
-            "replay",
-            &log.to_string_lossy(),
-            "--serial",
-            &serial.to_string_lossy(),
-            "--capture",
-            &pcap.to_string_lossy(),
-            "--summary-json",
-            &summary.to_string_lossy(),
-            "--timeout",
-            "200",
-        ],
+    let run = replay_within(
+        log,
+        "200",
         Duration::from_secs(240),
+        &["--summary-json", &summary.to_string_lossy()],
     );
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    Replayed {
-        code: out.status.code(),
-        stderr,
-        console: std::fs::read_to_string(&serial).unwrap_or_default(),
-        frames: std::fs::read(&pcap)
-            .ok()
-            .and_then(|b| read_frames(&b).ok())
-            .unwrap_or_default(),
+    Summarized {
+        run,
         summary: std::fs::read_to_string(&summary)
             .ok()
             .and_then(|s| serde_json::from_str(&s).ok())
@@ -129,7 +100,7 @@ fn assert_reproduced(rec: &Recorded, rep: &Replayed) {
 }
 
 /// Deliveries between two exits that the replay found again.
-fn between(rep: &Replayed) -> u64 {
+fn between(rep: &Summarized) -> u64 {
     rep.summary["between"]["deliveries"].as_u64().unwrap_or(0)
 }
 
@@ -197,7 +168,7 @@ fn spin_completes_under_run_record_and_replay() {
     let dir = tempfile::tempdir().expect("dir");
     let rec = record(dir.path(), "spin", Workload::Spin);
     let rep = replay(&rec.log);
-    assert_reproduced(&rec, &rep);
+    assert_reproduced(&rec, &rep.run);
     assert_eq!(between(&rep), 100, "every tick between two exits");
 }
 
@@ -218,7 +189,7 @@ fn spin_user_gets_every_tick_at_cpl3_and_replays_them_exactly() {
         rec.console
     );
     let rep = replay(&rec.log);
-    assert_reproduced(&rec, &rep);
+    assert_reproduced(&rec, &rep.run);
     let b = &rep.summary["between"];
     assert_eq!(between(&rep), 100, "every tick between two exits: {b}");
     let user_hits = b["user_mode_hits"].as_u64().unwrap_or(0);
@@ -243,7 +214,7 @@ fn race_results_depend_on_where_interrupts_land_and_each_replays_exactly() {
     for i in 0..RACE_RECORDINGS {
         let rec = record(dir.path(), &format!("race{i}"), Workload::Race);
         let rep = replay(&rec.log);
-        assert_reproduced(&rec, &rep);
+        assert_reproduced(&rec, &rep.run);
         assert!(
             rep.summary["counts"]["digests_checked"].as_u64() > Some(1),
             "periodic digests as well as the final one: {}",
@@ -282,7 +253,7 @@ fn async_point(lines: &[Value]) -> (usize, Vec<usize>) {
 fn assert_diverges_at(dir: &Path, name: &str, lines: &[Value], seq: u64) {
     let log = dir.join(format!("{name}.log"));
     load(lines, &log);
-    let rep = replay(&log);
+    let rep = replay(&log).run;
     assert_eq!(
         rep.code,
         Some(3),
@@ -492,50 +463,13 @@ fn kv_race_under_load_records_and_replays() {
     }
     let _g = vm_lock();
     let dir = tempfile::tempdir().expect("dir");
-    let log = dir.path().join("kv-race.log");
-    let pcap = dir.path().join("kv-race.pcap");
-    let mut config = ServerConfig::new(
-        "record",
-        Role::Record { log: log.clone() },
-        free_udp(),
-        RUN_LIMIT,
-    );
-    config.guest.workload = Some(Workload::KvRace);
-    config.console = true;
-    config.extra = [
-        "--capture",
-        &pcap.to_string_lossy(),
-        "--digest-interval",
-        "256",
-    ]
-    .iter()
-    .map(Into::into)
-    .collect();
-    let mut vmm = launcher()
-        .start(&config)
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    vmm.wait_console("ftvm-guest: kv service ready", Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    mixed_clients(config.address, 60);
-    let (status, stderr) = stop(&mut vmm);
-    assert!(status.success(), "record failed: {stderr}");
-    let rec = Recorded {
-        log,
-        console: vmm.console(),
-        frames: read_frames(&std::fs::read(&pcap).expect("pcap")).expect("parse pcap"),
-    };
+    let rec = record_under_load(dir.path(), Workload::KvRace, |service| {
+        mixed_clients(service, 60)
+    });
     assert!(rec.frames.len() >= 180, "every request answered");
     let rep = replay(&rec.log);
-    assert_reproduced(&rec, &rep);
+    assert_reproduced(&rec, &rep.run);
     assert!(between(&rep) > 0, "{}", rep.summary);
-}
-
-fn failover_client(arbiter: SocketAddr) -> FailoverClient {
-    FailoverClient::new(
-        ServerSource::arbiter(arbiter, VM_ID),
-        FailoverConfig::with_total_timeout(Duration::from_secs(20)),
-    )
-    .expect("client")
 }
 
 #[test]
@@ -553,7 +487,7 @@ fn kv_race_pair_fails_over_under_load_and_loses_no_acknowledged_write() {
         .map(|c| {
             let stop = stop.clone();
             std::thread::spawn(move || {
-                let mut kv = failover_client(arbiter);
+                let mut kv = client(arbiter);
                 let key = format!("client-{c}").into_bytes();
                 let mut acked = Vec::new();
                 let mut i = 0u32;
@@ -578,7 +512,7 @@ fn kv_race_pair_fails_over_under_load_and_loses_no_acknowledged_write() {
         .unwrap_or_else(|e| panic!("the backup goes live: {e:#}"));
     std::thread::sleep(Duration::from_millis(1500));
     stop.store(true, Ordering::SeqCst);
-    let mut kv = failover_client(arbiter);
+    let mut kv = client(arbiter);
     let mut checked = 0;
     for handle in load {
         let (key, acked) = handle.join().expect("client");

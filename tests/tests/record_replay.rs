@@ -1,7 +1,7 @@
 //! Record a live run, replay it from the log alone, and check that the
 //! replay reproduces it, or says where it stopped doing so.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -9,6 +9,7 @@ use ftvm_core::host::capture::read_frames;
 use ftvm_harness::launcher::{Role, ServerConfig};
 use ftvm_kvclient::{ClientConfig, KvClient};
 use ftvm_tests::load::mixed_clients;
+use ftvm_tests::record_replay::{replay, Replayed};
 use ftvm_tests::{free_udp, ftvm, kvm_available, launcher, load_log, serve, stop, vm_lock};
 use serde_json::Value;
 
@@ -40,43 +41,6 @@ fn record(name: &str, extra: &[&str], workload: impl FnOnce(std::net::SocketAddr
         log,
         console,
         frames,
-    }
-}
-
-struct Replayed {
-    code: Option<i32>,
-    stderr: String,
-    console: String,
-    frames: Vec<Vec<u8>>,
-}
-
-fn replay(log: &Path, extra: &[&str]) -> Replayed {
-    let dir = tempfile::tempdir().expect("dir");
-    let serial = dir.path().join("console.txt");
-    let pcap = dir.path().join("replay.pcap");
-    let mut args = vec![
-        "replay".to_string(),
-        log.to_string_lossy().into_owned(),
-        "--serial".into(),
-        serial.to_string_lossy().into_owned(),
-        "--capture".into(),
-        pcap.to_string_lossy().into_owned(),
-        "--timeout".into(),
-        "60".into(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = ftvm(&refs, Duration::from_secs(90));
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    Replayed {
-        code: out.status.code(),
-        stderr,
-        console: std::fs::read_to_string(&serial).unwrap_or_default(),
-        frames: std::fs::read(&pcap)
-            .ok()
-            .and_then(|b| read_frames(&b).ok())
-            .unwrap_or_default(),
     }
 }
 

@@ -21,10 +21,10 @@ use ftvm_core::machine::layout::DEFAULT_MEM_SIZE;
 use ftvm_core::run::digest;
 use ftvm_core::run::snapshot::{MachineState, VcpuState};
 use ftvm_core::run::vm::{Vm, VmConfig};
-use ftvm_harness::launcher::{free_tcp_addr, Guest, Process, Proxy};
+use ftvm_harness::launcher::{Guest, Process};
 use ftvm_tests::transfer::{
-    assert_one_primary_per_view, await_event, await_protected, events_of, Load, Probe, Servers,
-    ThrottledLink,
+    assert_one_primary_per_view, await_event, await_protected, await_transfer_started, events_of,
+    Load, Probe, Servers,
 };
 use ftvm_tests::{free_udp, kvm_available, vm_lock, VM_ID};
 use logchannel::{
@@ -189,17 +189,10 @@ fn a_primary_killed_during_pre_copy_leaves_a_joiner_that_never_goes_live() {
     // the backup receives the first pages after the handshake and then
     // waits for the rest, which the primary's host takes with it when it
     // dies.
-    let log_listen = free_tcp_addr().expect("a free port");
-    let link = ThrottledLink::start(log_listen, 16 << 10);
-    let mut primary = servers.primary_at("p1", &guest, log_listen, Some(link.addr()));
+    let (mut primary, link, _) = servers.throttled_primary("p1", &guest, 16 << 10, false);
     let mut joiner = servers.backup("b1", &guest);
     let probe = Probe::start(joiner.address().expect("an address"));
-    await_event(
-        &mut primary,
-        "transfer_started",
-        Duration::from_secs(30),
-        |e| matches!(e, ServerEvent::TransferStarted { .. }),
-    );
+    await_transfer_started(&mut primary, "b1");
     std::thread::sleep(Duration::from_millis(300));
     link.crash();
     primary.kill();
@@ -237,18 +230,11 @@ fn a_primary_killed_at_the_cut_leaves_a_joiner_that_never_goes_live() {
     // it sends, then a link that passes the primary's state at 64 KiB/s:
     // pre-copy would otherwise be over in a few ms, before the test can
     // act.
-    let log_listen = free_tcp_addr().expect("a free port");
-    let link = ThrottledLink::start(log_listen, 64 << 10);
-    let proxy = Proxy::start(link.addr()).expect("the proxy starts");
-    let mut primary = servers.primary_at("p1", &guest, log_listen, Some(proxy.addr()));
+    let (mut primary, _link, proxy) = servers.throttled_primary("p1", &guest, 64 << 10, true);
+    let proxy = proxy.expect("the proxy");
     let mut joiner = servers.backup("b1", &guest);
     let probe = Probe::start(joiner.address().expect("an address"));
-    await_event(
-        &mut primary,
-        "transfer_started",
-        Duration::from_secs(30),
-        |e| matches!(e, ServerEvent::TransferStarted { .. }),
-    );
+    await_transfer_started(&mut primary, "b1");
     // The handshake is over and the backup says nothing more until its
     // verdict: hold what it sends, so that the primary, its cut made,
     // waits for the verdict with its guest stopped.
@@ -291,17 +277,10 @@ fn a_joining_backup_killed_mid_transfer_leaves_the_primary_serving_and_the_next_
     // 1 MiB/s, so that the transfer (some 0.7 MiB) is still under way when
     // the joiner dies, and the spare's, later, ends well within the
     // primary's wait for a verdict.
-    let log_listen = free_tcp_addr().expect("a free port");
-    let link = ThrottledLink::start(log_listen, 1 << 20);
-    let mut primary = servers.primary_at("p1", &guest, log_listen, Some(link.addr()));
+    let (mut primary, _link, _) = servers.throttled_primary("p1", &guest, 1 << 20, false);
     let load = Load::start(servers.arbiter_addr(), 2);
     let mut joiner = servers.backup("b1", &guest);
-    await_event(
-        &mut primary,
-        "transfer_started",
-        Duration::from_secs(30),
-        |e| matches!(e, ServerEvent::TransferStarted { backup, .. } if backup == "b1"),
-    );
+    await_transfer_started(&mut primary, "b1");
     // A spare waits while b1 joins.
     let mut spare = servers.backup("s2", &guest);
     joiner.kill();

@@ -4,115 +4,19 @@
 //! losing an acknowledged write.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ftvm_core::host::capture::read_frames;
 use ftvm_core::host::events::ServerEvent;
 use ftvm_core::machine::workload::Workload;
-use ftvm_harness::launcher::{Role, ServerConfig};
-use ftvm_kvclient::{ClientConfig, FailoverClient, FailoverConfig, KvClient, ServerSource};
-use ftvm_tests::load::mixed_clients;
+use ftvm_kvclient::{ClientConfig, KvClient};
+use ftvm_tests::load::{client, mixed_clients};
+use ftvm_tests::record_replay::{record_under_load, replay};
 use ftvm_tests::tamper::{dump, kind, replay_entries};
 use ftvm_tests::{
-    assert_one_primary_per_view, cluster_config, fault_tolerant_cluster, free_udp, ftvm,
-    kvm_available, launcher, stop, vm_lock, VM_ID,
+    assert_one_primary_per_view, cluster_config, fault_tolerant_cluster, kvm_available, vm_lock,
 };
-
-const RUN_LIMIT: Duration = Duration::from_secs(120);
-
-struct Recorded {
-    _dir: tempfile::TempDir,
-    log: PathBuf,
-    console: String,
-    frames: Vec<Vec<u8>>,
-}
-
-/// Records `kv-user` while three clients and an entropy request run
-/// against it.
-fn record_under_load() -> Recorded {
-    let dir = tempfile::tempdir().expect("dir");
-    let log = dir.path().join("kv-user.log");
-    let pcap = dir.path().join("kv-user.pcap");
-    let mut config = ServerConfig::new(
-        "record",
-        Role::Record { log: log.clone() },
-        free_udp(),
-        RUN_LIMIT,
-    );
-    config.guest.workload = Some(Workload::KvUser);
-    config.console = true;
-    config.extra = [
-        "--capture",
-        &pcap.to_string_lossy(),
-        "--digest-interval",
-        "256",
-    ]
-    .iter()
-    .map(Into::into)
-    .collect();
-    let mut vmm = launcher()
-        .start(&config)
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    vmm.wait_console("ftvm-guest: kv service ready", Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    mixed_clients(config.address, 100);
-    let mut kv = KvClient::connect(config.address, ClientConfig::default()).expect("client");
-    kv.entropy(50).expect("entropy");
-    let (status, stderr) = stop(&mut vmm);
-    assert!(status.success(), "record failed: {stderr}");
-    Recorded {
-        console: vmm.console(),
-        frames: read_frames(&std::fs::read(&pcap).expect("pcap")).expect("parse pcap"),
-        log,
-        _dir: dir,
-    }
-}
-
-struct Replayed {
-    code: Option<i32>,
-    stderr: String,
-    console: String,
-    frames: Vec<Vec<u8>>,
-}
-
-fn replay(log: &Path) -> Replayed {
-    let dir = tempfile::tempdir().expect("dir");
-    let serial = dir.path().join("console.txt");
-    let pcap = dir.path().join("replay.pcap");
-    let (log, serial_s, pcap_s) = (
-        log.to_string_lossy(),
-        serial.to_string_lossy(),
-        pcap.to_string_lossy(),
-    );
-    let out = ftvm(
-        &[
-            "replay",
-            &log,
-            "--serial",
-            &serial_s,
-            "--capture",
-            &pcap_s,
-            "--timeout",
-            "60",
-        ],
-        Duration::from_secs(90),
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    Replayed {
-        code: out.status.code(),
-        stderr,
-        console: std::fs::read_to_string(&serial).unwrap_or_default(),
-        frames: std::fs::read(&pcap)
-            .ok()
-            .and_then(|b| read_frames(&b).ok())
-            .unwrap_or_default(),
-    }
-}
 
 #[test]
 fn kv_user_under_load_replays_byte_for_byte_and_a_changed_trap_is_caught() {
@@ -120,11 +24,16 @@ fn kv_user_under_load_replays_byte_for_byte_and_a_changed_trap_is_caught() {
         return;
     }
     let _g = vm_lock();
-    let rec = record_under_load();
+    let dir = tempfile::tempdir().expect("dir");
+    let rec = record_under_load(dir.path(), Workload::KvUser, |service| {
+        mixed_clients(service, 100);
+        let mut kv = KvClient::connect(service, ClientConfig::default()).expect("client");
+        kv.entropy(50).expect("entropy");
+    });
     assert!(rec.console.contains("workload=kv-user"), "{}", rec.console);
     assert!(rec.frames.len() >= 301, "every request answered");
 
-    let rep = replay(&rec.log);
+    let rep = replay(&rec.log, &[]);
     assert_eq!(rep.code, Some(0), "replay failed:\n{}", rep.stderr);
     assert!(
         rep.stderr.contains("every digest and output matched"),
@@ -147,7 +56,6 @@ fn kv_user_under_load_replays_byte_for_byte_and_a_changed_trap_is_caught() {
         .map(|(i, _)| i)
         .expect("more than 100 rdrand entries");
     entries[at]["event"]["value"] = serde_json::Value::from("0x5555");
-    let dir = tempfile::tempdir().expect("dir");
     let edited = replay_entries(dir.path(), "edited", &header, &entries);
     assert_eq!(
         edited.code,
@@ -160,14 +68,6 @@ fn kv_user_under_load_replays_byte_for_byte_and_a_changed_trap_is_caught() {
         "{}",
         edited.stderr
     );
-}
-
-fn failover_client(arbiter: SocketAddr) -> FailoverClient {
-    FailoverClient::new(
-        ServerSource::arbiter(arbiter, VM_ID),
-        FailoverConfig::with_total_timeout(Duration::from_secs(20)),
-    )
-    .expect("client")
 }
 
 #[test]
@@ -187,7 +87,7 @@ fn kv_user_pair_fails_over_under_load_and_loses_no_acknowledged_write() {
         .map(|c| {
             let stop = stop.clone();
             std::thread::spawn(move || {
-                let mut kv = failover_client(arbiter);
+                let mut kv = client(arbiter);
                 let mut acked: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
                 let mut i = 0u32;
                 while !stop.load(Ordering::SeqCst) && i < 20_000 {
@@ -212,7 +112,7 @@ fn kv_user_pair_fails_over_under_load_and_loses_no_acknowledged_write() {
         .unwrap_or_else(|e| panic!("the backup goes live: {e:#}"));
     std::thread::sleep(Duration::from_millis(1000));
     stop.store(true, Ordering::SeqCst);
-    let mut kv = failover_client(arbiter);
+    let mut kv = client(arbiter);
     let mut checked = 0;
     for handle in load {
         for (key, expected) in handle.join().expect("client") {
