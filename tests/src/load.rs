@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ftvm_core::host::events::ServerEvent;
 use ftvm_harness::history::{OpKind, Recorder};
@@ -40,6 +40,12 @@ pub struct AppendLog {
 
 /// Appends per key, well under the guest's 1024-byte value limit.
 pub const APPENDS_PER_KEY: u32 = 40;
+/// The time between one client's appends: 250 a second, about the rate
+/// these tests were written at (the service at CPL0 answered about 1,000
+/// a second in all). At the CPL3 service's full speed the load would open
+/// a key every few milliseconds and fill the guest's 1,024 keys within
+/// seconds of a long test (then every append is refused as Busy).
+pub const APPEND_PACE: Duration = Duration::from_millis(4);
 
 pub fn run_load(
     arbiter: SocketAddr,
@@ -54,7 +60,11 @@ pub fn run_load(
                 let mut kv = client(arbiter);
                 let mut logs: Vec<AppendLog> = Vec::new();
                 let mut i = 0u32;
+                let mut next = Instant::now();
                 while !stop.load(Ordering::SeqCst) {
+                    // Behind after a failover's pause: go on from now, no burst.
+                    next = (next + APPEND_PACE).max(Instant::now());
+                    std::thread::sleep(next.saturating_duration_since(Instant::now()));
                     if i.is_multiple_of(APPENDS_PER_KEY) {
                         logs.push(AppendLog {
                             key: format!("client-{c}-{}", i / APPENDS_PER_KEY).into_bytes(),
