@@ -24,6 +24,7 @@ use crate::procstat::{max_rss_kib, rss_kib};
 use crate::report::write_json;
 use crate::stats::median;
 use ftvm_core::host::events::{unix_ns, EventRecord, ServerEvent};
+use ftvm_core::machine::workload::Workload;
 use ftvm_kvclient::{ClientConfig, KvClient};
 
 const VM_ID: &str = "bench-join";
@@ -63,6 +64,10 @@ pub struct JoinBenchArgs {
     /// Failure timeout of the log channel, in ms.
     #[arg(long, default_value_t = 300)]
     pub failure_timeout_ms: u64,
+    /// The guest workload: `kv-user` (the KV service's hot path at CPL3)
+    /// or `kv` (all of it at CPL0).
+    #[arg(long, default_value = "kv-user")]
+    pub workload: Workload,
     /// Write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -254,6 +259,7 @@ fn start_primary(
     config.dir = Some(dir.to_owned());
     config.guest = Guest {
         mem: Some(args.mem.clone()),
+        workload: Some(args.workload),
         ..Guest::default()
     };
     let mut primary = launcher.start(&config)?;
@@ -303,6 +309,7 @@ fn join(
     config.dir = Some(dir.to_owned());
     config.guest = Guest {
         mem: Some(args.mem.clone()),
+        workload: Some(args.workload),
         ..Guest::default()
     };
     let launched_ns = unix_ns();
