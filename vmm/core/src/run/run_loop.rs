@@ -631,6 +631,9 @@ pub fn run_from<M: Mode>(
             }
             Stepped::Between => {
                 at_position = false;
+                if aim.is_none() {
+                    m.vm.clear_resume_flag();
+                }
                 if aim.is_none() && mode.due_between(&mut m) && can_take_interrupt(m.vm)? {
                     let at = Position {
                         exits: m.summary.exits.synchronous,

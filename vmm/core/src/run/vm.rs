@@ -80,6 +80,9 @@ pub enum VmError {
     Internal(&'static str),
 }
 
+/// RFLAGS.RF, the resume flag.
+const RFLAGS_RF: u64 = 1 << 16;
+
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
@@ -262,6 +265,28 @@ impl Vm {
             });
         }
         Ok(())
+    }
+
+    /// At a signal exit of a live run, before anything reads or delivers
+    /// there: clears RFLAGS.RF (the resume flag) if the kick left it set.
+    /// A host interrupt that arrives while the host handles a fault of the
+    /// guest's native CPL3 code (on this platform, the write-protect fault
+    /// by which KVM's dirty log sees a page's first write) saves the
+    /// guest's RFLAGS with RF set and RIP still on the faulting
+    /// instruction. RF only suppresses an instruction breakpoint for one
+    /// instruction, which this guest never sets, but it is in the
+    /// registers an `async-point` entry hashes and in the frame an
+    /// interrupt delivered there pushes: a replay, which reaches that
+    /// instruction with RF clear, could then never find the pass (3 of 8
+    /// `kv-user` recordings flooded with duplicate requests had such an
+    /// entry; the recorded hash matched a replayed pass with RF flipped).
+    pub fn clear_resume_flag(&mut self) {
+        let regs = &mut self.vcpu.sync_regs_mut().regs;
+        if regs.rflags & RFLAGS_RF == 0 {
+            return;
+        }
+        regs.rflags &= !RFLAGS_RF;
+        self.vcpu.set_sync_dirty_reg(kvm_ioctls::SyncReg::Register);
     }
 
     /// The current RIP and up to 16 bytes of code there, for error reports.
