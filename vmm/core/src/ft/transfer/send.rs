@@ -265,7 +265,6 @@ impl Joiner {
             p.board.transfer_bytes.store(0, Ordering::Relaxed);
             match outcome {
                 Some(Ok(done)) => {
-                    p.membership.acknowledge(view.number);
                     p.events.emit(
                         ServerEvent::Role {
                             role: ServerRole::Primary,
@@ -294,6 +293,13 @@ impl Joiner {
                             done.total.as_secs_f64() * 1e3
                         )),
                     );
+                    // Only after the events: the arbiter may let the new
+                    // backup take over as soon as it hears of the
+                    // acknowledgement, so whoever reads the events (the
+                    // chaos campaign's check that nobody goes live without
+                    // a state its primary vouched for) must find them
+                    // first, even when this process is stopped right here.
+                    p.membership.acknowledge(view.number);
                 }
                 Some(Err(why)) => {
                     p.dirty.stop(DirtyReader::Transfer);

@@ -327,6 +327,26 @@ impl Injector<'_> {
         now: Instant,
         ms: fn(u64) -> Duration,
     ) {
+        let kills_a_server = matches!(
+            kind,
+            FaultKind::Kill {
+                target: Target::Primary | Target::Backup | Target::Spare,
+                ..
+            }
+        );
+        if kills_a_server && self.arbiter.query(&self.vm_id).is_err() {
+            // The last view the arbiter gave may be stale (a failover since),
+            // so a kill aimed by it may hit whoever holds the VM's state
+            // now: with the backup killed as "a spare" soon after, nobody
+            // would (seed 544 of the first kv-user campaign).
+            return self.skip(
+                fault,
+                format!(
+                    "{}: the arbiter is down, so who holds the VM's state cannot be told",
+                    kind.name()
+                ),
+            );
+        }
         if costs_the_primary(&kind) && self.protected().is_none() {
             let view = self
                 .view
