@@ -68,6 +68,31 @@ pub struct Replayed {
     pub frames: Vec<Vec<u8>>,
 }
 
+impl Replayed {
+    /// Checks that this replay reproduced a recording that printed
+    /// `console` and sent `frames`: it ended well, every digest and output
+    /// matched, and the console and the reply frames are the same byte for
+    /// byte.
+    pub fn assert_reproduces(&self, console: &str, frames: &[Vec<u8>]) {
+        assert_eq!(self.code, Some(0), "replay failed:\n{}", self.stderr);
+        assert!(
+            self.stderr.contains("every digest and output matched"),
+            "{}",
+            self.stderr
+        );
+        assert_eq!(self.console, console, "console output must be identical");
+        assert_eq!(
+            self.frames.len(),
+            frames.len(),
+            "same number of reply frames"
+        );
+        assert!(
+            self.frames == frames,
+            "reply frames must be identical byte for byte"
+        );
+    }
+}
+
 /// `ftvm replay` of `log` with `extra` arguments, which stops itself after
 /// a minute.
 pub fn replay(log: &Path, extra: &[&str]) -> Replayed {

@@ -88,17 +88,6 @@ fn replay(log: &Path) -> Summarized {
     }
 }
 
-fn assert_reproduced(rec: &Recorded, rep: &Replayed) {
-    assert_eq!(rep.code, Some(0), "replay failed:\n{}", rep.stderr);
-    assert!(
-        rep.stderr.contains("every digest and output matched"),
-        "{}",
-        rep.stderr
-    );
-    assert_eq!(rep.console, rec.console, "the console must be identical");
-    assert!(rep.frames == rec.frames, "the frames must be identical");
-}
-
 /// Deliveries between two exits that the replay found again.
 fn between(rep: &Summarized) -> u64 {
     rep.summary["between"]["deliveries"].as_u64().unwrap_or(0)
@@ -168,7 +157,7 @@ fn spin_completes_under_run_record_and_replay() {
     let dir = tempfile::tempdir().expect("dir");
     let rec = record(dir.path(), "spin", Workload::Spin);
     let rep = replay(&rec.log);
-    assert_reproduced(&rec, &rep.run);
+    rep.run.assert_reproduces(&rec.console, &rec.frames);
     assert_eq!(between(&rep), 100, "every tick between two exits");
 }
 
@@ -189,7 +178,7 @@ fn spin_user_gets_every_tick_at_cpl3_and_replays_them_exactly() {
         rec.console
     );
     let rep = replay(&rec.log);
-    assert_reproduced(&rec, &rep.run);
+    rep.run.assert_reproduces(&rec.console, &rec.frames);
     let b = &rep.summary["between"];
     assert_eq!(between(&rep), 100, "every tick between two exits: {b}");
     let user_hits = b["user_mode_hits"].as_u64().unwrap_or(0);
@@ -214,7 +203,7 @@ fn race_results_depend_on_where_interrupts_land_and_each_replays_exactly() {
     for i in 0..RACE_RECORDINGS {
         let rec = record(dir.path(), &format!("race{i}"), Workload::Race);
         let rep = replay(&rec.log);
-        assert_reproduced(&rec, &rep.run);
+        rep.run.assert_reproduces(&rec.console, &rec.frames);
         assert!(
             rep.summary["counts"]["digests_checked"].as_u64() > Some(1),
             "periodic digests as well as the final one: {}",
@@ -468,7 +457,7 @@ fn kv_race_under_load_records_and_replays() {
     });
     assert!(rec.frames.len() >= 180, "every request answered");
     let rep = replay(&rec.log);
-    assert_reproduced(&rec, &rep.run);
+    rep.run.assert_reproduces(&rec.console, &rec.frames);
     assert!(between(&rep) > 0, "{}", rep.summary);
 }
 

@@ -44,25 +44,6 @@ fn record(name: &str, extra: &[&str], workload: impl FnOnce(std::net::SocketAddr
     }
 }
 
-fn assert_reproduced(rec: &Recording, rep: &Replayed) {
-    assert_eq!(rep.code, Some(0), "replay failed:\n{}", rep.stderr);
-    assert!(
-        rep.stderr.contains("every digest and output matched"),
-        "{}",
-        rep.stderr
-    );
-    assert_eq!(rep.console, rec.console, "console output must be identical");
-    assert_eq!(
-        rep.frames.len(),
-        rec.frames.len(),
-        "same number of reply frames"
-    );
-    assert!(
-        rep.frames == rec.frames,
-        "reply frames must be identical byte for byte"
-    );
-}
-
 fn client(service: std::net::SocketAddr) -> KvClient {
     KvClient::connect(service, ClientConfig::default()).expect("client")
 }
@@ -90,7 +71,7 @@ fn an_idle_guest_with_only_timer_ticks_replays_exactly() {
     let _g = vm_lock();
     let rec = record("idle", &[], |_| std::thread::sleep(Duration::from_secs(2)));
     let rep = replay(&rec.log, &[]);
-    assert_reproduced(&rec, &rep);
+    rep.assert_reproduces(&rec.console, &rec.frames);
     assert!(rec.console.contains("ftvm-guest: booted"));
 }
 
@@ -103,7 +84,7 @@ fn a_kv_load_from_several_clients_replays_exactly() {
     let rec = loaded_recording();
     assert!(rec.frames.len() >= 300, "{} frames", rec.frames.len());
     let rep = replay(&rec.log, &[]);
-    assert_reproduced(rec, &rep);
+    rep.assert_reproduces(&rec.console, &rec.frames);
 }
 
 /// Recorded with the memory hash refreshed at every output, the slower
@@ -121,7 +102,7 @@ fn a_guest_reading_rdtsc_and_rdrand_in_a_loop_replays_exactly() {
         }
     });
     let rep = replay(&rec.log, &[]);
-    assert_reproduced(&rec, &rep);
+    rep.assert_reproduces(&rec.console, &rec.frames);
     let dump = ftvm(
         &["log", "dump", &rec.log.to_string_lossy()],
         Duration::from_secs(30),

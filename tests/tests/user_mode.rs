@@ -35,18 +35,7 @@ fn kv_user_under_load_replays_byte_for_byte_and_a_changed_trap_is_caught() {
     assert!(rec.console.contains("workload=kv-user"), "{}", rec.console);
     assert!(rec.frames.len() >= 301, "every request answered");
 
-    let rep = replay(&rec.log, &[]);
-    assert_eq!(rep.code, Some(0), "replay failed:\n{}", rep.stderr);
-    assert!(
-        rep.stderr.contains("every digest and output matched"),
-        "{}",
-        rep.stderr
-    );
-    assert_eq!(rep.console, rec.console, "console output must be identical");
-    assert!(
-        rep.frames == rec.frames,
-        "reply frames must be identical byte for byte"
-    );
+    replay(&rec.log, &[]).assert_reproduces(&rec.console, &rec.frames);
 
     // The reply stamp's rdrand runs at CPL3, trapped by the `out` patch.
     let (header, mut entries) = dump(&rec.log);
@@ -140,13 +129,8 @@ fn kv_user_flooded_with_duplicates_gets_interrupts_between_exits_and_replays_the
             Duration::from_secs(150),
             &["--summary-json", &summary.to_string_lossy()],
         );
-        assert_eq!(rep.code, Some(0), "round {round}:\n{}", rep.stderr);
-        assert!(
-            rep.stderr.contains("every digest and output matched"),
-            "{}",
-            rep.stderr
-        );
-        assert!(rep.frames == rec.frames, "round {round}: frames differ");
+        eprintln!("flooded recording {round}");
+        rep.assert_reproduces(&rec.console, &rec.frames);
         let summary: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&summary).expect("summary"))
                 .expect("JSON");
