@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ftvm_core::host::events::ServerEvent;
-use ftvm_harness::history::{OpKind, Recorder};
+use ftvm_core::machine::workload::Workload;
+use ftvm_harness::history::{Clock, OpKind, Recorder};
 use ftvm_harness::launcher::Cluster;
 use ftvm_kvclient::{ClientConfig, FailoverClient, FailoverConfig, KvClient, ServerSource};
 use rand::Rng;
@@ -124,6 +125,43 @@ pub fn check_no_acknowledged_write_lost(
         );
         checked += log.acked.len();
     }
+    checked
+}
+
+/// A pair running `workload` under three clients' appends (`run_load`),
+/// whose primary is killed after `before_kill`; the load goes on for
+/// `after_live` once the backup is live. Asserts that no acknowledged
+/// append was lost and that no view had two primaries; returns how many
+/// acknowledged appends were checked.
+pub fn kill_the_primary_under_load(
+    workload: Workload,
+    before_kill: Duration,
+    after_live: Duration,
+) -> usize {
+    let mut config = cluster_config();
+    config.guest.workload = Some(workload);
+    let mut cluster = fault_tolerant_cluster(&config);
+    let arbiter = cluster.arbiter_addr();
+    let stop = Arc::new(AtomicBool::new(false));
+    let history = Arc::new(Recorder::new(Clock::start()));
+    let load = {
+        let (stop, history) = (stop.clone(), history.clone());
+        std::thread::spawn(move || run_load(arbiter, 3, stop, history))
+    };
+    std::thread::sleep(before_kill);
+    cluster.primary.kill();
+    cluster
+        .backup
+        .wait_event("live", Duration::from_secs(15), |e| {
+            matches!(e, ServerEvent::Live { .. })
+        })
+        .unwrap_or_else(|e| panic!("the backup goes live: {e:#}"));
+    std::thread::sleep(after_live);
+    stop.store(true, Ordering::SeqCst);
+    let logs = load.join().expect("load");
+    let checked = check_no_acknowledged_write_lost(arbiter, &logs, &history);
+    assert!(checked > 0, "the load acknowledged nothing");
+    assert_one_primary_per_view(&cluster);
     checked
 }
 

@@ -6,8 +6,6 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use ftvm_core::host::events::ServerEvent;
@@ -15,7 +13,7 @@ use ftvm_core::machine::guest_image::GUEST_ELF;
 use ftvm_core::machine::loader::ElfImage;
 use ftvm_core::machine::workload::Workload;
 use ftvm_harness::launcher::Cluster;
-use ftvm_tests::load::{client, mixed_clients};
+use ftvm_tests::load::{kill_the_primary_under_load, mixed_clients};
 use ftvm_tests::record_replay::{record_under_load, replay_within, Recorded, Replayed};
 use ftvm_tests::{
     assert_one_primary_per_view, cluster_config, fault_tolerant_cluster, ftvm, kvm_available,
@@ -467,56 +465,10 @@ fn kv_race_pair_fails_over_under_load_and_loses_no_acknowledged_write() {
         return;
     }
     let _g = vm_lock();
-    let mut config = cluster_config();
-    config.guest.workload = Some(Workload::KvRace);
-    let mut cluster = fault_tolerant_cluster(&config);
-    let arbiter = cluster.arbiter_addr();
-    let stop = Arc::new(AtomicBool::new(false));
-    let load: Vec<_> = (0..3)
-        .map(|c| {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let mut kv = client(arbiter);
-                let key = format!("client-{c}").into_bytes();
-                let mut acked = Vec::new();
-                let mut i = 0u32;
-                while !stop.load(Ordering::SeqCst) && i < 120 {
-                    let piece = format!("<{i}>").into_bytes();
-                    kv.append(&key, &piece)
-                        .unwrap_or_else(|e| panic!("client {c}: append {i}: {e}"));
-                    acked.push(piece);
-                    i += 1;
-                }
-                (key, acked)
-            })
-        })
-        .collect();
-    std::thread::sleep(Duration::from_millis(1500));
-    cluster.primary.kill();
-    cluster
-        .backup
-        .wait_event("live", Duration::from_secs(15), |e| {
-            matches!(e, ServerEvent::Live { .. })
-        })
-        .unwrap_or_else(|e| panic!("the backup goes live: {e:#}"));
-    std::thread::sleep(Duration::from_millis(1500));
-    stop.store(true, Ordering::SeqCst);
-    let mut kv = client(arbiter);
-    let mut checked = 0;
-    for handle in load {
-        let (key, acked) = handle.join().expect("client");
-        let value = kv.get(&key).expect("final read").unwrap_or_default();
-        let expected = acked.concat();
-        assert!(
-            value.starts_with(&expected),
-            "{}: acknowledged appends lost\n expected prefix {:?}\n found {:?}",
-            String::from_utf8_lossy(&key),
-            String::from_utf8_lossy(&expected),
-            String::from_utf8_lossy(&value)
-        );
-        checked += acked.len();
-    }
-    assert!(checked > 0, "the load acknowledged nothing");
+    let checked = kill_the_primary_under_load(
+        Workload::KvRace,
+        Duration::from_millis(1500),
+        Duration::from_millis(1500),
+    );
     eprintln!("{checked} acknowledged appends found after the failover");
-    assert_one_primary_per_view(&cluster);
 }
